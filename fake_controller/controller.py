@@ -1,0 +1,264 @@
+"""The fake controller: the seed's controller behaviour as an ASGI application, with a record of every request.
+
+Seed behaviour: `vm_started` is acknowledged without a token and marks the VM ready; the first poll of a ready VM
+gets one `register_runner` command, sent once per VM. Beyond the seed, a poll may ask to be held (`?wait=N`)
+until a command exists, and commands can be queued for any VM (from a test, or the admin API).
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+import string
+import time
+from collections import deque
+from datetime import UTC, datetime, timedelta
+from typing import Any, Final
+from urllib.parse import parse_qs, unquote
+
+import msgspec
+import trio
+
+_VM_PATH: Final = "/api/v1/vms/"
+_TOKEN_ALPHABET: Final = string.ascii_uppercase + string.digits
+
+
+class Settings(msgspec.Struct, kw_only=True):
+    """What the controller hands out, and how it behaves."""
+
+    runner_url: str = "https://github.com/example-org/example-repo"
+    runner_group: str = "default"
+    labels: list[str] = msgspec.field(default_factory=lambda: ["self-hosted", "linux", "x64"])
+    token_ttl_s: float = 3600.0
+    registration_delay_s: float = 0.0  # after vm_started, before the register_runner command exists
+    send_registration: bool = True
+    long_poll: bool = True  # honour ?wait=N; False answers at once, like the seed's controller
+    max_wait_s: float = 60.0
+
+
+class RecordedRequest(msgspec.Struct, kw_only=True):
+    method: str
+    path: str
+    query: str
+    headers: dict[str, str]
+    body: bytes
+    at: float  # trio clock
+
+
+class VmRecord:
+    """What the controller knows of one VM."""
+
+    def __init__(self) -> None:
+        self.ready = False
+        self.registration_sent = False
+        self.registration_due: float | None = None
+        self.registration_token: str | None = None
+        self.pending: deque[dict[str, Any]] = deque()
+        self.sent: list[dict[str, Any]] = []
+        self.events: list[dict[str, Any]] = []
+        self.changed = trio.Event()
+
+    def notify(self) -> None:
+        self.changed.set()
+        self.changed = trio.Event()
+
+
+class FakeController:
+    """An ASGI app; `requests` and `vms` hold everything that happened."""
+
+    def __init__(self, settings: Settings | None = None) -> None:
+        self.settings = settings or Settings()
+        self.requests: list[RecordedRequest] = []
+        self.vms: dict[str, VmRecord] = {}
+        self.request_arrived = trio.Event()
+
+    # --- test and admin API -----------------------------------------------------------------------------------
+
+    def vm(self, vm_id: str) -> VmRecord:
+        return self.vms.setdefault(vm_id, VmRecord())
+
+    def enqueue(self, vm_id: str, command: dict[str, Any]) -> dict[str, Any]:
+        """Queue a command for `vm_id`; it is delivered once, on the next poll."""
+        command = {"id": f"cmd-{secrets.token_hex(6)}", "parameters": {}, "created_at": _now_text(), **command}
+        vm = self.vm(vm_id)
+        vm.pending.append(command)
+        vm.notify()
+        return command
+
+    def events_of(self, vm_id: str, event_type: str | None = None) -> list[dict[str, Any]]:
+        events = self.vm(vm_id).events
+        return [event for event in events if event_type is None or event.get("type") == event_type]
+
+    def requests_to(self, suffix: str) -> list[RecordedRequest]:
+        return [request for request in self.requests if request.path.endswith(suffix)]
+
+    def registration_command(self, vm_id: str) -> dict[str, Any]:
+        """A fresh `register_runner` command in the seed's shape, with a new token."""
+        vm = self.vm(vm_id)
+        token = "AHT" + "".join(secrets.choice(_TOKEN_ALPHABET) for _ in range(26))
+        vm.registration_token = token
+        expires = datetime.now(UTC) + timedelta(seconds=self.settings.token_ttl_s)
+        return {
+            "id": f"register-{vm_id}-{int(time.time())}",
+            "type": "register_runner",
+            "parameters": {
+                "registration_token": token,
+                "runner_url": self.settings.runner_url,
+                "runner_group": self.settings.runner_group,
+                "labels": list(self.settings.labels),
+                "expires_at": _text(expires),
+            },
+            "created_at": _now_text(),
+        }
+
+    # --- ASGI ---------------------------------------------------------------------------------------------------
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            await _lifespan(receive, send)
+            return
+        if scope["type"] != "http":
+            return
+        body = await _read_body(receive)
+        path = unquote(scope["path"])
+        query = scope.get("query_string", b"").decode("latin-1")
+        headers = {key.decode("latin-1").lower(): value.decode("latin-1") for key, value in scope["headers"]}
+        self.requests.append(
+            RecordedRequest(
+                method=scope["method"], path=path, query=query, headers=headers, body=body, at=trio.current_time()
+            )
+        )
+        self.request_arrived.set()
+        self.request_arrived = trio.Event()
+        status, payload = await self._route(scope["method"], path, parse_qs(query), body)
+        await _respond(send, status, payload)
+
+    async def _route(
+        self, method: str, path: str, query: dict[str, list[str]], body: bytes
+    ) -> tuple[int, Any]:
+        if path.startswith(_VM_PATH):
+            vm_id, _, tail = path[len(_VM_PATH) :].partition("/")
+            if method == "POST" and tail == "events":
+                return self._handle_event(vm_id, body)
+            if method == "GET" and tail == "commands":
+                return 200, await self._handle_commands(vm_id, query)
+        if path.startswith("/_admin/"):
+            return self._handle_admin(method, path.removeprefix("/_admin"), body)
+        return 404, {"error": f"no route for {method} {path}"}
+
+    def _handle_event(self, vm_id: str, body: bytes) -> tuple[int, Any]:
+        try:
+            event = msgspec.json.decode(body)
+        except msgspec.DecodeError:
+            return 400, {"error": "body is not JSON"}
+        if not isinstance(event, dict):
+            return 400, {"error": "event must be an object"}
+        vm = self.vm(vm_id)
+        vm.events.append(event)
+        if event.get("type") == "vm_started":
+            vm.ready = True
+            vm.registration_sent = False
+            vm.registration_due = trio.current_time() + self.settings.registration_delay_s
+            vm.notify()
+            return 200, {
+                "status": "acknowledged",
+                "acknowledged": True,
+                "vm_id": vm_id,
+                "pool_id": event.get("pool_id"),
+                "org_id": event.get("org_id"),
+                "message": "VM started event acknowledged - MIGlet is ready for registration config",
+            }
+        return 200, {"status": "received", "vm_id": vm_id}
+
+    async def _handle_commands(self, vm_id: str, query: dict[str, list[str]]) -> dict[str, Any]:
+        vm = self.vm(vm_id)
+        wait = _wait_seconds(query) if self.settings.long_poll else 0.0
+        deadline = trio.current_time() + min(wait, self.settings.max_wait_s)
+        while True:
+            self._release_registration(vm_id, vm)
+            if vm.pending or trio.current_time() >= deadline:
+                break
+            wake_at = deadline
+            if vm.ready and not vm.registration_sent and vm.registration_due is not None:
+                wake_at = min(wake_at, vm.registration_due)
+            with trio.move_on_at(wake_at):
+                await vm.changed.wait()
+        commands = list(vm.pending)
+        vm.pending.clear()
+        vm.sent.extend(commands)
+        return {"commands": commands, "vm_id": vm_id}
+
+    def _release_registration(self, vm_id: str, vm: VmRecord) -> None:
+        """Seed: a ready VM gets its register_runner command once."""
+        if not (self.settings.send_registration and vm.ready and not vm.registration_sent):
+            return
+        if vm.registration_due is not None and trio.current_time() < vm.registration_due:
+            return
+        vm.registration_sent = True
+        vm.pending.append(self.registration_command(vm_id))
+
+    def _handle_admin(self, method: str, path: str, body: bytes) -> tuple[int, Any]:
+        if method == "GET" and path == "/vms":
+            return 200, {
+                vm_id: {"ready": vm.ready, "registration_sent": vm.registration_sent, "events": vm.events}
+                for vm_id, vm in self.vms.items()
+            }
+        if method == "GET" and path == "/requests":
+            return 200, [
+                {"method": r.method, "path": r.path, "query": r.query, "at": r.at} for r in self.requests
+            ]
+        if method == "POST" and path.startswith("/vms/") and path.endswith("/commands"):
+            vm_id = path.removeprefix("/vms/").removesuffix("/commands")
+            try:
+                command = msgspec.json.decode(body)
+            except msgspec.DecodeError:
+                return 400, {"error": "body is not JSON"}
+            if not isinstance(command, dict) or "type" not in command:
+                return 400, {"error": "a command is an object with a type"}
+            return 200, self.enqueue(vm_id, command)
+        return 404, {"error": f"no admin route for {method} {path}"}
+
+
+def _wait_seconds(query: dict[str, list[str]]) -> float:
+    try:
+        value = float(query.get("wait", ["0"])[0])
+    except ValueError:
+        return 0.0
+    return value if math.isfinite(value) and value > 0 else 0.0
+
+
+def _text(moment: datetime) -> str:
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _now_text() -> str:
+    return _text(datetime.now(UTC))
+
+
+async def _read_body(receive: Any) -> bytes:
+    chunks: list[bytes] = []
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            break
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body"):
+            break
+    return b"".join(chunks)
+
+
+async def _respond(send: Any, status: int, payload: Any) -> None:
+    body = msgspec.json.encode(payload)
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _lifespan(receive: Any, send: Any) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return

@@ -1,0 +1,5 @@
+import sys
+
+from miglet.cli import main
+
+sys.exit(main())

@@ -1,0 +1,161 @@
+"""The agent: one root nursery supervising the handshake, the poller, the runner supervisor and the outbox.
+
+Start-up is ordered by the machine: the handshake moves the agent to Ready, which the poller waits for, and the
+poller hands accepted registrations to the supervisor through a channel. Stopping is one path whatever asks for
+it (a signal, a `shutdown` command, an ephemeral runner's end): the machine enters Stopping, the work nursery is
+cancelled (which stops the runner gracefully), the runner is deregistered if asked, the outbox gets a bounded
+time to flush, and the machine ends in Stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import signal
+from typing import Final
+
+import httpx
+import trio
+
+from miglet import machine, protocol
+from miglet.config import Config
+from miglet.controller import open_controller_client
+from miglet.logs import AgentContext, agent_context
+from miglet.machine import Phase
+from miglet.outbox import Outbox, Stamper
+from miglet.retry import RetryPolicy
+from miglet.runner.backend import ConfigureFailed, RunnerBackend
+from miglet.runner.process import ProcessRunner
+from miglet.secret import Secret
+from miglet.state import StateHolder
+from miglet.statefile import StateFileWriter
+from miglet.tasks.handshake import handshake_task
+from miglet.tasks.poller import poller_task
+from miglet.tasks.supervisor import relay_line, supervisor_task
+
+log = logging.getLogger(__name__)
+
+FLUSH_TIMEOUT: Final = 10.0
+REMOVE_TIMEOUT: Final = 60.0
+
+
+class StopPlan:
+    """How to stop, as decided by whoever asked first: the grace period and an optional removal token."""
+
+    def __init__(self, grace: float) -> None:
+        self.grace = grace
+        self.remove_token: Secret | None = None
+        self.exit_code = 0
+
+
+class Agent:
+    """One MIGlet agent; `run` is its whole life."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        transport: httpx.AsyncBaseTransport | None = None,
+        backend: RunnerBackend | None = None,
+        retry_policy: RetryPolicy | None = None,
+        rng: random.Random | None = None,
+        write_state_file: bool = True,
+        handle_signals: bool = True,
+    ) -> None:
+        self.config = config
+        self.stop_plan = StopPlan(config.shutdown_grace)
+        self.stamper = Stamper(config.vm_id, config.pool_id, config.org_id)
+        self.policy = retry_policy or RetryPolicy()
+        self.outbox = Outbox(self.stamper, policy=self.policy)
+        self.holder = StateHolder(
+            vm_id=config.vm_id,
+            pool_id=config.pool_id,
+            emit=self.outbox.put,
+            state_file=StateFileWriter(config.state_file) if write_state_file else None,
+        )
+        self._transport = transport
+        self._backend = backend
+        self._rng = rng
+        self._handle_signals = handle_signals
+
+    @property
+    def phase(self) -> Phase:
+        return self.holder.phase
+
+    def request_stop(self, reason: str, *, grace: float | None = None, remove_token: Secret | None = None) -> None:
+        """Begin stopping (idempotent: the first request decides)."""
+        if self.holder.phase in (Phase.STOPPING, Phase.STOPPED):
+            log.info("Already stopping", extra={"reason": reason})
+            return
+        if grace is not None:
+            self.stop_plan.grace = grace
+        self.stop_plan.remove_token = remove_token
+        log.info("Stopping", extra={"reason": reason, "grace_s": self.stop_plan.grace})
+        self.holder.apply(machine.StopRequested(reason))
+
+    def _on_shutdown_command(self, command: protocol.Shutdown) -> None:
+        params = command.parameters
+        self.request_stop(params.reason, grace=params.grace_period_s, remove_token=params.remove_token)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> int:
+        """Run until stopped; returns the process exit code."""
+        config = self.config
+        token = agent_context.set(AgentContext(config.vm_id, config.pool_id, lambda: self.holder.phase.value))
+        try:
+            backend = self._backend or ProcessRunner(
+                config.runner_dir, grace=lambda: self.stop_plan.grace, user=config.runner_user
+            )
+            async with open_controller_client(config, self._transport) as client, trio.open_nursery() as root:
+                if self._handle_signals:
+                    root.start_soon(self._watch_signals)
+                root.start_soon(self.outbox.serve, client)
+                self.holder.apply(machine.Start(runner_name=config.effective_runner_name, ephemeral=config.ephemeral))
+                task_status.started()
+                async with trio.open_nursery() as work:
+                    send, receive = trio.open_memory_channel[protocol.RegisterRunner](0)
+                    work.start_soon(handshake_task, client, self.holder, self.stamper, self.policy, self._rng)
+                    work.start_soon(
+                        poller_task,
+                        config,
+                        client,
+                        self.holder,
+                        self.outbox,
+                        send,
+                        self._on_shutdown_command,
+                        self.policy,
+                        self._rng,
+                    )
+                    work.start_soon(supervisor_task, config, self.holder, backend, receive)
+                    await self.holder.value.wait_value(lambda state: state.phase is Phase.STOPPING)
+                    work.cancel_scope.cancel()
+                await self._finish(backend)
+                root.cancel_scope.cancel()
+        finally:
+            agent_context.reset(token)
+        return self.stop_plan.exit_code
+
+    async def _finish(self, backend: RunnerBackend) -> None:
+        """After the runner has stopped: deregister if asked, flush owed events, and record Stopped."""
+        remove_token = self.stop_plan.remove_token
+        if remove_token is not None:
+            with trio.move_on_after(REMOVE_TIMEOUT) as scope:
+                try:
+                    await backend.remove(remove_token, relay_line)
+                    log.info("Runner removed")
+                except ConfigureFailed as exc:
+                    log.error("Runner removal failed", extra={"error": str(exc)})
+            if scope.cancelled_caught:
+                log.error("Runner removal timed out", extra={"timeout_s": REMOVE_TIMEOUT})
+        with trio.move_on_after(FLUSH_TIMEOUT):
+            await self.outbox.wait_empty()
+        if len(self.outbox):
+            log.error("Stopping with undelivered events", extra={"undelivered": len(self.outbox)})
+        self.holder.apply(machine.Finished())
+        log.info("MIGlet stopped", extra={"exit_code": self.stop_plan.exit_code})
+
+    async def _watch_signals(self) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                log.info("Received signal", extra={"signal": signal.Signals(signum).name})
+                self.request_stop("signal")
+

@@ -1,0 +1,120 @@
+"""The `miglet` command: `run` (the default), `status`, `check-config`.
+
+Exit codes: 0 clean stop (or healthy, for `status`), 1 unrecoverable failure (or unhealthy), 2 configuration
+error. Every MIGLET_ variable can also be given as a flag of `run` and `check-config` (`--vm-id` for
+MIGLET_VM_ID, and so on); a flag wins over the environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Final
+
+from miglet import __version__
+from miglet.config import VARIABLES, Config, ConfigError, load_config
+
+EXIT_OK: Final = 0
+EXIT_FAILURE: Final = 1
+EXIT_CONFIG: Final = 2
+
+log = logging.getLogger("miglet")
+
+
+def _variables_help() -> str:
+    width = max(len(variable.name) for variable in VARIABLES)
+    lines = ["environment (each also a flag of run and check-config, e.g. --vm-id):"]
+    lines += [f"  {v.name:<{width}}  {v.meaning} [default: {v.default}]" for v in VARIABLES]
+    return "\n".join(lines)
+
+
+def _add_variable_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("settings (override the environment)")
+    for variable in VARIABLES:
+        group.add_argument(variable.flag, dest=variable.name, metavar="VALUE", help=argparse.SUPPRESS)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="miglet",
+        description="MIGlet: brings up a GitHub Actions runner in this VM for its controller.",
+        epilog=_variables_help()
+        + "\n\nexit codes: 0 clean stop, 1 unrecoverable failure, 2 configuration error",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"miglet {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    run = commands.add_parser("run", help="run the agent (the default command)")
+    _add_variable_flags(run)
+    status = commands.add_parser("status", help="report the agent's state from its state file; exit 0 while healthy")
+    status.add_argument("--json", action="store_true", help="print the state record as JSON")
+    status.add_argument("--state-file", type=Path, help="state file to read [default: $MIGLET_STATE_FILE]")
+    check = commands.add_parser("check-config", help="validate the configuration and print it, secrets masked")
+    _add_variable_flags(check)
+    return parser
+
+
+def _environment(args: argparse.Namespace) -> dict[str, str]:
+    env = dict(os.environ)
+    for variable in VARIABLES:
+        value = getattr(args, variable.name, None)
+        if value is not None:
+            env[variable.name] = value
+    return env
+
+
+def _load(args: argparse.Namespace) -> Config | None:
+    try:
+        return load_config(_environment(args))
+    except ConfigError as exc:
+        print(f"miglet: configuration error: {exc}", file=sys.stderr)
+        return None
+
+
+_COMMANDS: Final = frozenset({"run", "status", "check-config", "-h", "--help", "--version"})
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    if not arguments or arguments[0] not in _COMMANDS:
+        arguments.insert(0, "run")
+    args = build_parser().parse_args(arguments)
+    if args.command == "status":
+        from miglet.status import status_command
+
+        return status_command(args.state_file, as_json=args.json)
+    config = _load(args)
+    if config is None:
+        return EXIT_CONFIG
+    if args.command == "check-config":
+        from miglet.status import print_config
+
+        print_config(config)
+        return EXIT_OK
+    return _run(config)
+
+
+def _run(config: Config) -> int:
+    import trio
+
+    from miglet.app import Agent
+    from miglet.logs import configure_logging
+
+    configure_logging(config.log_format, config.log_level)
+    log.info("MIGlet starting", extra={"version": __version__, "vm_id": config.vm_id, "pool_id": config.pool_id})
+    try:
+        return trio.run(Agent(config).run)
+    except KeyboardInterrupt:
+        log.warning("Interrupted before the agent could stop cleanly")
+        return EXIT_FAILURE
+    except Exception:
+        log.critical("MIGlet failed", exc_info=True)
+        return EXIT_FAILURE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,272 @@
+"""Configuration from the environment (SPEC section 1).
+
+Every value is checked before MIGlet touches the network: a bad one raises `ConfigError`, which names the
+variable and the problem in one line, and the command line turns it into exit code 2.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import pwd
+import re
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Final, Literal
+from urllib.parse import urlsplit
+
+import msgspec
+
+from miglet.secret import Secret
+
+LogFormat = Literal["auto", "json", "text"]
+LogLevel = Literal["debug", "info", "warning", "error"]
+
+# Ids end up in URL paths and runner names: keep them to characters that need no quoting anywhere.
+_ID_PATTERN: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+_TRUE: Final = frozenset({"1", "true", "yes", "on"})
+_FALSE: Final = frozenset({"0", "false", "no", "off"})
+
+
+class Variable(msgspec.Struct, frozen=True):
+    name: str
+    default: str
+    meaning: str
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.removeprefix("MIGLET_").lower().replace("_", "-")
+
+
+VARIABLES: Final = (
+    Variable("MIGLET_VM_ID", "required", "this VM's id, used in every URL and event"),
+    Variable("MIGLET_POOL_ID", "required", "pool id, sent in events"),
+    Variable("MIGLET_CONTROLLER_ENDPOINT", "required", "controller base URL, e.g. https://controller:8080"),
+    Variable("MIGLET_ORG_ID", "unset", "org id, sent in events when set"),
+    Variable("MIGLET_CONTROLLER_TOKEN", "unset", "bearer token for every controller request"),
+    Variable("MIGLET_CONTROLLER_TOKEN_FILE", "unset", "file holding the bearer token (read once)"),
+    Variable("MIGLET_CA_BUNDLE", "system", "CA file for TLS to the controller"),
+    Variable("MIGLET_ALLOW_INSECURE", "false", "allow plain http:// to a non-loopback controller"),
+    Variable("MIGLET_POLL_INTERVAL", "5", "seconds between command polls"),
+    Variable("MIGLET_COMMAND_WAIT", "20", "long-poll: ask the controller to hold a poll up to N s (0: off)"),
+    Variable("MIGLET_HEARTBEAT_INTERVAL", "30", "seconds between heartbeat events once acknowledged (0: off)"),
+    Variable("MIGLET_RUNNER_DIR", "/opt/actions-runner", "directory holding the runner's config.sh and run.sh"),
+    Variable("MIGLET_RUNNER_NAME", "the VM id", "runner name at GitHub"),
+    Variable("MIGLET_RUNNER_USER", "unset", "when MIGlet runs as root, run the runner as this user"),
+    Variable("MIGLET_RUNNER_DISABLE_UPDATE", "false", "register with --disableupdate"),
+    Variable("MIGLET_EPHEMERAL", "true", "register with --ephemeral: one job, then the VM is done"),
+    Variable("MIGLET_SHUTDOWN_GRACE", "30", "seconds a stopping runner gets before it is killed"),
+    Variable("MIGLET_STATE_FILE", "/run/miglet/state.json", "where the current state is written"),
+    Variable("MIGLET_LOG_FORMAT", "auto", "json or text; auto: text on a terminal, json otherwise"),
+    Variable("MIGLET_LOG_LEVEL", "info", "debug, info, warning or error"),
+)
+
+
+class ConfigError(Exception):
+    """A configuration value is missing or invalid."""
+
+    def __init__(self, variable: str, problem: str) -> None:
+        super().__init__(f"{variable}: {problem}")
+        self.variable = variable
+        self.problem = problem
+
+
+class Config(msgspec.Struct, frozen=True, kw_only=True):
+    """The agent's effective configuration."""
+
+    vm_id: str
+    pool_id: str
+    controller_endpoint: str
+    org_id: str | None = None
+    controller_token: Secret | None = None
+    ca_bundle: Path | None = None
+    allow_insecure: bool = False
+    poll_interval: float = 5.0
+    command_wait: int = 20
+    heartbeat_interval: float = 30.0
+    runner_dir: Path = Path("/opt/actions-runner")
+    runner_name: str = ""
+    runner_user: str | None = None
+    runner_disable_update: bool = False
+    ephemeral: bool = True
+    shutdown_grace: float = 30.0
+    state_file: Path = Path("/run/miglet/state.json")
+    log_format: LogFormat = "auto"
+    log_level: LogLevel = "info"
+
+    @property
+    def effective_runner_name(self) -> str:
+        return self.runner_name or self.vm_id
+
+
+class _Reader:
+    """Reads and checks one variable at a time, so every error names its variable."""
+
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self._env = env
+
+    def raw(self, name: str) -> str | None:
+        value = self._env.get(name)
+        if value is None:
+            return None
+        value = value.strip()
+        return value or None
+
+    def required(self, name: str) -> str:
+        value = self.raw(name)
+        if value is None:
+            raise ConfigError(name, "is required but not set")
+        return value
+
+    def identifier(self, name: str, *, required: bool = True) -> str | None:
+        value = self.required(name) if required else self.raw(name)
+        if value is not None and not _ID_PATTERN.fullmatch(value):
+            raise ConfigError(
+                name,
+                f"must be 1-128 letters, digits, '.', '_', ':' or '-', starting with a letter or digit; got {value!r}",
+            )
+        return value
+
+    def number(self, name: str, default: float, *, minimum: float, exclusive: bool = False) -> float:
+        text = self.raw(name)
+        if text is None:
+            return default
+        try:
+            value = float(text)
+        except ValueError:
+            raise ConfigError(name, f"must be a number of seconds, got {text!r}") from None
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ConfigError(name, f"must be a finite number, got {text!r}")
+        if value < minimum or (exclusive and value == minimum):
+            relation = "greater than" if exclusive else "at least"
+            raise ConfigError(name, f"must be {relation} {minimum:g}, got {text!r}")
+        return value
+
+    def integer(self, name: str, default: int, *, minimum: int, maximum: int) -> int:
+        text = self.raw(name)
+        if text is None:
+            return default
+        try:
+            value = int(text)
+        except ValueError:
+            raise ConfigError(name, f"must be a whole number, got {text!r}") from None
+        if not minimum <= value <= maximum:
+            raise ConfigError(name, f"must be between {minimum} and {maximum}, got {text!r}")
+        return value
+
+    def boolean(self, name: str, default: bool) -> bool:
+        text = self.raw(name)
+        if text is None:
+            return default
+        if text.lower() in _TRUE:
+            return True
+        if text.lower() in _FALSE:
+            return False
+        raise ConfigError(name, f"must be true or false, got {text!r}")
+
+    def choice(self, name: str, default: str, choices: tuple[str, ...]) -> str:
+        text = self.raw(name)
+        if text is None:
+            return default
+        if text.lower() not in choices:
+            raise ConfigError(name, f"must be one of {', '.join(choices)}; got {text!r}")
+        return text.lower()
+
+    def path(self, name: str, default: Path | None) -> Path | None:
+        text = self.raw(name)
+        return default if text is None else Path(text)
+
+
+def _endpoint(reader: _Reader, allow_insecure: bool) -> str:
+    name = "MIGLET_CONTROLLER_ENDPOINT"
+    text = reader.required(name)
+    try:
+        parts = urlsplit(text)
+        port = parts.port
+    except ValueError as exc:
+        raise ConfigError(name, f"is not a valid URL ({exc}): {text!r}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(name, f"must be an http:// or https:// URL with a host, got {text!r}")
+    if parts.query or parts.fragment or parts.username or parts.password:
+        raise ConfigError(name, "must not carry credentials, a query or a fragment")
+    if parts.scheme == "http" and not allow_insecure and not _is_loopback(parts.hostname):
+        raise ConfigError(
+            name,
+            f"uses plain http:// to the non-loopback host {parts.hostname!r}; "
+            "use https:// (or set MIGLET_ALLOW_INSECURE=1 for a trusted network)",
+        )
+    del port
+    return text.rstrip("/")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _controller_token(reader: _Reader) -> Secret | None:
+    token = reader.raw("MIGLET_CONTROLLER_TOKEN")
+    token_file = reader.raw("MIGLET_CONTROLLER_TOKEN_FILE")
+    if token is not None and token_file is not None:
+        raise ConfigError("MIGLET_CONTROLLER_TOKEN_FILE", "cannot be set together with MIGLET_CONTROLLER_TOKEN")
+    if token_file is not None:
+        try:
+            token = Path(token_file).read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+            raise ConfigError("MIGLET_CONTROLLER_TOKEN_FILE", f"cannot read {token_file!r}: {reason}") from None
+        if not token:
+            raise ConfigError("MIGLET_CONTROLLER_TOKEN_FILE", f"{token_file!r} is empty")
+    if token is not None and any(ch.isspace() or not ch.isprintable() for ch in token):
+        # Named without the value: the value is the secret.
+        raise ConfigError("MIGLET_CONTROLLER_TOKEN", "contains whitespace or control characters")
+    return None if token is None else Secret(token)
+
+
+def _runner_user(reader: _Reader, lookup: Callable[[str], object]) -> str | None:
+    user = reader.raw("MIGLET_RUNNER_USER")
+    if user is None:
+        return None
+    try:
+        lookup(user)
+    except KeyError:
+        raise ConfigError("MIGLET_RUNNER_USER", f"no such user: {user!r}") from None
+    return user
+
+
+def load_config(env: Mapping[str, str] | None = None) -> Config:
+    """Build the configuration from `env` (default: the process environment), checking every value."""
+    reader = _Reader(os.environ if env is None else env)
+    vm_id = reader.identifier("MIGLET_VM_ID")
+    pool_id = reader.identifier("MIGLET_POOL_ID")
+    allow_insecure = reader.boolean("MIGLET_ALLOW_INSECURE", False)
+    endpoint = _endpoint(reader, allow_insecure)
+    ca_bundle = reader.path("MIGLET_CA_BUNDLE", None)
+    if ca_bundle is not None and not ca_bundle.is_file():
+        raise ConfigError("MIGLET_CA_BUNDLE", f"no such file: {str(ca_bundle)!r}")
+    assert vm_id is not None and pool_id is not None
+    return Config(
+        vm_id=vm_id,
+        pool_id=pool_id,
+        controller_endpoint=endpoint,
+        org_id=reader.identifier("MIGLET_ORG_ID", required=False),
+        controller_token=_controller_token(reader),
+        ca_bundle=ca_bundle,
+        allow_insecure=allow_insecure,
+        poll_interval=reader.number("MIGLET_POLL_INTERVAL", 5.0, minimum=0, exclusive=True),
+        command_wait=reader.integer("MIGLET_COMMAND_WAIT", 20, minimum=0, maximum=600),
+        heartbeat_interval=reader.number("MIGLET_HEARTBEAT_INTERVAL", 30.0, minimum=0),
+        runner_dir=reader.path("MIGLET_RUNNER_DIR", Path("/opt/actions-runner")) or Path(),
+        runner_name=reader.identifier("MIGLET_RUNNER_NAME", required=False) or "",
+        runner_user=_runner_user(reader, pwd.getpwnam),
+        runner_disable_update=reader.boolean("MIGLET_RUNNER_DISABLE_UPDATE", False),
+        ephemeral=reader.boolean("MIGLET_EPHEMERAL", True),
+        shutdown_grace=reader.number("MIGLET_SHUTDOWN_GRACE", 30.0, minimum=0),
+        state_file=reader.path("MIGLET_STATE_FILE", Path("/run/miglet/state.json")) or Path(),
+        log_format=reader.choice("MIGLET_LOG_FORMAT", "auto", ("auto", "json", "text")),  # type: ignore[arg-type]
+        log_level=reader.choice("MIGLET_LOG_LEVEL", "info", ("debug", "info", "warning", "error")),  # type: ignore[arg-type]
+    )

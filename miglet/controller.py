@@ -1,0 +1,150 @@
+"""The controller's HTTP API: one request per call, failures sorted into retryable and final.
+
+Retrying is the caller's business (each task knows whether to keep trying); this module only makes the request,
+bounds it in time and size, and says what went wrong in words that name no secret.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Final
+from urllib.parse import quote
+
+import httpx
+
+from miglet import __version__, protocol
+from miglet.config import Config
+from miglet.retry import is_retryable_status, parse_retry_after
+
+log = logging.getLogger(__name__)
+
+MAX_BODY_BYTES: Final = 1 << 20
+CONNECT_TIMEOUT: Final = 5.0
+READ_TIMEOUT: Final = 10.0
+# A long poll may be held for `wait` seconds; the read timeout allows that plus this margin.
+LONG_POLL_MARGIN: Final = 10.0
+
+
+class ControllerError(Exception):
+    """A controller call that did not succeed."""
+
+
+class ControllerUnavailable(ControllerError):
+    """Worth trying again: a network failure, a timeout, 408, 429 or 5xx."""
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class ControllerRejected(ControllerError):
+    """The controller refused the request (4xx other than 408/429); the same request will fail again."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class ControllerClient:
+    """Calls the controller's two endpoints for one VM."""
+
+    def __init__(self, http: httpx.AsyncClient, vm_id: str) -> None:
+        self._http = http
+        base = f"/api/v1/vms/{quote(vm_id, safe='')}"
+        self._events_path = f"{base}/events"
+        self._commands_path = f"{base}/commands"
+
+    async def post_event(self, event: protocol.AnyEvent) -> bytes:
+        """POST one event; returns the response body of a 2xx answer."""
+        return await self._request(
+            "POST",
+            self._events_path,
+            content=protocol.encode_event(event),
+            headers={"Content-Type": "application/json"},
+        )
+
+    async def get_commands(self, wait: int = 0) -> protocol.CommandBatch:
+        """GET the pending commands, asking the controller to hold the request up to `wait` seconds."""
+        params = {"wait": str(wait)} if wait > 0 else None
+        timeout = httpx.Timeout(READ_TIMEOUT + wait, connect=CONNECT_TIMEOUT)
+        body = await self._request("GET", self._commands_path, params=params, timeout=timeout)
+        return protocol.decode_commands(body)
+
+    async def _request(
+        self,
+        method: str,
+        path: str,
+        *,
+        content: bytes | None = None,
+        headers: dict[str, str] | None = None,
+        params: dict[str, str] | None = None,
+        timeout: httpx.Timeout | None = None,
+    ) -> bytes:
+        what = f"{method} {path}"
+        extensions = {"timeout": timeout.as_dict()} if timeout is not None else None
+        request = self._http.build_request(
+            method, path, content=content, headers=headers, params=params, extensions=extensions
+        )
+        try:
+            response = await self._http.send(request, stream=True)
+            try:
+                body = await _read_capped(response, what)
+            finally:
+                await response.aclose()
+        except httpx.TimeoutException as exc:
+            raise ControllerUnavailable(f"{what}: timed out ({type(exc).__name__})") from None
+        except httpx.TransportError as exc:
+            raise ControllerUnavailable(f"{what}: {type(exc).__name__}: {exc or 'connection failed'}") from None
+        status = response.status_code
+        if 200 <= status < 300:
+            return body
+        summary = _summarise(body)
+        if is_retryable_status(status):
+            retry_after = parse_retry_after(response.headers.get("Retry-After"))
+            raise ControllerUnavailable(f"{what}: HTTP {status}{summary}", retry_after)
+        raise ControllerRejected(f"{what}: HTTP {status}{summary}", status)
+
+
+async def _read_capped(response: httpx.Response, what: str) -> bytes:
+    declared = response.headers.get("Content-Length")
+    if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise protocol.ProtocolError(f"{what}: response body of {declared} bytes exceeds {MAX_BODY_BYTES}")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in response.aiter_bytes():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise protocol.ProtocolError(f"{what}: response body exceeds {MAX_BODY_BYTES} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _summarise(body: bytes) -> str:
+    text = body[:200].decode("utf-8", "replace").strip()
+    return f": {text!r}" if text else ""
+
+
+@asynccontextmanager
+async def open_controller_client(
+    config: Config, transport: httpx.AsyncBaseTransport | None = None
+) -> AsyncIterator[ControllerClient]:
+    """An HTTP client for the controller: authenticated, verified TLS, no redirects, bounded timeouts."""
+    headers = {"User-Agent": f"miglet/{__version__}", "Accept": "application/json"}
+    if config.controller_token is not None:
+        headers["Authorization"] = f"Bearer {config.controller_token.reveal()}"
+    verify: ssl.SSLContext | bool = True
+    if config.ca_bundle is not None:
+        verify = ssl.create_default_context(cafile=str(config.ca_bundle))
+    async with httpx.AsyncClient(
+        base_url=config.controller_endpoint,
+        headers=headers,
+        verify=verify,
+        follow_redirects=False,
+        timeout=httpx.Timeout(READ_TIMEOUT, connect=CONNECT_TIMEOUT),
+        limits=httpx.Limits(max_connections=4, max_keepalive_connections=2),
+        transport=transport,
+    ) as http:
+        yield ControllerClient(http, config.vm_id)

@@ -1,0 +1,182 @@
+"""The agent's state machine (SPEC section 2) as one pure function.
+
+`transition(state, input)` returns the next state and the controller events that the change owes. It knows
+nothing of trio, HTTP or clocks: the tasks do the I/O and feed it inputs, and property tests drive it directly.
+An input that does not apply in the current state is ignored (`Step.accepted` is false) and changes nothing.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Final
+
+import msgspec
+
+from miglet import protocol
+
+
+class Phase(enum.StrEnum):
+    INITIALIZING = "Initializing"
+    WAITING_FOR_CONTROLLER = "WaitingForController"
+    READY = "Ready"
+    REGISTERING_RUNNER = "RegisteringRunner"
+    IDLE = "Idle"
+    BUSY = "Busy"
+    STOPPING = "Stopping"
+    STOPPED = "Stopped"
+
+
+_P = Phase
+# Every phase change the machine may make; anything else is a bug.
+LEGAL_TRANSITIONS: Final = frozenset(
+    {
+        (_P.INITIALIZING, _P.WAITING_FOR_CONTROLLER),
+        (_P.WAITING_FOR_CONTROLLER, _P.READY),
+        (_P.READY, _P.REGISTERING_RUNNER),
+        (_P.REGISTERING_RUNNER, _P.READY),
+        (_P.REGISTERING_RUNNER, _P.IDLE),
+        (_P.IDLE, _P.BUSY),
+        (_P.BUSY, _P.IDLE),
+        (_P.IDLE, _P.READY),
+        (_P.BUSY, _P.READY),
+        (_P.STOPPING, _P.STOPPED),
+    }
+    | {(phase, _P.STOPPING) for phase in Phase if phase not in (_P.STOPPING, _P.STOPPED)}
+)
+RUNNER_PHASES: Final = frozenset({_P.REGISTERING_RUNNER, _P.IDLE, _P.BUSY})
+
+
+class AgentState(msgspec.Struct, frozen=True, kw_only=True):
+    phase: Phase = Phase.INITIALIZING
+    runner_name: str = ""
+    ephemeral: bool = True
+    command_id: str | None = None  # the register_runner command being or last acted on
+    handled_commands: frozenset[str] = frozenset()
+    job: str | None = None
+    jobs_completed: int = 0
+    stop_reason: str | None = None
+
+
+# --- Inputs ----------------------------------------------------------------------------------------------------
+
+
+class Start(msgspec.Struct, frozen=True, kw_only=True):
+    runner_name: str
+    ephemeral: bool
+
+
+class Acknowledged(msgspec.Struct, frozen=True):
+    pass
+
+
+class RegistrationReceived(msgspec.Struct, frozen=True):
+    command_id: str
+
+
+class RegistrationFailed(msgspec.Struct, frozen=True):
+    command_id: str
+    reason: str  # token_expired | invalid_command | configure_failed | runner_start_failed
+    error: str
+
+
+class RunnerListening(msgspec.Struct, frozen=True):
+    timings: dict[str, float] | None = None
+
+
+class JobStarted(msgspec.Struct, frozen=True):
+    name: str
+
+
+class JobCompleted(msgspec.Struct, frozen=True):
+    name: str
+    result: str
+
+
+class RunnerExited(msgspec.Struct, frozen=True):
+    exit_code: int
+
+
+class StopRequested(msgspec.Struct, frozen=True):
+    reason: str
+
+
+class Finished(msgspec.Struct, frozen=True):
+    pass
+
+
+Input = (
+    Start
+    | Acknowledged
+    | RegistrationReceived
+    | RegistrationFailed
+    | RunnerListening
+    | JobStarted
+    | JobCompleted
+    | RunnerExited
+    | StopRequested
+    | Finished
+)
+
+
+class Step(msgspec.Struct, frozen=True):
+    state: AgentState
+    events: tuple[protocol.AnyEvent, ...] = ()
+    accepted: bool = True
+
+
+def transition(state: AgentState, event: Input) -> Step:
+    """The next state after `event`, with the controller events owed for it."""
+    replace = msgspec.structs.replace
+    phase = state.phase
+    match event:
+        case Start(runner_name=name, ephemeral=ephemeral) if phase is _P.INITIALIZING:
+            return Step(replace(state, phase=_P.WAITING_FOR_CONTROLLER, runner_name=name, ephemeral=ephemeral))
+        case Acknowledged() if phase is _P.WAITING_FOR_CONTROLLER:
+            return Step(replace(state, phase=_P.READY))
+        case RegistrationReceived(command_id=cid) if phase is _P.READY and cid not in state.handled_commands:
+            return Step(
+                replace(
+                    state,
+                    phase=_P.REGISTERING_RUNNER,
+                    command_id=cid,
+                    handled_commands=state.handled_commands | {cid},
+                )
+            )
+        case RegistrationFailed(command_id=cid, reason=reason, error=error) if (
+            phase is _P.REGISTERING_RUNNER and cid == state.command_id
+        ):
+            failed = protocol.RegistrationFailed(command_id=cid, reason=reason, error=error)
+            return Step(replace(state, phase=_P.READY), (failed,))
+        case RunnerListening(timings=timings) if phase is _P.REGISTERING_RUNNER:
+            registered = protocol.RunnerRegistered(
+                runner_name=state.runner_name, command_id=state.command_id or "", timings=timings
+            )
+            return Step(replace(state, phase=_P.IDLE), (registered,))
+        case JobStarted(name=name) if phase is _P.IDLE:
+            return Step(replace(state, phase=_P.BUSY, job=name), (protocol.JobStarted(job_name=name),))
+        case JobCompleted(name=name, result=result) if phase is _P.BUSY:
+            completed = protocol.JobCompleted(job_name=name, result=result)
+            return Step(replace(state, phase=_P.IDLE, job=None, jobs_completed=state.jobs_completed + 1), (completed,))
+        case RunnerExited(exit_code=code) if phase in (_P.IDLE, _P.BUSY, _P.STOPPING):
+            return _runner_exited(state, code)
+        case StopRequested(reason=reason) if phase not in (_P.STOPPING, _P.STOPPED):
+            stopping = protocol.VmStopping(reason=reason, runner_name=state.runner_name)
+            return Step(replace(state, phase=_P.STOPPING, stop_reason=reason), (stopping,))
+        case Finished() if phase is _P.STOPPING:
+            return Step(replace(state, phase=_P.STOPPED, job=None))
+    return Step(state, accepted=False)
+
+
+def _runner_exited(state: AgentState, code: int) -> Step:
+    replace = msgspec.structs.replace
+    if state.phase is _P.STOPPING:
+        exited = protocol.RunnerExited(exit_code=code, reason="stopped")
+        return Step(replace(state, job=None), (exited,))
+    if state.ephemeral and state.jobs_completed > 0 and state.phase is _P.IDLE:
+        # An ephemeral runner leaves after its one job: the VM's work is done.
+        reason = "ephemeral runner finished its job"
+        exited = protocol.RunnerExited(exit_code=code, reason="job_done")
+        stopping = protocol.VmStopping(reason=reason, runner_name=state.runner_name)
+        return Step(replace(state, phase=_P.STOPPING, stop_reason=reason), (exited, stopping))
+    exited = protocol.RunnerExited(exit_code=code, reason="unexpected")
+    return Step(replace(state, phase=_P.READY, job=None), (exited,))

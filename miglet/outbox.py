@@ -1,0 +1,132 @@
+"""The event outbox: every event the agent owes the controller leaves here, in order, exactly once.
+
+Tasks put events without waiting; one task delivers them, retrying what the controller could not take. An event
+stays queued until the controller has answered 2xx (or refused it outright), so a controller that is down for
+minutes loses nothing. The queue is bounded by dropping heartbeats first; lifecycle events are never dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections import deque
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import TypeVar
+
+import msgspec
+import trio
+from trio_util import AsyncValue
+
+from miglet import protocol
+from miglet.controller import ControllerClient, ControllerRejected, ControllerUnavailable
+from miglet.retry import RetryPolicy
+
+log = logging.getLogger(__name__)
+
+E = TypeVar("E", bound=protocol.Event)
+
+
+def utc_timestamp() -> str:
+    """Now as RFC 3339 UTC with milliseconds, e.g. 2024-01-15T10:30:00.123Z."""
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class Stamper:
+    """Fills the header every event carries: who sent it, a unique id, and when."""
+
+    def __init__(
+        self,
+        vm_id: str,
+        pool_id: str,
+        org_id: str | None,
+        new_id: Callable[[], str] = lambda: uuid.uuid4().hex,
+        now: Callable[[], str] = utc_timestamp,
+    ) -> None:
+        self._header = {"vm_id": vm_id, "pool_id": pool_id, "org_id": org_id}
+        self._new_id = new_id
+        self._now = now
+
+    def stamp(self, event: E) -> E:
+        return msgspec.structs.replace(event, **self._header, event_id=self._new_id(), timestamp=self._now())
+
+
+class Outbox:
+    """An ordered queue of stamped events and the task that delivers them."""
+
+    def __init__(self, stamper: Stamper, capacity: int = 1000, policy: RetryPolicy | None = None) -> None:
+        self._stamper = stamper
+        self._capacity = capacity
+        self._policy = policy or RetryPolicy()
+        self._queue: deque[protocol.AnyEvent] = deque()
+        self._length = AsyncValue(0)
+        self.delivered = 0
+        self.dropped = 0
+
+    def __len__(self) -> int:
+        return len(self._queue)
+
+    def put(self, event: protocol.AnyEvent) -> protocol.AnyEvent:
+        """Queue `event` (stamped here) for delivery; never blocks."""
+        stamped = self._stamper.stamp(event)
+        if len(self._queue) >= self._capacity and not self._make_room(stamped):
+            return stamped
+        self._queue.append(stamped)
+        self._length.value = len(self._queue)
+        return stamped
+
+    def _make_room(self, incoming: protocol.AnyEvent) -> bool:
+        """Drop the oldest waiting heartbeat to fit `incoming`; False when `incoming` itself is dropped."""
+        # The head may be in flight, so it is never the one dropped.
+        for index, queued in enumerate(self._queue):
+            if index > 0 and isinstance(queued, protocol.Heartbeat):
+                del self._queue[index]
+                self._note_drop(queued)
+                return True
+        if isinstance(incoming, protocol.Heartbeat):
+            self._note_drop(incoming)
+            return False
+        # Lifecycle events are never dropped: the bound gives way (they are few by nature).
+        return True
+
+    def _note_drop(self, event: protocol.AnyEvent) -> None:
+        self.dropped += 1
+        log.warning("Outbox full: dropped a heartbeat", extra={"event_id": event.event_id})
+
+    async def wait_empty(self) -> None:
+        await self._length.wait_value(0)
+
+    async def serve(self, client: ControllerClient) -> None:
+        """Deliver queued events in order, forever; run it in the nursery that outlives the other tasks."""
+        while True:
+            await self._length.wait_value(lambda n: n > 0)
+            event = self._queue[0]
+            await self._deliver(client, event)
+            self._queue.popleft()
+            self._length.value = len(self._queue)
+
+    async def _deliver(self, client: ControllerClient, event: protocol.AnyEvent) -> None:
+        kind = type(event).__struct_config__.tag
+        attempt = 0
+        while True:
+            try:
+                await client.post_event(event)
+            except ControllerUnavailable as exc:
+                delay = self._policy.delay(attempt, retry_after=exc.retry_after)
+                log.warning(
+                    "Event not delivered; will retry",
+                    extra={"event": kind, "event_id": event.event_id, "error": str(exc), "retry_in_s": round(delay, 3)},
+                )
+                attempt += 1
+                await trio.sleep(delay)
+                continue
+            except ControllerRejected as exc:
+                log.error(
+                    "Controller refused event; dropping it",
+                    extra={"event": kind, "event_id": event.event_id, "error": str(exc)},
+                )
+                self.dropped += 1
+                return
+            self.delivered += 1
+            log.debug("Event delivered", extra={"event": kind, "event_id": event.event_id})
+            return

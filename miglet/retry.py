@@ -1,0 +1,50 @@
+"""When to try a controller call again, and how long to wait first.
+
+Exponential backoff with full jitter (each wait is uniform between zero and the capped exponential), so that a
+fleet of agents that lost their controller together does not come back in lockstep; a `Retry-After` from the
+controller is honoured instead when it is given.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import random
+from datetime import UTC, datetime
+from typing import Final
+
+import msgspec
+
+RETRYABLE_STATUS: Final = frozenset({408, 429})
+MAX_RETRY_AFTER: Final = 300.0
+
+
+class RetryPolicy(msgspec.Struct, frozen=True):
+    base: float = 0.5
+    cap: float = 30.0
+
+    def delay(self, attempt: int, rng: random.Random | None = None, retry_after: float | None = None) -> float:
+        """Seconds to wait before try number `attempt + 1` (attempt counts from 0)."""
+        if retry_after is not None:
+            return min(retry_after, MAX_RETRY_AFTER)
+        ceiling = min(self.cap, self.base * 2 ** min(attempt, 32))
+        return (rng or random).uniform(0, ceiling)
+
+
+def is_retryable_status(status: int) -> bool:
+    return status in RETRYABLE_STATUS or status >= 500
+
+
+def parse_retry_after(value: str | None, now: datetime | None = None) -> float | None:
+    """Seconds from a `Retry-After` header: delta-seconds or an HTTP date; None when absent or unusable."""
+    if value is None:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        moment = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return max(0.0, (moment - (now or datetime.now(UTC))).total_seconds())

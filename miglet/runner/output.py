@@ -1,0 +1,37 @@
+"""Reading the runner's console output (SPEC section 4).
+
+The runner prints its progress as lines such as `2024-01-15 10:30:00Z: Listening for Jobs`, sometimes wrapped in
+ANSI colour codes. `interpret` turns such a line into the machine input it means, or None.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Final
+
+from miglet import machine
+
+_ANSI: Final = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b[@-Z\\-_]")
+_CONTROL: Final = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+_STAMP: Final = r"(?:\d{4}-\d\d-\d\d \d\d:\d\d:\d\dZ: )?"
+_LISTENING: Final = re.compile(_STAMP + r"Listening for Jobs")
+_RUNNING: Final = re.compile(_STAMP + r"Running job: (?P<name>.+)")
+_COMPLETED: Final = re.compile(_STAMP + r"Job (?P<name>.+) completed with result: (?P<result>[A-Za-z]+)")
+
+RunnerSignal = machine.RunnerListening | machine.JobStarted | machine.JobCompleted
+
+
+def clean(line: str) -> str:
+    """The line without colour codes, control characters or surrounding white space."""
+    return _CONTROL.sub("", _ANSI.sub("", line)).strip()
+
+
+def interpret(line: str) -> RunnerSignal | None:
+    """What a cleaned runner output line tells the machine, if anything."""
+    if _LISTENING.fullmatch(line):
+        return machine.RunnerListening()
+    if match := _COMPLETED.fullmatch(line):
+        return machine.JobCompleted(name=match["name"], result=match["result"])
+    if match := _RUNNING.fullmatch(line):
+        return machine.JobStarted(name=match["name"])
+    return None

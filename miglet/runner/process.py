@@ -1,0 +1,226 @@
+"""The real runner: `config.sh` and `run.sh` as subprocesses (SPEC section 4).
+
+Each runs from the runner directory as an argument list (never through a shell), in a new session so that its
+whole process group can be signalled, with secrets passed only in its environment. When MIGlet is root it runs
+them as MIGLET_RUNNER_USER, or else allows the runner to run as root and says so once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pwd
+import signal
+import subprocess
+from collections.abc import Callable, Mapping
+from functools import partial
+from pathlib import Path
+from typing import Any, Final
+
+import trio
+
+from miglet.runner.backend import ConfigureFailed, LineSink, Registration
+from miglet.secret import Secret, redact
+
+log = logging.getLogger(__name__)
+
+MAX_LINE: Final = 16 * 1024
+# Once the runner has exited, how long its output pipes may stay open before they are abandoned.
+DRAIN_SECONDS: Final = 2.0
+_DROPPED_ENV_PREFIXES: Final = ("MIGLET_", "ACTIONS_RUNNER_INPUT_")
+
+
+def runner_environment(base: Mapping[str, str]) -> dict[str, str]:
+    """The environment the runner inherits: MIGlet's own, less its settings and any stray runner inputs."""
+    return {key: value for key, value in base.items() if not key.startswith(_DROPPED_ENV_PREFIXES)}
+
+
+def config_arguments(registration: Registration) -> list[str]:
+    argv = [
+        "./config.sh",
+        "--unattended",
+        "--url",
+        registration.url,
+        "--name",
+        registration.name,
+        "--labels",
+        ",".join(registration.labels),
+        "--runnergroup",
+        registration.group,
+        "--work",
+        "_work",
+        "--replace",
+    ]
+    if registration.ephemeral:
+        argv.append("--ephemeral")
+    if registration.disable_update:
+        argv.append("--disableupdate")
+    return argv
+
+
+class ProcessRunner:
+    """Runs GitHub's actions/runner from `runner_dir`."""
+
+    def __init__(
+        self,
+        runner_dir: Path,
+        *,
+        grace: Callable[[], float],
+        user: str | None = None,
+        environ: Mapping[str, str] | None = None,
+    ) -> None:
+        self._dir = runner_dir
+        self._grace = grace
+        self._env = runner_environment(os.environ if environ is None else environ)
+        self._spawn_options: dict[str, Any] = {}
+        if os.geteuid() == 0:
+            if user is not None:
+                self._run_as(user)
+            else:
+                log.warning(
+                    "MIGlet runs as root and MIGLET_RUNNER_USER is not set: the runner will run as root "
+                    "(RUNNER_ALLOW_RUNASROOT=1)"
+                )
+                self._env["RUNNER_ALLOW_RUNASROOT"] = "1"
+
+    def _run_as(self, user: str) -> None:
+        entry = pwd.getpwnam(user)
+        self._spawn_options = {
+            "user": entry.pw_uid,
+            "group": entry.pw_gid,
+            "extra_groups": os.getgrouplist(user, entry.pw_gid),
+        }
+        self._env.update(HOME=entry.pw_dir, USER=user, LOGNAME=user)
+
+    async def configure(self, registration: Registration, on_line: LineSink) -> None:
+        if registration.token is None:
+            raise ConfigureFailed("no registration token to configure the runner with")
+        env = {**self._env, "ACTIONS_RUNNER_INPUT_TOKEN": registration.token.reveal()}
+        code, error = await self._run(config_arguments(registration), env, on_line)
+        if code != 0:
+            raise ConfigureFailed(error or f"config.sh exited with code {code}")
+
+    async def run(
+        self, registration: Registration, on_line: LineSink, on_started: Callable[[int | None], None]
+    ) -> int:
+        env = {**self._env, "RUNNER_MANUALLY_TRAP_SIG": "1"}
+        if registration.jit_config is not None:
+            env["ACTIONS_RUNNER_INPUT_JITCONFIG"] = registration.jit_config.reveal()
+        code, _ = await self._run(["./run.sh"], env, on_line, on_started)
+        return code
+
+    async def remove(self, token: Secret, on_line: LineSink) -> None:
+        env = {**self._env, "ACTIONS_RUNNER_INPUT_TOKEN": token.reveal()}
+        code, error = await self._run(["./config.sh", "remove"], env, on_line)
+        if code != 0:
+            raise ConfigureFailed(error or f"config.sh remove exited with code {code}")
+
+    async def clean(self) -> None:
+        for name in (".runner", ".credentials", ".credentials_rsaparams"):
+            path = self._dir / name
+            try:
+                path.unlink(missing_ok=True)
+            except OSError as exc:
+                log.warning("Cannot remove runner file", extra={"path": str(path), "error": str(exc)})
+
+    async def _run(
+        self,
+        argv: list[str],
+        env: dict[str, str],
+        on_line: LineSink,
+        on_started: Callable[[int | None], None] | None = None,
+    ) -> tuple[int, str | None]:
+        """Run `argv` to completion, relaying its output; returns its exit code and last line of stderr."""
+        exited = trio.Event()
+        last_error: list[str] = []
+
+        def sink(stream: str, line: str) -> None:
+            if stream == "stderr" and line.strip():
+                last_error[:] = [redact(line.strip())]
+            on_line(stream, line)
+
+        async with trio.open_nursery() as nursery:
+            try:
+                process: trio.Process = await nursery.start(
+                    partial(self._process_task, argv, env, exited)
+                )
+            except OSError as exc:
+                raise ConfigureFailed(f"cannot start {argv[0]} in {self._dir}: {exc.strerror or exc}") from None
+            if on_started is not None:
+                on_started(process.pid)
+            nursery.start_soon(_relay_output, process, exited, sink)
+        if on_started is not None:
+            on_started(None)
+        assert process.returncode is not None
+        return process.returncode, (last_error[0] if last_error else None)
+
+    async def _process_task(
+        self, argv: list[str], env: dict[str, str], exited: trio.Event, *, task_status: trio.TaskStatus[trio.Process]
+    ) -> None:
+        try:
+            await trio.run_process(
+                argv,
+                cwd=self._dir,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                check=False,
+                start_new_session=True,
+                deliver_cancel=self._deliver_cancel,
+                task_status=task_status,
+                **self._spawn_options,
+            )
+        finally:
+            exited.set()
+
+    async def _deliver_cancel(self, process: trio.Process) -> None:
+        """Graceful stop: SIGINT to the runner's process group, SIGKILL if it outlives the grace period."""
+        grace = self._grace()
+        log.info("Stopping the runner", extra={"pid": process.pid, "grace_s": grace})
+        signal_group(process.pid, signal.SIGINT)
+        await trio.sleep(grace)
+        log.warning("The runner outlived its grace period; killing it", extra={"pid": process.pid})
+        signal_group(process.pid, signal.SIGKILL)
+
+
+def signal_group(pgid: int, signum: signal.Signals) -> None:
+    try:
+        os.killpg(pgid, signum)
+    except ProcessLookupError:
+        pass
+
+
+async def _relay_output(process: trio.Process, exited: trio.Event, sink: LineSink) -> None:
+    """Relay stdout and stderr line by line, even while the caller is being cancelled.
+
+    Shielded so that a stopping runner's last lines (a job ending `Canceled`) are still read, and bounded:
+    once the runner has exited, leftovers of its process group are killed and the pipes get DRAIN_SECONDS.
+    """
+    with trio.CancelScope(shield=True) as scope:
+        async with trio.open_nursery() as nursery:
+            assert process.stdout is not None and process.stderr is not None
+            nursery.start_soon(_relay_lines, process.stdout, "stdout", sink)
+            nursery.start_soon(_relay_lines, process.stderr, "stderr", sink)
+            await exited.wait()
+            signal_group(process.pid, signal.SIGKILL)
+            scope.deadline = trio.current_time() + DRAIN_SECONDS
+
+
+async def _relay_lines(stream: trio.abc.ReceiveStream, name: str, sink: LineSink) -> None:
+    buffer = b""
+    async with stream:
+        while chunk := await stream.receive_some(65536):
+            buffer += chunk
+            *lines, buffer = buffer.split(b"\n")
+            for line in lines:
+                sink(name, _decode(line))
+            if len(buffer) > MAX_LINE:
+                sink(name, _decode(buffer[:MAX_LINE]))
+                buffer = b""
+    if buffer:
+        sink(name, _decode(buffer))
+
+
+def _decode(line: bytes) -> str:
+    return line[:MAX_LINE].rstrip(b"\r").decode("utf-8", "replace")

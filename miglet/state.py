@@ -1,0 +1,94 @@
+"""The agent's current state: the pure machine applied, with its effects on the world.
+
+`StateHolder.apply` is the only way the state changes. It runs the transition, logs every phase change with
+`from` and `to`, writes the state file, queues the events the machine says are owed, and publishes the new
+state in an `AsyncValue` that tasks wait on.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from typing import Final
+
+from trio_util import AsyncValue
+
+from miglet import __version__, machine, protocol
+from miglet.machine import AgentState, Phase
+from miglet.outbox import utc_timestamp
+from miglet.statefile import StateFileWriter, StateRecord
+
+log = logging.getLogger(__name__)
+
+# Seed ("Verification"): these transitions log exactly these lines.
+TRANSITION_MESSAGES: Final = {
+    (Phase.WAITING_FOR_CONTROLLER, Phase.READY): "Controller acknowledgment received, transitioning to ready state",
+    (Phase.READY, Phase.REGISTERING_RUNNER): "Registration config received, transitioning to registering runner",
+}
+
+
+class StateHolder:
+    """Owns the current `AgentState` of one agent."""
+
+    def __init__(
+        self,
+        *,
+        vm_id: str,
+        pool_id: str,
+        emit: Callable[[protocol.AnyEvent], object],
+        state_file: StateFileWriter | None = None,
+    ) -> None:
+        self.value: AsyncValue[AgentState] = AsyncValue(AgentState())
+        self._vm_id = vm_id
+        self._pool_id = pool_id
+        self._emit = emit
+        self._state_file = state_file
+        self._since = utc_timestamp()
+        self.runner_pid: int | None = None
+
+    @property
+    def state(self) -> AgentState:
+        return self.value.value
+
+    @property
+    def phase(self) -> Phase:
+        return self.value.value.phase
+
+    def apply(self, event: machine.Input) -> bool:
+        """Feed `event` to the machine; False (and nothing changes) when it does not apply now."""
+        before = self.value.value
+        step = machine.transition(before, event)
+        if not step.accepted:
+            log.debug("Ignored input", extra={"input": type(event).__name__, "state": before.phase.value})
+            return False
+        after = step.state
+        self.value.value = after
+        if after.phase is not before.phase:
+            self._since = utc_timestamp()
+            message = TRANSITION_MESSAGES.get((before.phase, after.phase), "State changed")
+            log.info(message, extra={"from": before.phase.value, "to": after.phase.value})
+        for owed in step.events:
+            self._emit(owed)
+        self.write_state_file()
+        return True
+
+    def write_state_file(self) -> None:
+        if self._state_file is None:
+            return
+        state = self.value.value
+        self._state_file.write(
+            StateRecord(
+                state=state.phase.value,
+                since=self._since,
+                updated_at=utc_timestamp(),
+                vm_id=self._vm_id,
+                pool_id=self._pool_id,
+                runner_name=state.runner_name,
+                job=state.job,
+                pid=os.getpid(),
+                version=__version__,
+                runner_pid=self.runner_pid,
+                stop_reason=state.stop_reason,
+            )
+        )

@@ -1,0 +1,57 @@
+"""The controller-handshake task: announce the VM with `vm_started` until the controller acknowledges it.
+
+The VM is useless until acknowledged, so every failure (network, 5xx, a refusal, an answer that does not
+acknowledge) is logged and tried again with backoff; every try carries the same `event_id`.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+
+import trio
+
+from miglet import machine, protocol
+from miglet.controller import ControllerClient, ControllerError
+from miglet.outbox import Stamper
+from miglet.retry import RetryPolicy
+from miglet.state import StateHolder
+
+log = logging.getLogger(__name__)
+
+
+async def handshake_task(
+    client: ControllerClient,
+    holder: StateHolder,
+    stamper: Stamper,
+    policy: RetryPolicy,
+    rng: random.Random | None = None,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Return once the controller has acknowledged `vm_started` and the agent is Ready."""
+    event = stamper.stamp(protocol.VmStarted())
+    attempt = 0
+    while True:
+        retry_after: float | None = None
+        try:
+            body = await client.post_event(event)
+            ack = protocol.decode_acknowledgment(body)
+        except ControllerError as exc:
+            retry_after = getattr(exc, "retry_after", None)
+            problem = str(exc)
+        except protocol.ProtocolError as exc:
+            problem = str(exc)
+        else:
+            if ack.is_acknowledged:
+                break
+            problem = f"controller did not acknowledge vm_started (status={ack.status!r}, message={ack.message!r})"
+        delay = policy.delay(attempt, rng, retry_after)
+        log.warning(
+            "vm_started not acknowledged; will retry",
+            extra={"event_id": event.event_id, "error": problem, "attempt": attempt + 1, "retry_in_s": round(delay, 3)},
+        )
+        attempt += 1
+        await trio.sleep(delay)
+    holder.apply(machine.Acknowledged())
+    task_status.started()

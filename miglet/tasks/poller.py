@@ -1,0 +1,141 @@
+"""The command-poller task: fetch the controller's commands from Ready on, and route each one.
+
+Polling starts the moment the agent is Ready and then repeats at most every `poll_interval`; with long-poll
+(`command_wait` > 0) each request asks the controller to hold it until a command exists, and the next starts
+when the previous ends or the interval has passed, whichever is later. A plain controller thus sees the seed's
+cadence, and a long-poll controller's command arrives the moment it exists.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Final
+
+import trio
+
+from miglet import machine, protocol
+from miglet.config import Config
+from miglet.controller import ControllerClient, ControllerError, ControllerUnavailable
+from miglet.machine import Phase
+from miglet.outbox import Outbox
+from miglet.retry import RetryPolicy
+from miglet.state import StateHolder
+
+log = logging.getLogger(__name__)
+
+SEEN_COMMANDS_KEPT: Final = 4096
+
+
+class SeenCommands:
+    """Command ids already handled, so a command repeated by the controller is acted on once."""
+
+    def __init__(self, capacity: int = SEEN_COMMANDS_KEPT) -> None:
+        self._ids: OrderedDict[str, None] = OrderedDict()
+        self._capacity = capacity
+
+    def first_time(self, command_id: str) -> bool:
+        if command_id in self._ids:
+            return False
+        self._ids[command_id] = None
+        if len(self._ids) > self._capacity:
+            self._ids.popitem(last=False)
+        return True
+
+
+async def poller_task(
+    config: Config,
+    client: ControllerClient,
+    holder: StateHolder,
+    outbox: Outbox,
+    registrations: trio.MemorySendChannel[protocol.RegisterRunner],
+    request_stop: Callable[[protocol.Shutdown], None],
+    policy: RetryPolicy,
+    rng: random.Random | None = None,
+) -> None:
+    await holder.value.wait_value(lambda state: state.phase is not Phase.INITIALIZING
+                                  and state.phase is not Phase.WAITING_FOR_CONTROLLER)
+    router = _Router(holder, outbox, registrations, request_stop)
+    announced = False
+    failures = 0
+    async with registrations:
+        while holder.phase not in (Phase.STOPPING, Phase.STOPPED):
+            if holder.phase is Phase.READY:
+                if not announced:
+                    log.info("MIGlet is ready - polling controller for registration config")
+                    announced = True
+            else:
+                announced = False
+            started = trio.current_time()
+            try:
+                batch = await client.get_commands(config.command_wait)
+            except (ControllerError, protocol.ProtocolError) as exc:
+                retry_after = exc.retry_after if isinstance(exc, ControllerUnavailable) else None
+                delay = max(config.poll_interval, policy.delay(failures, rng, retry_after))
+                failures += 1
+                log.warning(
+                    "Command poll failed; will retry",
+                    extra={"error": str(exc), "attempt": failures, "retry_in_s": round(delay, 3)},
+                )
+                await trio.sleep(delay)
+                continue
+            failures = 0
+            await router.route(batch)
+            await trio.sleep_until(started + config.poll_interval)
+
+
+class _Router:
+    def __init__(
+        self,
+        holder: StateHolder,
+        outbox: Outbox,
+        registrations: trio.MemorySendChannel[protocol.RegisterRunner],
+        request_stop: Callable[[protocol.Shutdown], None],
+    ) -> None:
+        self._holder = holder
+        self._outbox = outbox
+        self._registrations = registrations
+        self._request_stop = request_stop
+        self._seen = SeenCommands()
+
+    async def route(self, batch: protocol.CommandBatch) -> None:
+        for rejected in batch.rejected:
+            self._reject(rejected)
+        for command in batch.commands:
+            if not self._seen.first_time(command.id):
+                log.info("Ignoring a command seen before", extra={"command_id": command.id})
+                continue
+            match command:
+                case protocol.RegisterRunner():
+                    await self._register(command)
+                case protocol.Shutdown():
+                    log.info("Received shutdown command from controller", extra={"command_id": command.id})
+                    self._request_stop(command)
+
+    async def _register(self, command: protocol.RegisterRunner) -> None:
+        log.info("Received register_runner command from controller", extra={"command_id": command.id})
+        if self._holder.apply(machine.RegistrationReceived(command.id)):
+            await self._registrations.send(command)
+            return
+        phase = self._holder.phase
+        error = f"cannot register a runner while {phase.value}"
+        log.warning("Refusing register_runner command", extra={"command_id": command.id, "error": error})
+        self._outbox.put(protocol.CommandFailed(command_id=command.id, command_type="register_runner", error=error))
+
+    def _reject(self, rejected: protocol.RejectedCommand) -> None:
+        log.warning(
+            "Rejected a command from the controller",
+            extra={"command_id": rejected.id, "command_type": rejected.type, "error": rejected.error},
+        )
+        if rejected.id is None or not self._seen.first_time(rejected.id):
+            return
+        if rejected.type == "register_runner":
+            self._outbox.put(
+                protocol.RegistrationFailed(command_id=rejected.id, reason="invalid_command", error=rejected.error)
+            )
+        else:
+            self._outbox.put(
+                protocol.CommandFailed(command_id=rejected.id, command_type=rejected.type or "", error=rejected.error)
+            )

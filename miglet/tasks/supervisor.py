@@ -1,0 +1,136 @@
+"""The runner-supervisor task: turns each accepted `register_runner` command into a running runner.
+
+It receives commands the poller has already accepted (the machine moved to RegisteringRunner), checks them,
+configures the runner, starts it, and feeds what the runner prints back to the machine until the runner exits.
+Cancelling it stops the runner gracefully; that is how the agent stops.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import Final
+
+import trio
+
+from miglet import machine
+from miglet.config import Config
+from miglet.machine import Phase
+from miglet.protocol import RegisterRunner
+from miglet.runner import output
+from miglet.runner.backend import ConfigureFailed, Registration, RunnerBackend
+from miglet.secret import redact
+from miglet.state import StateHolder
+
+log = logging.getLogger(__name__)
+runner_log = logging.getLogger("miglet.runner.output")
+
+MAX_LABELS: Final = 100
+_LABEL: Final = re.compile(r"[^\s,\x00-\x1f\x7f]{1,256}")
+_GROUP: Final = re.compile(r"[^\x00-\x1f\x7f]{1,256}")
+
+
+class InvalidRegistration(Exception):
+    def __init__(self, reason: str, error: str) -> None:
+        super().__init__(error)
+        self.reason = reason
+
+
+def registration_from_command(
+    command: RegisterRunner, config: Config, now: datetime, clock_skew: timedelta = timedelta(seconds=30)
+) -> Registration:
+    """Check a `register_runner` command and combine it with the config; raises InvalidRegistration."""
+    params = command.parameters
+    if params.registration_token is None and params.jit_config is None:
+        raise InvalidRegistration("invalid_command", "neither registration_token nor jit_config is given")
+    if params.expires_at is not None and params.expires_at + clock_skew <= now:
+        raise InvalidRegistration("token_expired", f"registration token expired at {params.expires_at.isoformat()}")
+    if not params.runner_url.startswith(("https://", "http://")) or len(params.runner_url) > 2048:
+        raise InvalidRegistration("invalid_command", "runner_url must be an http(s) URL")
+    if not params.labels and params.jit_config is None:
+        raise InvalidRegistration("invalid_command", "labels must not be empty")
+    if len(params.labels) > MAX_LABELS:
+        raise InvalidRegistration("invalid_command", f"at most {MAX_LABELS} labels are allowed")
+    for label in params.labels:
+        if not _LABEL.fullmatch(label):
+            raise InvalidRegistration("invalid_command", f"label {label!r} is empty or has commas or white space")
+    if not _GROUP.fullmatch(params.runner_group):
+        raise InvalidRegistration("invalid_command", "runner_group must be 1-256 printable characters")
+    return Registration(
+        command_id=command.id,
+        url=params.runner_url,
+        name=config.effective_runner_name,
+        labels=tuple(params.labels),
+        group=params.runner_group,
+        ephemeral=config.ephemeral,
+        token=params.registration_token,
+        jit_config=params.jit_config,
+        disable_update=config.runner_disable_update,
+    )
+
+
+def relay_line(stream: str, line: str) -> str:
+    """Log one line of runner output (secrets masked) and return it cleaned."""
+    cleaned = output.clean(line)
+    if cleaned:
+        runner_log.info(cleaned, extra={"source": "runner", "stream": stream})
+    return cleaned
+
+
+async def supervisor_task(
+    config: Config,
+    holder: StateHolder,
+    backend: RunnerBackend,
+    commands: trio.MemoryReceiveChannel[RegisterRunner],
+    now: Callable[[], datetime] = lambda: datetime.now(UTC),
+) -> None:
+    async with commands:
+        async for command in commands:
+            await _serve_registration(config, holder, backend, command, now())
+
+
+async def _serve_registration(
+    config: Config, holder: StateHolder, backend: RunnerBackend, command: RegisterRunner, now: datetime
+) -> None:
+    def fail(reason: str, error: str) -> None:
+        log.error("Runner registration failed", extra={"command_id": command.id, "reason": reason, "error": error})
+        holder.apply(machine.RegistrationFailed(command.id, reason, redact(error)))
+
+    try:
+        registration = registration_from_command(command, config, now)
+    except InvalidRegistration as exc:
+        fail(exc.reason, str(exc))
+        return
+    if registration.jit_config is None:
+        log.info("Configuring the runner", extra={"command_id": command.id, "runner_name": registration.name})
+        try:
+            await backend.configure(registration, relay_line)
+        except ConfigureFailed as exc:
+            fail("configure_failed", str(exc))
+            await backend.clean()
+            return
+    log.info("Starting the runner", extra={"command_id": command.id})
+
+    def on_line(stream: str, line: str) -> None:
+        signal = output.interpret(relay_line(stream, line))
+        if signal is not None:
+            holder.apply(signal)
+
+    def on_process(pid: int | None) -> None:
+        holder.runner_pid = pid
+        holder.write_state_file()
+
+    try:
+        code = await backend.run(registration, on_line, on_process)
+    except ConfigureFailed as exc:
+        fail("runner_start_failed", str(exc))
+        return
+    log.info("Runner exited", extra={"exit_code": code})
+    if holder.phase is Phase.REGISTERING_RUNNER:
+        fail("runner_start_failed", f"runner exited with code {code} before listening for jobs")
+    else:
+        holder.apply(machine.RunnerExited(code))
+    if holder.phase is Phase.READY:
+        await backend.clean()
