@@ -12,6 +12,7 @@ import secrets
 import string
 import time
 from collections import deque
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 from urllib.parse import parse_qs, unquote
@@ -20,6 +21,9 @@ import msgspec
 import trio
 
 _VM_PATH: Final = "/api/v1/vms/"
+# Told of everything a VM does: (vm_id, what, details); the command line prints it.
+Observer = Callable[[str, str, dict[str, Any]], None]
+_HEADER: Final = frozenset({"type", "vm_id", "pool_id", "org_id", "event_id", "timestamp"})
 _TOKEN_ALPHABET: Final = string.ascii_uppercase + string.digits
 
 
@@ -66,8 +70,9 @@ class VmRecord:
 class FakeController:
     """An ASGI app; `requests` and `vms` hold everything that happened."""
 
-    def __init__(self, settings: Settings | None = None) -> None:
+    def __init__(self, settings: Settings | None = None, observer: Observer | None = None) -> None:
         self.settings = settings or Settings()
+        self._observer = observer
         self.requests: list[RecordedRequest] = []
         self.vms: dict[str, VmRecord] = {}
         self.request_arrived = trio.Event()
@@ -155,6 +160,7 @@ class FakeController:
             return 400, {"error": "event must be an object"}
         vm = self.vm(vm_id)
         vm.events.append(event)
+        self._observe(vm_id, f"event {event.get('type')}", {k: v for k, v in event.items() if k not in _HEADER})
         if event.get("type") == "vm_started":
             vm.ready = True
             vm.registration_sent = False
@@ -186,7 +192,13 @@ class FakeController:
         commands = list(vm.pending)
         vm.pending.clear()
         vm.sent.extend(commands)
+        for command in commands:
+            self._observe(vm_id, f"command {command.get('type')}", {"id": command.get("id")})
         return {"commands": commands, "vm_id": vm_id}
+
+    def _observe(self, vm_id: str, what: str, detail: dict[str, Any]) -> None:
+        if self._observer is not None:
+            self._observer(vm_id, what, detail)
 
     def _release_registration(self, vm_id: str, vm: VmRecord) -> None:
         """Seed: a ready VM gets its register_runner command once."""

@@ -7,6 +7,7 @@ them as MIGLET_RUNNER_USER, or else allows the runner to run as root and says so
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import pwd
@@ -175,20 +176,51 @@ class ProcessRunner:
             exited.set()
 
     async def _deliver_cancel(self, process: trio.Process) -> None:
-        """Graceful stop: SIGINT to the runner's process group, SIGKILL if it outlives the grace period."""
+        """Graceful stop: SIGINT to the runner's process group; SIGKILL to all of it after the grace period."""
         grace = self._grace()
         log.info("Stopping the runner", extra={"pid": process.pid, "grace_s": grace})
         signal_group(process.pid, signal.SIGINT)
         await trio.sleep(grace)
         log.warning("The runner outlived its grace period; killing it", extra={"pid": process.pid})
-        signal_group(process.pid, signal.SIGKILL)
+        kill_session(process.pid)
 
 
 def signal_group(pgid: int, signum: signal.Signals) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(pgid, signum)
-    except ProcessLookupError:
-        pass
+
+
+def kill_session(sid: int) -> None:
+    """SIGKILL every process in session `sid`.
+
+    The real run.sh turns on job control (`set -m`) so the listener gets a process group of its own: killing
+    run.sh's group alone would orphan it. Every process MIGlet started shares the session it was given.
+    """
+    signal_group(sid, signal.SIGKILL)
+    for pid in _session_members(sid):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _session_members(sid: int) -> list[int]:
+    members: list[int] = []
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return members
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as handle:
+                stat = handle.read()
+        except OSError:
+            continue
+        # Fields after the parenthesised command name: state ppid pgrp session ...
+        fields = stat[stat.rfind(b")") + 2 :].split()
+        if len(fields) > 3 and int(fields[3]) == sid:
+            members.append(int(entry))
+    return members
 
 
 async def _relay_output(process: trio.Process, exited: trio.Event, sink: LineSink) -> None:
@@ -203,7 +235,7 @@ async def _relay_output(process: trio.Process, exited: trio.Event, sink: LineSin
             nursery.start_soon(_relay_lines, process.stdout, "stdout", sink)
             nursery.start_soon(_relay_lines, process.stderr, "stderr", sink)
             await exited.wait()
-            signal_group(process.pid, signal.SIGKILL)
+            kill_session(process.pid)
             scope.deadline = trio.current_time() + DRAIN_SECONDS
 
 

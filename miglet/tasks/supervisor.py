@@ -103,6 +103,8 @@ async def _serve_registration(
     except InvalidRegistration as exc:
         fail(exc.reason, str(exc))
         return
+    # config.sh refuses to run over an existing configuration (a runner that exited, a failed attempt).
+    await backend.clean()
     if registration.jit_config is None:
         log.info("Configuring the runner", extra={"command_id": command.id, "runner_name": registration.name})
         try:
@@ -132,5 +134,3 @@ async def _serve_registration(
         fail("runner_start_failed", f"runner exited with code {code} before listening for jobs")
     else:
         holder.apply(machine.RunnerExited(code))
-    if holder.phase is Phase.READY:
-        await backend.clean()

@@ -1,0 +1,78 @@
+"""`python -m fake_controller`: serve the fake controller and show what each VM does."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import trio
+
+from fake_controller.controller import FakeController, Settings
+
+
+def build_parser() -> argparse.ArgumentParser:
+    defaults = Settings()
+    parser = argparse.ArgumentParser(
+        prog="python -m fake_controller",
+        description="A controller for MIGlet that does what the seed's sample controller does: it acknowledges "
+        "vm_started and sends each ready VM one register_runner command. Admin API under /_admin: "
+        "GET /_admin/vms, GET /_admin/requests, POST /_admin/vms/{vm_id}/commands.",
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on [%(default)s]")
+    parser.add_argument("--port", type=int, default=8080, help="port to listen on, 0 for any [%(default)s]")
+    parser.add_argument("--runner-url", default=defaults.runner_url, help="runner_url to hand out [%(default)s]")
+    parser.add_argument("--runner-group", default=defaults.runner_group, help="runner_group [%(default)s]")
+    parser.add_argument(
+        "--labels", default=",".join(defaults.labels), help="comma-separated labels [%(default)s]"
+    )
+    parser.add_argument(
+        "--registration-delay",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="seconds after vm_started before the register_runner command exists [%(default)s]",
+    )
+    parser.add_argument(
+        "--token-ttl", type=float, default=defaults.token_ttl_s, metavar="SECONDS", help="token lifetime [%(default)s]"
+    )
+    parser.add_argument(
+        "--no-long-poll", action="store_true", help="answer polls at once, ignoring ?wait=N (the seed's behaviour)"
+    )
+    return parser
+
+
+def _show(vm_id: str, what: str, detail: dict[str, Any]) -> None:
+    fields = " ".join(f"{key}={value}" for key, value in detail.items() if value not in (None, ""))
+    print(f"{vm_id:<20} {what:<20} {fields}", flush=True)
+
+
+async def _main(args: argparse.Namespace) -> None:
+    from fake_controller.server import serve
+
+    settings = Settings(
+        runner_url=args.runner_url,
+        runner_group=args.runner_group,
+        labels=[label for label in args.labels.split(",") if label],
+        registration_delay_s=args.registration_delay,
+        token_ttl_s=args.token_ttl,
+        long_poll=not args.no_long_poll,
+    )
+    controller = FakeController(settings, observer=_show)
+    async with trio.open_nursery() as nursery:
+        url = await nursery.start(serve, controller, args.host, args.port)
+        print(f"fake controller listening on {url}", flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        trio.run(_main, args)
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,115 @@
+"""An in-process runner with the real one's behaviour, for tests and for simulating many agents in one process.
+
+It implements MIGlet's `RunnerBackend` without subprocesses: configuring records the call and checks the token
+like GitHub would, running prints the real runner's lines and runs the jobs it is given. Being plain trio, it
+runs on a test's fake clock.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+import msgspec
+import trio
+
+from miglet.runner.backend import ConfigureFailed, LineSink, Registration
+from miglet.secret import Secret
+
+
+class Job(msgspec.Struct, frozen=True):
+    name: str
+    result: str = "Succeeded"
+    duration_s: float = 1.0
+
+
+class ConfigureCall(msgspec.Struct, frozen=True):
+    registration: Registration
+    token: str | None
+
+
+def _stamp() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+class SimulatedRunner:
+    """A runner backend whose jobs come from `submit_job` and whose failures are chosen by the test."""
+
+    def __init__(
+        self,
+        *,
+        version: str = "2.336.0",
+        connect_delay_s: float = 0.0,
+        configure_delay_s: float = 0.0,
+        reject_tokens: frozenset[str] = frozenset(),
+        exit_after_listening: int | None = None,
+    ) -> None:
+        self.version = version
+        self.connect_delay_s = connect_delay_s
+        self.configure_delay_s = configure_delay_s
+        self.reject_tokens = reject_tokens
+        self.exit_after_listening = exit_after_listening
+        self.configure_calls: list[ConfigureCall] = []
+        self.remove_calls: list[str] = []
+        self.runs = 0
+        self.running = False
+        self.configured = False
+        self.interrupted = False
+        self._jobs_send, self._jobs_receive = trio.open_memory_channel[Job](100)
+
+    def submit_job(self, job: Job) -> None:
+        """Offer a job to the runner (as GitHub would); it runs once the runner is listening."""
+        self._jobs_send.send_nowait(job)
+
+    async def configure(self, registration: Registration, on_line: LineSink) -> None:
+        token = registration.token.reveal() if registration.token is not None else None
+        self.configure_calls.append(ConfigureCall(registration, token))
+        await trio.sleep(self.configure_delay_s)
+        if token is None or token in self.reject_tokens:
+            on_line("stderr", "Http response code: NotFound from 'POST https://api.github.com/actions/runner-registration'")
+            raise ConfigureFailed("Http response code: NotFound from 'POST https://api.github.com/actions/runner-registration'")
+        on_line("stdout", "√ Runner successfully added")
+        on_line("stdout", "√ Settings Saved.")
+        self.configured = True
+
+    async def run(
+        self, registration: Registration, on_line: LineSink, on_started: Callable[[int | None], None]
+    ) -> int:
+        self.runs += 1
+        self.running = True
+        on_started(None)
+        try:
+            await trio.sleep(self.connect_delay_s)
+            on_line("stdout", "\x1b[32m√ Connected to GitHub\x1b[0m")
+            on_line("stdout", "")
+            on_line("stdout", f"Current runner version: '{self.version}'")
+            on_line("stdout", f"{_stamp()}: Listening for Jobs")
+            if self.exit_after_listening is not None:
+                return self.exit_after_listening
+            while True:
+                job = await self._jobs_receive.receive()
+                await self._run_job(job, on_line)
+                if registration.ephemeral:
+                    self.configured = False
+                    return 0
+        finally:
+            self.running = False
+
+    async def _run_job(self, job: Job, on_line: LineSink) -> None:
+        on_line("stdout", f"{_stamp()}: Running job: {job.name}")
+        try:
+            await trio.sleep(job.duration_s)
+        except trio.Cancelled:
+            # A graceful stop cancels the running job, as SIGINT does to the real runner.
+            self.interrupted = True
+            on_line("stdout", f"{_stamp()}: Job {job.name} completed with result: Canceled")
+            raise
+        on_line("stdout", f"{_stamp()}: Job {job.name} completed with result: {job.result}")
+
+    async def remove(self, token: Secret, on_line: LineSink) -> None:
+        self.remove_calls.append(token.reveal())
+        self.configured = False
+        on_line("stdout", "√ Runner removed")
+
+    async def clean(self) -> None:
+        self.configured = False

@@ -1,0 +1,104 @@
+"""The controller-handshake task in isolation: `vm_started` until acknowledged, then Ready.
+
+Rules: the controller is an `httpx.MockTransport` handler; time is trio's autojump clock, so retry delays are
+asserted exactly. A fixed-seed RNG makes backoff jitter repeatable.
+"""
+
+from __future__ import annotations
+
+import random
+
+import httpx
+import msgspec
+import trio
+
+from miglet.controller import open_controller_client
+from miglet.machine import Phase, Start
+from miglet.outbox import Outbox, Stamper
+from miglet.retry import RetryPolicy
+from miglet.state import StateHolder
+from miglet.tasks.handshake import handshake_task
+from tests.conftest import ConfigFactory
+
+ACK = {"status": "acknowledged", "acknowledged": True, "vm_id": "vm-123"}
+
+
+def make_holder() -> StateHolder:
+    stamper = Stamper("vm-123", "pool-001", None)
+    holder = StateHolder(vm_id="vm-123", pool_id="pool-001", emit=Outbox(stamper).put)
+    holder.apply(Start(runner_name="vm-123", ephemeral=True))
+    return holder
+
+
+async def run_handshake(make_config: ConfigFactory, answers: list[object]) -> tuple[list[tuple[float, dict[str, object]]], StateHolder]:
+    """Answer successive vm_started posts with `answers` (a status and body, or an exception to raise)."""
+    seen: list[tuple[float, dict[str, object]]] = []
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        assert request.method == "POST"
+        assert request.url.path == "/api/v1/vms/vm-123/events"
+        seen.append((trio.current_time(), msgspec.json.decode(request.content)))
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        assert isinstance(answer, tuple)
+        status, body, *headers = answer
+        return httpx.Response(status, json=body, headers=headers[0] if headers else None)
+
+    holder = make_holder()
+    async with open_controller_client(make_config(), httpx.MockTransport(handler)) as client:
+        await handshake_task(client, holder, Stamper("vm-123", "pool-001", "org-001"), RetryPolicy(base=1, cap=8),
+                             random.Random(7))
+    return seen, holder
+
+
+async def test_acknowledgment_moves_to_ready(make_config: ConfigFactory, autojump_clock: trio.testing.MockClock) -> None:
+    seen, holder = await run_handshake(make_config, [(200, ACK)])
+    assert holder.phase is Phase.READY
+    [(_, event)] = seen
+    assert event["type"] == "vm_started"
+    assert event["vm_id"] == "vm-123"
+    assert event["pool_id"] == "pool-001"
+    assert event["org_id"] == "org-001"
+    assert isinstance(event["event_id"], str) and event["event_id"]
+    assert isinstance(event["timestamp"], str) and event["timestamp"].endswith("Z")
+
+
+async def test_failures_are_retried_with_the_same_event_id(
+    make_config: ConfigFactory, autojump_clock: trio.testing.MockClock
+) -> None:
+    answers: list[object] = [
+        (503, {"error": "down"}),
+        (503, {"error": "down"}, {"Retry-After": "3"}),
+        httpx.ConnectError("refused"),
+        (500, "boom"),
+        (404, {"error": "unknown vm"}),
+        (200, {"status": "acknowledged", "acknowledged": False}),
+        (200, "not an acknowledgment"),
+        (200, ACK),
+    ]
+    seen, holder = await run_handshake(make_config, answers)
+    assert holder.phase is Phase.READY
+    assert len(seen) == 8
+    assert len({event["event_id"] for _, event in seen}) == 1
+    times = [at for at, _ in seen]
+    # Retry-After is honoured exactly; other waits are jittered but never above the capped exponential.
+    assert times[2] - times[1] == 3
+    for attempt, (earlier, later) in enumerate(zip(times, times[1:], strict=False)):
+        if attempt != 1:
+            assert 0 <= later - earlier <= min(8, 2**attempt)
+
+
+async def test_handshake_is_cancellable_while_waiting(
+    make_config: ConfigFactory, autojump_clock: trio.testing.MockClock
+) -> None:
+    async def never_answers(request: httpx.Request) -> httpx.Response:
+        await trio.sleep_forever()
+        raise AssertionError
+
+    holder = make_holder()
+    async with open_controller_client(make_config(), httpx.MockTransport(never_answers)) as client:
+        with trio.move_on_after(1000) as scope:
+            await handshake_task(client, holder, Stamper("vm-123", "pool-001", None), RetryPolicy())
+    assert scope.cancelled_caught
+    assert holder.phase is Phase.WAITING_FOR_CONTROLLER

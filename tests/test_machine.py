@@ -1,0 +1,176 @@
+"""The pure state machine: examples of each transition, and properties over any sequence of inputs.
+
+Rules: no trio, no clock; inputs are fed to `transition` directly.
+"""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from miglet import protocol
+from miglet.machine import (
+    LEGAL_TRANSITIONS,
+    Acknowledged,
+    AgentState,
+    Finished,
+    Input,
+    JobCompleted,
+    JobStarted,
+    Phase,
+    RegistrationFailed,
+    RegistrationReceived,
+    RunnerExited,
+    RunnerListening,
+    Start,
+    StopRequested,
+    transition,
+)
+
+SEED_ORDER = [Phase.WAITING_FOR_CONTROLLER, Phase.READY, Phase.REGISTERING_RUNNER, Phase.IDLE]
+
+
+def run(inputs: list[Input], state: AgentState | None = None) -> tuple[AgentState, list[protocol.AnyEvent]]:
+    state = state or AgentState()
+    events: list[protocol.AnyEvent] = []
+    for item in inputs:
+        step = transition(state, item)
+        state = step.state
+        events.extend(step.events)
+    return state, events
+
+
+START = Start(runner_name="vm-123", ephemeral=True)
+
+
+def test_seed_flow_reaches_idle_and_reports_registration() -> None:
+    state, events = run([START, Acknowledged(), RegistrationReceived("c1"), RunnerListening()])
+    assert state.phase is Phase.IDLE
+    assert state.command_id == "c1"
+    assert events == [protocol.RunnerRegistered(runner_name="vm-123", command_id="c1")]
+
+
+def test_registration_is_only_accepted_when_ready() -> None:
+    assert not transition(AgentState(), RegistrationReceived("c1")).accepted
+    waiting, _ = run([START])
+    assert not transition(waiting, RegistrationReceived("c1")).accepted
+
+
+def test_failed_registration_returns_to_ready_and_reports() -> None:
+    state, events = run(
+        [START, Acknowledged(), RegistrationReceived("c1"), RegistrationFailed("c1", "configure_failed", "404")]
+    )
+    assert state.phase is Phase.READY
+    assert events == [protocol.RegistrationFailed(command_id="c1", reason="configure_failed", error="404")]
+
+
+def test_a_command_id_is_acted_on_once() -> None:
+    state, _ = run(
+        [START, Acknowledged(), RegistrationReceived("c1"), RegistrationFailed("c1", "token_expired", "expired")]
+    )
+    assert not transition(state, RegistrationReceived("c1")).accepted
+    assert transition(state, RegistrationReceived("c2")).state.phase is Phase.REGISTERING_RUNNER
+
+
+def test_job_cycle_and_ephemeral_end() -> None:
+    state, events = run(
+        [
+            START,
+            Acknowledged(),
+            RegistrationReceived("c1"),
+            RunnerListening(),
+            JobStarted("build"),
+            JobCompleted("build", "Succeeded"),
+            RunnerExited(0),
+        ]
+    )
+    assert state.phase is Phase.STOPPING
+    assert [type(event) for event in events] == [
+        protocol.RunnerRegistered,
+        protocol.JobStarted,
+        protocol.JobCompleted,
+        protocol.RunnerExited,
+        protocol.VmStopping,
+    ]
+    assert events[2] == protocol.JobCompleted(job_name="build", result="Succeeded")
+
+
+def test_unexpected_runner_exit_returns_to_ready() -> None:
+    state, events = run([START, Acknowledged(), RegistrationReceived("c1"), RunnerListening(), JobStarted("b"),
+                         RunnerExited(1)])
+    assert state.phase is Phase.READY
+    assert state.job is None
+    assert events[-1] == protocol.RunnerExited(exit_code=1, reason="unexpected")
+
+
+def test_non_ephemeral_runner_exit_is_unexpected_even_after_jobs() -> None:
+    inputs: list[Input] = [Start(runner_name="r", ephemeral=False), Acknowledged(), RegistrationReceived("c"),
+                           RunnerListening(), JobStarted("b"), JobCompleted("b", "Failed"), RunnerExited(0)]
+    state, _ = run(inputs)
+    assert state.phase is Phase.READY
+
+
+def test_stop_from_any_live_phase_then_stopped_is_terminal() -> None:
+    state, events = run([START, Acknowledged(), StopRequested("signal"), Finished()])
+    assert state.phase is Phase.STOPPED
+    assert events == [protocol.VmStopping(reason="signal", runner_name="vm-123")]
+    assert not transition(state, StopRequested("again")).accepted
+
+
+command_ids = st.sampled_from(["c1", "c2", "c3"])
+inputs = st.one_of(
+    st.builds(Start, runner_name=st.just("r"), ephemeral=st.booleans()),
+    st.just(Acknowledged()),
+    st.builds(RegistrationReceived, command_ids),
+    st.builds(RegistrationFailed, command_ids, st.sampled_from(["token_expired", "configure_failed"]), st.just("e")),
+    st.just(RunnerListening()),
+    st.builds(JobStarted, st.sampled_from(["a", "b"])),
+    st.builds(JobCompleted, st.sampled_from(["a", "b"]), st.sampled_from(["Succeeded", "Failed"])),
+    st.builds(RunnerExited, st.integers(0, 3)),
+    st.builds(StopRequested, st.just("signal")),
+    st.just(Finished()),
+)
+
+
+@settings(max_examples=400)
+@given(st.lists(inputs, max_size=40))
+def test_any_input_sequence_makes_only_legal_transitions(sequence: list[Input]) -> None:
+    state = AgentState()
+    visited = [state.phase]
+    acted_on: list[str] = []
+    for item in sequence:
+        step = transition(state, item)
+        if not step.accepted:
+            assert step.state == state and step.events == ()
+            continue
+        if step.state.phase is not state.phase:
+            assert (state.phase, step.state.phase) in LEGAL_TRANSITIONS
+            visited.append(step.state.phase)
+        if isinstance(item, RegistrationReceived):
+            acted_on.append(item.command_id)
+        if state.phase is Phase.STOPPED:
+            raise AssertionError("Stopped is terminal")
+        state = step.state
+    # A command is acted on at most once.
+    assert len(acted_on) == len(set(acted_on))
+    # The seed's order is never skipped: each seed phase is first reached after the one before it.
+    firsts = [visited.index(phase) for phase in SEED_ORDER if phase in visited]
+    assert firsts == sorted(firsts)
+    reached = [phase for phase in SEED_ORDER if phase in visited]
+    assert reached == SEED_ORDER[: len(reached)]
+    # Once stopping, nothing but Stopped follows.
+    if Phase.STOPPING in visited:
+        assert set(visited[visited.index(Phase.STOPPING) :]) <= {Phase.STOPPING, Phase.STOPPED}
+
+
+@settings(max_examples=300)
+@given(st.lists(inputs, max_size=40))
+def test_every_job_start_is_reported_and_completion_matches(sequence: list[Input]) -> None:
+    state, events = run(sequence)
+    started = sum(isinstance(event, protocol.JobStarted) for event in events)
+    completed = sum(isinstance(event, protocol.JobCompleted) for event in events)
+    assert completed <= started <= completed + 1
+    if state.phase is Phase.BUSY:
+        assert state.job is not None
+    if state.job is not None:
+        assert state.phase in (Phase.BUSY, Phase.STOPPING)
