@@ -154,9 +154,13 @@ def transition(state: AgentState, event: Input) -> Step:
             return Step(replace(state, phase=_P.IDLE), (registered,))
         case JobStarted(name=name) if phase is _P.IDLE:
             return Step(replace(state, phase=_P.BUSY, job=name), (protocol.JobStarted(job_name=name),))
-        case JobCompleted(name=name, result=result) if phase is _P.BUSY:
+        case JobCompleted(name=name, result=result) if phase is _P.BUSY or (
+            phase is _P.STOPPING and state.job is not None
+        ):
+            # While stopping, the runner still reports the job it was running (usually as Canceled).
             completed = protocol.JobCompleted(job_name=name, result=result)
-            return Step(replace(state, phase=_P.IDLE, job=None, jobs_completed=state.jobs_completed + 1), (completed,))
+            after = _P.IDLE if phase is _P.BUSY else phase
+            return Step(replace(state, phase=after, job=None, jobs_completed=state.jobs_completed + 1), (completed,))
         case RunnerExited(exit_code=code) if phase in (_P.IDLE, _P.BUSY, _P.STOPPING):
             return _runner_exited(state, code)
         case StopRequested(reason=reason) if phase not in (_P.STOPPING, _P.STOPPED):

@@ -63,14 +63,17 @@ class StateHolder:
             log.debug("Ignored input", extra={"input": type(event).__name__, "state": before.phase.value})
             return False
         after = step.state
-        self.value.value = after
-        if after.phase is not before.phase:
+        changed = after.phase is not before.phase
+        if changed:
             self._since = utc_timestamp()
+        self.value.value = after
+        # The file first: whoever reads the log line below finds the state file already saying so.
+        self.write_state_file()
+        if changed:
             message = TRANSITION_MESSAGES.get((before.phase, after.phase), "State changed")
             log.info(message, extra={"from": before.phase.value, "to": after.phase.value})
         for owed in step.events:
             self._emit(owed)
-        self.write_state_file()
         return True
 
     def write_state_file(self) -> None:

@@ -20,7 +20,7 @@ from fake_controller import FakeController, Settings
 from miglet import protocol
 from miglet.config import Config
 from miglet.controller import open_controller_client
-from miglet.machine import Acknowledged, Phase, Start
+from miglet.machine import Acknowledged, Phase, RegistrationFailed, RunnerListening, Start
 from miglet.outbox import Outbox, Stamper
 from miglet.retry import RetryPolicy
 from miglet.state import StateHolder
@@ -163,19 +163,37 @@ async def test_routing_of_duplicates_unknown_and_malformed_commands(
     assert messages.count("Ignoring a command seen before") == 2
 
 
-async def test_registration_refused_unless_ready(
+async def test_registration_refused_once_a_runner_is_registered(
     make_config: ConfigFactory, autojump_clock: trio.testing.MockClock
 ) -> None:
     controller = FakeController(Settings(send_registration=False))
     first = controller.enqueue("vm-123", controller.registration_command("vm-123") | {"id": "r-1"})
     async with polling(make_config(), httpx.ASGITransport(app=controller)) as harness:  # type: ignore[arg-type]
         await harness.holder.value.wait_value(lambda state: state.phase is Phase.REGISTERING_RUNNER)
+        harness.holder.apply(RunnerListening())
         controller.enqueue("vm-123", controller.registration_command("vm-123") | {"id": "r-2"})
         await trio.sleep(6)
     assert [command.id for command in harness.registrations] == [first["id"]]
     [refused] = harness.queued(protocol.CommandFailed)
     assert refused.command_id == "r-2"
-    assert refused.error == "cannot register a runner while RegisteringRunner"
+    assert refused.error == "cannot register a runner while Idle"
+
+
+async def test_a_later_registration_waits_for_the_outcome_of_the_current_one(
+    make_config: ConfigFactory, autojump_clock: trio.testing.MockClock
+) -> None:
+    controller = FakeController(Settings(send_registration=False))
+    for command_id in ("r-1", "r-2"):
+        controller.enqueue("vm-123", controller.registration_command("vm-123") | {"id": command_id})
+    async with polling(make_config(), httpx.ASGITransport(app=controller)) as harness:  # type: ignore[arg-type]
+        await harness.holder.value.wait_value(lambda state: state.phase is Phase.REGISTERING_RUNNER)
+        await trio.sleep(30)
+        assert [command.id for command in harness.registrations] == ["r-1"]
+        harness.holder.apply(RegistrationFailed("r-1", "configure_failed", "404"))
+        await harness.holder.value.wait_value(lambda state: state.command_id == "r-2")
+        await trio.testing.wait_all_tasks_blocked()
+    assert [command.id for command in harness.registrations] == ["r-1", "r-2"]
+    assert harness.queued(protocol.CommandFailed) == []
 
 
 async def test_shutdown_command_is_handed_over(

@@ -13,6 +13,7 @@ import os
 import pwd
 import signal
 import subprocess
+from collections import deque
 from collections.abc import Callable, Mapping
 from functools import partial
 from pathlib import Path
@@ -21,11 +22,15 @@ from typing import Any, Final
 import trio
 
 from miglet.runner.backend import ConfigureFailed, LineSink, Registration
+from miglet.runner.output import clean
 from miglet.secret import Secret, redact
 
 log = logging.getLogger(__name__)
 
 MAX_LINE: Final = 16 * 1024
+# A failure is reported with the last lines the runner wrote to stderr (its errors span several lines).
+ERROR_LINES_KEPT: Final = 3
+MAX_ERROR: Final = 1000
 # Once the runner has exited, how long its output pipes may stay open before they are abandoned.
 DRAIN_SECONDS: Final = 2.0
 _DROPPED_ENV_PREFIXES: Final = ("MIGLET_", "ACTIONS_RUNNER_INPUT_")
@@ -131,29 +136,35 @@ class ProcessRunner:
         on_line: LineSink,
         on_started: Callable[[int | None], None] | None = None,
     ) -> tuple[int, str | None]:
-        """Run `argv` to completion, relaying its output; returns its exit code and last line of stderr."""
+        """Run `argv` to completion, relaying its output; returns its exit code and its last error lines."""
         exited = trio.Event()
-        last_error: list[str] = []
+        errors: deque[str] = deque(maxlen=ERROR_LINES_KEPT)
 
         def sink(stream: str, line: str) -> None:
-            if stream == "stderr" and line.strip():
-                last_error[:] = [redact(line.strip())]
+            if stream == "stderr" and (cleaned := clean(line)):
+                errors.append(cleaned)
             on_line(stream, line)
 
+        process: trio.Process | None = None
+        start_error: OSError | None = None
         async with trio.open_nursery() as nursery:
             try:
-                process: trio.Process = await nursery.start(
-                    partial(self._process_task, argv, env, exited)
-                )
+                process = await nursery.start(partial(self._process_task, argv, env, exited))
             except OSError as exc:
-                raise ConfigureFailed(f"cannot start {argv[0]} in {self._dir}: {exc.strerror or exc}") from None
-            if on_started is not None:
-                on_started(process.pid)
-            nursery.start_soon(_relay_output, process, exited, sink)
+                # Raised from here, it would leave the nursery wrapped in an exception group.
+                start_error = exc
+            else:
+                if on_started is not None:
+                    on_started(process.pid)
+                nursery.start_soon(_relay_output, process, exited, sink)
+        if process is None:
+            reason = start_error.strerror if start_error is not None and start_error.strerror else start_error
+            raise ConfigureFailed(f"cannot start {argv[0]} in {self._dir}: {reason}")
         if on_started is not None:
             on_started(None)
         assert process.returncode is not None
-        return process.returncode, (last_error[0] if last_error else None)
+        error = redact(" ".join(errors))[:MAX_ERROR] if errors else None
+        return process.returncode, error
 
     async def _process_task(
         self, argv: list[str], env: dict[str, str], exited: trio.Event, *, task_status: trio.TaskStatus[trio.Process]
@@ -216,9 +227,9 @@ def _session_members(sid: int) -> list[int]:
                 stat = handle.read()
         except OSError:
             continue
-        # Fields after the parenthesised command name: state ppid pgrp session ...
+        # Fields after the parenthesised command name: state ppid pgrp session ...; zombies are already dead.
         fields = stat[stat.rfind(b")") + 2 :].split()
-        if len(fields) > 3 and int(fields[3]) == sid:
+        if len(fields) > 3 and int(fields[3]) == sid and fields[0] != b"Z":
             members.append(int(entry))
     return members
 

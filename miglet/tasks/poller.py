@@ -116,6 +116,9 @@ class _Router:
 
     async def _register(self, command: protocol.RegisterRunner) -> None:
         log.info("Received register_runner command from controller", extra={"command_id": command.id})
+        # Commands are taken in order: one that follows a registration still in progress waits for its outcome
+        # (a failed one leaves the agent Ready for the next).
+        await self._holder.value.wait_value(lambda state: state.phase is not Phase.REGISTERING_RUNNER)
         if self._holder.apply(machine.RegistrationReceived(command.id)):
             await self._registrations.send(command)
             return

@@ -1,0 +1,103 @@
+"""Install a fake runner directory, and the helpers tests use to drive it.
+
+`install(DIR)` lays out what MIGlet expects in MIGLET_RUNNER_DIR: `config.sh`, `run.sh`,
+`run-helper.sh.template`, `env.sh`, `safe_sleep.sh`, `bin/Runner.Listener` (the shim, with the Python
+interpreter baked in), `bin/fake_runner` (link to this package), `fake-runner.json` (behaviour) and
+`_fake_github/` (calls log, job queue, registered runners). `enqueue_job` and `read_calls` are the
+test side of the fake GitHub.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import pwd
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from .behaviour import BEHAVIOUR_FILE, RESULTS, Behaviour, Job
+from .scripts import SCRIPTS, listener_shim
+from .store import CALLS_FILE, JOBS_DIR, github_dir
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+"""This package; linked as `DIR/bin/fake_runner` so the shim can import it on its own."""
+
+_sequence = itertools.count()
+
+
+def install(
+    target: Path,
+    behaviour: Behaviour | None = None,
+    python: str | None = None,
+    owner: str | None = None,
+) -> Path:
+    """Create (or refresh) a fake runner in `target`; returns its absolute path.
+
+    `python` defaults to the interpreter running this; pass e.g. /usr/bin/python3 when the runner will
+    run as a user who cannot read the venv (the listener needs only the stdlib). `owner` chowns the
+    whole tree to that user, as a real runner directory belongs to the runner user.
+    """
+    root = target.resolve()
+    (root / "bin").mkdir(parents=True, exist_ok=True)
+    for name, text in SCRIPTS.items():
+        _write_executable(root / name, text)
+    _write_executable(root / "bin" / "Runner.Listener", listener_shim(python or sys.executable))
+    link = root / "bin" / "fake_runner"
+    if link.is_symlink() or link.exists():
+        link.unlink()
+    link.symlink_to(PACKAGE_DIR, target_is_directory=True)
+    (root / BEHAVIOUR_FILE).write_text((behaviour or Behaviour()).to_json(), encoding="utf-8")
+    jobs = github_dir(root) / JOBS_DIR
+    jobs.mkdir(parents=True, exist_ok=True)
+    for shared in (github_dir(root), jobs):
+        shared.chmod(0o777)  # runner user and test process both write here
+    if owner is not None:
+        _chown_tree(root, owner)
+    return root
+
+
+def write_behaviour(runner_dir: Path, behaviour: Behaviour) -> None:
+    """Replace the behaviour of an installed fake runner (read by every later invocation)."""
+    (runner_dir / BEHAVIOUR_FILE).write_text(behaviour.to_json(), encoding="utf-8")
+
+
+def enqueue_job(runner_dir: Path, name: str, result: str = "Succeeded", duration_s: float = 0.0) -> Path:
+    """Queue one job for a listening runner; written atomically (dot-file, then rename)."""
+    job = Job.from_obj({"name": name, "result": result, "duration_s": duration_s})
+    if job.result not in RESULTS:  # pragma: no cover - from_obj already checks
+        raise ValueError(result)
+    queue = github_dir(runner_dir) / JOBS_DIR
+    queue.mkdir(parents=True, exist_ok=True)
+    stem = f"{time.time_ns():020d}-{os.getpid()}-{next(_sequence):06d}"
+    tmp = queue / f".{stem}.tmp"
+    tmp.write_text(json.dumps({"name": job.name, "result": job.result, "duration_s": job.duration_s}))
+    tmp.chmod(0o666)
+    final = queue / f"{stem}.json"
+    tmp.replace(final)
+    return final
+
+
+def read_calls(runner_dir: Path) -> list[dict[str, Any]]:
+    """Every listener invocation recorded so far, oldest first."""
+    try:
+        text = (github_dir(runner_dir) / CALLS_FILE).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return []
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def _write_executable(path: Path, text: str) -> None:
+    path.write_text(text, encoding="utf-8")
+    path.chmod(0o755)
+
+
+def _chown_tree(root: Path, owner: str) -> None:
+    """chown without following symlinks (`bin/fake_runner` points into the repository)."""
+    entry = pwd.getpwnam(owner)
+    os.lchown(root, entry.pw_uid, entry.pw_gid)
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            os.lchown(Path(dirpath) / name, entry.pw_uid, entry.pw_gid)

@@ -1,0 +1,176 @@
+"""MIGlet as a real process: `python -m miglet` against the fake controller over HTTP, with the fake runner.
+
+Rules: real clock, 127.0.0.1 with port 0, a hard `trio.fail_after` on every test; waits are on MIGlet's own
+JSON log lines and the controller's record, never sleeps. Each test checks that no runner process is left.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import trio
+
+from fake_controller import FakeController, Settings
+from fake_controller.fake_runner import enqueue_job, install, read_calls
+from fake_controller.server import serve
+from miglet.runner.process import _session_members
+from miglet.statefile import read_state_file
+
+TIMEOUT = 30
+SEED_LINES = [
+    "Controller acknowledgment received, transitioning to ready state",
+    "MIGlet is ready - polling controller for registration config",
+    "Received register_runner command from controller",
+    "Registration config received, transitioning to registering runner",
+]
+
+
+class Miglet:
+    """A running `python -m miglet` whose JSON log lines can be awaited."""
+
+    def __init__(self, process: trio.Process, state_file: Path) -> None:
+        self.process = process
+        self.state_file = state_file
+        self.records: list[dict[str, Any]] = []
+        self.raw = bytearray()
+        self._changed = trio.Event()
+
+    async def read_logs(self) -> None:
+        assert self.process.stderr is not None
+        buffer = b""
+        async for chunk in self.process.stderr:
+            self.raw += chunk
+            buffer += chunk
+            *lines, buffer = buffer.split(b"\n")
+            for line in lines:
+                self.records.append(msgspec.json.decode(line))
+            self._changed.set()
+            self._changed = trio.Event()
+
+    def messages(self) -> list[str]:
+        return [record["msg"] for record in self.records]
+
+    async def wait_for(self, predicate: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
+        while True:
+            for record in self.records:
+                if predicate(record):
+                    return record
+            await self._changed.wait()
+
+    async def wait_state(self, state: str) -> None:
+        await self.wait_for(lambda record: record.get("to") == state)
+
+
+@asynccontextmanager
+async def miglet_against(
+    tmp_path: Path, controller: FakeController, **env: str
+) -> AsyncIterator[tuple[Miglet, Path]]:
+    runner_dir = install(tmp_path / "runner")
+    state_file = tmp_path / "state" / "state.json"
+    async with trio.open_nursery() as nursery:
+        url = await nursery.start(serve, controller)
+        environment = {
+            "PATH": os.environ["PATH"],
+            "MIGLET_VM_ID": "vm-123",
+            "MIGLET_POOL_ID": "pool-001",
+            "MIGLET_CONTROLLER_ENDPOINT": url,
+            "MIGLET_RUNNER_DIR": str(runner_dir),
+            "MIGLET_STATE_FILE": str(state_file),
+            "MIGLET_LOG_FORMAT": "json",
+            **env,
+        }
+        process = await trio.lowlevel.open_process(
+            [sys.executable, "-m", "miglet"], env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        miglet = Miglet(process, state_file)
+        nursery.start_soon(miglet.read_logs)
+        try:
+            yield miglet, runner_dir
+            await process.wait()
+        finally:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+        nursery.cancel_scope.cancel()
+
+
+def no_runner_left(runner_dir: Path) -> None:
+    sessions = {call["sid"] for call in read_calls(runner_dir)}
+    for sid in sessions:
+        assert _session_members(sid) == [], f"runner processes left in session {sid}"
+
+
+async def test_seed_controller_registration_idle_and_sigterm(tmp_path: Path) -> None:
+    # A controller that does only what the seed says: no long-poll.
+    controller = FakeController(Settings(long_poll=False))
+    with trio.fail_after(TIMEOUT):
+        async with miglet_against(tmp_path, controller, MIGLET_POLL_INTERVAL="0.2") as (miglet, runner_dir):
+            await miglet.wait_state("Idle")
+            assert read_state_file(miglet.state_file).state == "Idle"
+            miglet.process.send_signal(signal.SIGTERM)
+        assert miglet.process.returncode == 0
+    assert [message for message in miglet.messages() if message in SEED_LINES] == SEED_LINES
+    requests = controller.requests
+    assert requests[0].path == "/api/v1/vms/vm-123/events"
+    assert msgspec.json.decode(requests[0].body)["type"] == "vm_started"
+    assert all(request.path.endswith("/events") for request in requests[:1])
+    configure_calls = [call for call in read_calls(runner_dir) if call["cmd"] == "configure"]
+    [configure] = configure_calls
+    assert configure["argv"] == [
+        "configure", "--unattended", "--url", controller.settings.runner_url, "--name", "vm-123",
+        "--labels", "self-hosted,linux,x64", "--runnergroup", "default", "--work", "_work", "--replace",
+        "--ephemeral",
+    ]
+    assert configure["token_source"] == "env"
+    assert [call["cmd"] for call in read_calls(runner_dir)].count("run") == 1
+    assert read_state_file(miglet.state_file).state == "Stopped"
+    assert "Traceback" not in miglet.raw.decode()
+    no_runner_left(runner_dir)
+    # Nothing MIGlet wrote holds the registration token.
+    token = controller.vm("vm-123").registration_token
+    assert token is not None
+    assert token.encode() not in miglet.raw
+    assert token not in miglet.state_file.read_text()
+
+
+async def test_ephemeral_job_then_miglet_exits_by_itself(tmp_path: Path) -> None:
+    controller = FakeController()
+    with trio.fail_after(TIMEOUT):
+        async with miglet_against(tmp_path, controller) as (miglet, runner_dir):
+            await miglet.wait_state("Idle")
+            enqueue_job(runner_dir, "build", "Succeeded")
+        assert miglet.process.returncode == 0
+    assert [event["type"] for event in controller.events_of("vm-123")] == [
+        "vm_started", "runner_registered", "job_started", "job_completed", "runner_exited", "vm_stopping"
+    ]
+    runner_lines = [record["msg"] for record in miglet.records if record.get("source") == "runner"]
+    assert any(line.endswith("Listening for Jobs") for line in runner_lines)
+    no_runner_left(runner_dir)
+
+
+async def test_sigterm_during_a_job_cancels_it_within_the_grace(tmp_path: Path) -> None:
+    controller = FakeController()
+    with trio.fail_after(TIMEOUT):
+        async with miglet_against(tmp_path, controller, MIGLET_SHUTDOWN_GRACE="10") as (miglet, runner_dir):
+            await miglet.wait_state("Idle")
+            enqueue_job(runner_dir, "long", duration_s=600)
+            await miglet.wait_state("Busy")
+            stop_sent = trio.current_time()
+            miglet.process.send_signal(signal.SIGTERM)
+        assert miglet.process.returncode == 0
+        assert trio.current_time() - stop_sent < 10
+    runner_lines = [record["msg"] for record in miglet.records if record.get("source") == "runner"]
+    assert any(line.endswith("Job long completed with result: Canceled") for line in runner_lines)
+    [stopping] = controller.events_of("vm-123", "vm_stopping")
+    assert stopping["reason"] == "signal"
+    [completed] = controller.events_of("vm-123", "job_completed")
+    assert (completed["job_name"], completed["result"]) == ("long", "Canceled")
+    no_runner_left(runner_dir)

@@ -1,0 +1,206 @@
+"""The real-runner driver against the fake actions/runner, as real subprocesses.
+
+Rules: real clock, every test under a hard `trio.fail_after`; waits are on the runner's own output lines
+(through the line sink), never sleeps. The fake runner is installed in a temporary directory per test.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import trio
+
+from fake_controller.fake_runner import Behaviour, enqueue_job, install, read_calls
+from miglet.runner.backend import ConfigureFailed, Registration
+from miglet.runner.process import ProcessRunner, _session_members, config_arguments
+from miglet.secret import Secret
+
+TIMEOUT = 20
+TOKEN = "AHTREGISTRATIONTOKEN0000001"
+
+
+def registration(**overrides: object) -> Registration:
+    values: dict[str, object] = {
+        "command_id": "register-vm-123-1",
+        "url": "https://github.com/org/repo",
+        "name": "vm-123",
+        "labels": ("self-hosted", "linux", "x64"),
+        "group": "default",
+        "ephemeral": True,
+        "token": Secret(TOKEN),
+    }
+    values.update(overrides)
+    return Registration(**values)  # type: ignore[arg-type]
+
+
+class Lines:
+    """A line sink that remembers every line and lets a test wait for one."""
+
+    def __init__(self) -> None:
+        self.lines: list[tuple[str, str]] = []
+        self._changed = trio.Event()
+
+    def __call__(self, stream: str, line: str) -> None:
+        self.lines.append((stream, line))
+        self._changed.set()
+        self._changed = trio.Event()
+
+    def text(self) -> list[str]:
+        return [line for _, line in self.lines]
+
+    async def wait_for(self, predicate: Callable[[str], bool]) -> str:
+        while True:
+            for _, line in self.lines:
+                if predicate(line):
+                    return line
+            await self._changed.wait()
+
+
+@pytest.fixture
+def runner_dir(tmp_path: Path) -> Path:
+    return install(tmp_path / "runner")
+
+
+def make_runner(runner_dir: Path, grace: float = 5.0, user: str | None = None) -> ProcessRunner:
+    environ = {**os.environ, "MIGLET_CONTROLLER_TOKEN": "controller-token-secret", "ACTIONS_RUNNER_INPUT_X": "1"}
+    return ProcessRunner(runner_dir, grace=lambda: grace, user=user, environ=environ)
+
+
+def test_config_arguments_match_the_spec() -> None:
+    assert config_arguments(registration()) == [
+        "./config.sh", "--unattended", "--url", "https://github.com/org/repo", "--name", "vm-123",
+        "--labels", "self-hosted,linux,x64", "--runnergroup", "default", "--work", "_work", "--replace",
+        "--ephemeral",
+    ]
+    assert config_arguments(registration(ephemeral=False, disable_update=True))[-2:] == ["--replace", "--disableupdate"]
+
+
+async def test_configure_passes_the_token_only_through_the_environment(runner_dir: Path) -> None:
+    lines = Lines()
+    with trio.fail_after(TIMEOUT):
+        await make_runner(runner_dir).configure(registration(), lines)
+    [call] = read_calls(runner_dir)
+    assert call["cmd"] == "configure"
+    assert call["token"] == TOKEN
+    assert call["token_source"] == "env"
+    assert all(TOKEN not in arg for arg in call["argv"])
+    assert call["argv"][:5] == ["configure", "--unattended", "--url", "https://github.com/org/repo", "--name"]
+    assert call["env_runasroot"] == "1"  # these tests run as root
+    assert "√ Settings Saved." in [line.strip() for line in lines.text()]
+    assert (runner_dir / ".runner").exists()
+
+
+async def test_runner_environment_drops_miglet_settings(runner_dir: Path, tmp_path: Path) -> None:
+    dump = tmp_path / "env.txt"
+    (runner_dir / "config.sh").write_text(f"#!/bin/bash\nenv > {dump}\n")
+    with trio.fail_after(TIMEOUT):
+        await make_runner(runner_dir).configure(registration(), Lines())
+    env = dict(line.split("=", 1) for line in dump.read_text().splitlines() if "=" in line)
+    assert env["ACTIONS_RUNNER_INPUT_TOKEN"] == TOKEN
+    assert "MIGLET_CONTROLLER_TOKEN" not in env
+    assert "ACTIONS_RUNNER_INPUT_X" not in env
+
+
+async def test_rejected_token_fails_with_the_runners_error(tmp_path: Path) -> None:
+    runner_dir = install(tmp_path / "runner", Behaviour(reject_tokens=(TOKEN,)))
+    with trio.fail_after(TIMEOUT), pytest.raises(ConfigureFailed) as caught:
+        await make_runner(runner_dir).configure(registration(), Lines())
+    assert "Http response code: NotFound" in str(caught.value)
+    assert TOKEN not in str(caught.value)
+
+
+async def test_root_refusal_without_allow_runasroot(runner_dir: Path) -> None:
+    runner = make_runner(runner_dir)
+    runner._env.pop("RUNNER_ALLOW_RUNASROOT")
+    lines = Lines()
+    with trio.fail_after(TIMEOUT), pytest.raises(ConfigureFailed, match="config.sh exited with code 1"):
+        await runner.configure(registration(), lines)
+    assert "Must not run with sudo" in lines.text()
+
+
+async def test_missing_runner_directory_is_a_clear_failure(tmp_path: Path) -> None:
+    with trio.fail_after(TIMEOUT), pytest.raises(ConfigureFailed, match="cannot start ./config.sh"):
+        await make_runner(tmp_path / "absent").configure(registration(), Lines())
+
+
+async def test_run_listens_runs_a_job_and_exits_when_ephemeral(runner_dir: Path) -> None:
+    runner = make_runner(runner_dir)
+    lines = Lines()
+    pids: list[int | None] = []
+    with trio.fail_after(TIMEOUT):
+        await runner.configure(registration(), Lines())
+        async with trio.open_nursery() as nursery:
+            async def run() -> None:
+                code = await runner.run(registration(), lines, pids.append)
+                assert code == 0
+
+            nursery.start_soon(run)
+            await lines.wait_for(lambda line: line.endswith("Listening for Jobs"))
+            enqueue_job(runner_dir, "build", "Succeeded")
+    text = lines.text()
+    assert any(line.endswith("Running job: build") for line in text)
+    assert any(line.endswith("Job build completed with result: Succeeded") for line in text)
+    assert pids[0] is not None and pids[-1] is None
+    [run_call] = [call for call in read_calls(runner_dir) if call["cmd"] == "run"]
+    assert run_call["env_manually_trap_sig"] == "1"
+    assert _session_members(pids[0]) == []
+
+
+async def _cancel_during_job(runner_dir: Path, grace: float) -> tuple[Lines, int]:
+    runner = make_runner(runner_dir, grace=grace)
+    lines = Lines()
+    pids: list[int | None] = []
+    await runner.configure(registration(), Lines())
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(runner.run, registration(), lines, pids.append)
+        await lines.wait_for(lambda line: line.endswith("Listening for Jobs"))
+        enqueue_job(runner_dir, "long", duration_s=600)
+        await lines.wait_for(lambda line: line.endswith("Running job: long"))
+        nursery.cancel_scope.cancel()
+    pid = pids[0]
+    assert pid is not None
+    return lines, pid
+
+
+async def test_cancel_stops_the_runner_gracefully_and_leaves_nothing(runner_dir: Path) -> None:
+    with trio.fail_after(TIMEOUT):
+        lines, sid = await _cancel_during_job(runner_dir, grace=15)
+    assert any(line.endswith("Job long completed with result: Canceled") for line in lines.text())
+    assert _session_members(sid) == []
+
+
+async def test_a_runner_ignoring_sigint_is_killed_after_the_grace(tmp_path: Path) -> None:
+    runner_dir = install(tmp_path / "runner", Behaviour(ignore_sigint=True))
+    start = trio.current_time()
+    with trio.fail_after(TIMEOUT):
+        lines, sid = await _cancel_during_job(runner_dir, grace=0.5)
+    assert trio.current_time() - start >= 0.5
+    assert not any("completed with result" in line for line in lines.text())
+    assert _session_members(sid) == []
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="switching users needs root")
+async def test_runs_as_the_runner_user() -> None:
+    # pytest's tmp_path sits under a root-only directory; the runner user must be able to reach this one.
+    base = Path(tempfile.mkdtemp(prefix="miglet-user-test-"))
+    try:
+        base.chmod(0o755)
+        runner_dir = install(base / "runner", python="/usr/bin/python3", owner="nobody")
+        with trio.fail_after(TIMEOUT):
+            await make_runner(runner_dir, user="nobody").configure(registration(), Lines())
+    finally:
+        calls = read_calls(base / "runner")
+        shutil.rmtree(base)
+    [call] = calls
+    assert call["uid"] != 0
+    assert call["env_runasroot"] is None
+
+
+def test_session_members_lists_only_that_session() -> None:
+    assert os.getpid() in _session_members(os.getsid(0))
+    assert _session_members(2**22 + 12345) == []
