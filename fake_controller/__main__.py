@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -24,9 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--port", type=int, default=8080, help="port to listen on, 0 for any [%(default)s]")
     parser.add_argument("--runner-url", default=defaults.runner_url, help="runner_url to hand out [%(default)s]")
     parser.add_argument("--runner-group", default=defaults.runner_group, help="runner_group [%(default)s]")
-    parser.add_argument(
-        "--labels", default=",".join(defaults.labels), help="comma-separated labels [%(default)s]"
-    )
+    parser.add_argument("--labels", default=",".join(defaults.labels), help="comma-separated labels [%(default)s]")
     parser.add_argument(
         "--registration-delay",
         type=float,
@@ -67,10 +66,8 @@ async def _main(args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         trio.run(_main, args)
-    except KeyboardInterrupt:
-        pass
     return 0
 
 

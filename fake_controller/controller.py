@@ -12,7 +12,7 @@ import secrets
 import string
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, MutableMapping
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 from urllib.parse import parse_qs, unquote
@@ -21,6 +21,9 @@ import msgspec
 import trio
 
 _VM_PATH: Final = "/api/v1/vms/"
+Scope = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 # Told of everything a VM does: (vm_id, what, details); the command line prints it.
 Observer = Callable[[str, str, dict[str, Any]], None]
 _HEADER: Final = frozenset({"type", "vm_id", "pool_id", "org_id", "event_id", "timestamp"})
@@ -118,7 +121,7 @@ class FakeController:
 
     # --- ASGI ---------------------------------------------------------------------------------------------------
 
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
             await _lifespan(receive, send)
             return
@@ -138,9 +141,7 @@ class FakeController:
         status, payload = await self._route(scope["method"], path, parse_qs(query), body)
         await _respond(send, status, payload)
 
-    async def _route(
-        self, method: str, path: str, query: dict[str, list[str]], body: bytes
-    ) -> tuple[int, Any]:
+    async def _route(self, method: str, path: str, query: dict[str, list[str]], body: bytes) -> tuple[int, Any]:
         if path.startswith(_VM_PATH):
             vm_id, _, tail = path[len(_VM_PATH) :].partition("/")
             if method == "POST" and tail == "events":
@@ -216,9 +217,7 @@ class FakeController:
                 for vm_id, vm in self.vms.items()
             }
         if method == "GET" and path == "/requests":
-            return 200, [
-                {"method": r.method, "path": r.path, "query": r.query, "at": r.at} for r in self.requests
-            ]
+            return 200, [{"method": r.method, "path": r.path, "query": r.query, "at": r.at} for r in self.requests]
         if method == "POST" and path.startswith("/vms/") and path.endswith("/commands"):
             vm_id = path.removeprefix("/vms/").removesuffix("/commands")
             try:
@@ -247,7 +246,7 @@ def _now_text() -> str:
     return _text(datetime.now(UTC))
 
 
-async def _read_body(receive: Any) -> bytes:
+async def _read_body(receive: Receive) -> bytes:
     chunks: list[bytes] = []
     while True:
         message = await receive()
@@ -259,14 +258,14 @@ async def _read_body(receive: Any) -> bytes:
     return b"".join(chunks)
 
 
-async def _respond(send: Any, status: int, payload: Any) -> None:
+async def _respond(send: Send, status: int, payload: Any) -> None:
     body = msgspec.json.encode(payload)
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
 
-async def _lifespan(receive: Any, send: Any) -> None:
+async def _lifespan(receive: Receive, send: Send) -> None:
     while True:
         message = await receive()
         if message["type"] == "lifespan.startup":

@@ -66,15 +66,17 @@ class SimulatedRunner:
         self.configure_calls.append(ConfigureCall(registration, token))
         await trio.sleep(self.configure_delay_s)
         if token is None or token in self.reject_tokens:
-            on_line("stderr", "Http response code: NotFound from 'POST https://api.github.com/actions/runner-registration'")
-            raise ConfigureFailed("Http response code: NotFound from 'POST https://api.github.com/actions/runner-registration'")
+            on_line(
+                "stderr", "Http response code: NotFound from 'POST https://api.github.com/actions/runner-registration'"
+            )
+            raise ConfigureFailed(
+                "Http response code: NotFound from 'POST https://api.github.com/actions/runner-registration'"
+            )
         on_line("stdout", "√ Runner successfully added")
         on_line("stdout", "√ Settings Saved.")
         self.configured = True
 
-    async def run(
-        self, registration: Registration, on_line: LineSink, on_started: Callable[[int | None], None]
-    ) -> int:
+    async def run(self, registration: Registration, on_line: LineSink, on_started: Callable[[int | None], None]) -> int:
         self.runs += 1
         self.running = True
         on_started(None)

@@ -143,7 +143,7 @@ class Agent:
                     await backend.remove(remove_token, relay_line)
                     log.info("Runner removed")
                 except ConfigureFailed as exc:
-                    log.error("Runner removal failed", extra={"error": str(exc)})
+                    log.exception("Runner removal failed", extra={"error": str(exc)})
             if scope.cancelled_caught:
                 log.error("Runner removal timed out", extra={"timeout_s": REMOVE_TIMEOUT})
         with trio.move_on_after(FLUSH_TIMEOUT):
@@ -158,4 +158,3 @@ class Agent:
             async for signum in signals:
                 log.info("Received signal", extra={"signal": signal.Signals(signum).name})
                 self.request_stop("signal")
-

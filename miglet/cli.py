@@ -42,8 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="miglet",
         description="MIGlet: brings up a GitHub Actions runner in this VM for its controller.",
-        epilog=_variables_help()
-        + "\n\nexit codes: 0 clean stop, 1 unrecoverable failure, 2 configuration error",
+        epilog=_variables_help() + "\n\nexit codes: 0 clean stop, 1 unrecoverable failure, 2 configuration error",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"miglet {__version__}")

@@ -248,7 +248,8 @@ def load_config(env: Mapping[str, str] | None = None) -> Config:
     ca_bundle = reader.path("MIGLET_CA_BUNDLE", None)
     if ca_bundle is not None and not ca_bundle.is_file():
         raise ConfigError("MIGLET_CA_BUNDLE", f"no such file: {str(ca_bundle)!r}")
-    assert vm_id is not None and pool_id is not None
+    assert vm_id is not None
+    assert pool_id is not None
     return Config(
         vm_id=vm_id,
         pool_id=pool_id,

@@ -70,7 +70,7 @@ class ControllerClient:
         """GET the pending commands, asking the controller to hold the request up to `wait` seconds."""
         params = {"wait": str(wait)} if wait > 0 else None
         timeout = httpx.Timeout(READ_TIMEOUT + wait, connect=CONNECT_TIMEOUT)
-        body = await self._request("GET", self._commands_path, params=params, timeout=timeout)
+        body = await self._request("GET", self._commands_path, params=params, http_timeout=timeout)
         return protocol.decode_commands(body)
 
     async def _request(
@@ -81,10 +81,10 @@ class ControllerClient:
         content: bytes | None = None,
         headers: dict[str, str] | None = None,
         params: dict[str, str] | None = None,
-        timeout: httpx.Timeout | None = None,
+        http_timeout: httpx.Timeout | None = None,
     ) -> bytes:
         what = f"{method} {path}"
-        extensions = {"timeout": timeout.as_dict()} if timeout is not None else None
+        extensions = {"timeout": http_timeout.as_dict()} if http_timeout is not None else None
         request = self._http.build_request(
             method, path, content=content, headers=headers, params=params, extensions=extensions
         )

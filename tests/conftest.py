@@ -40,7 +40,7 @@ def controller() -> FakeController:
 
 @pytest.fixture
 def transport(controller: FakeController) -> httpx.ASGITransport:
-    return httpx.ASGITransport(app=controller)  # type: ignore[arg-type]
+    return httpx.ASGITransport(app=controller)
 
 
 @pytest.fixture

@@ -46,11 +46,12 @@ class Running:
 
 
 @asynccontextmanager
-async def running_agent(
-    config: Config, controller: FakeController, runner: SimulatedRunner
-) -> AsyncIterator[Running]:
+async def running_agent(config: Config, controller: FakeController, runner: SimulatedRunner) -> AsyncIterator[Running]:
     agent = Agent(
-        config, transport=httpx.ASGITransport(app=controller), backend=runner, handle_signals=False  # type: ignore[arg-type]
+        config,
+        transport=httpx.ASGITransport(app=controller),
+        backend=runner,
+        handle_signals=False,
     )
     running = Running(agent, controller, runner)
 
@@ -114,7 +115,12 @@ async def test_ephemeral_job_then_clean_exit(
     assert running.exit_code == 0
     assert running.agent.phase is Phase.STOPPED
     assert running.event_types() == [
-        "vm_started", "runner_registered", "job_started", "job_completed", "runner_exited", "vm_stopping"
+        "vm_started",
+        "runner_registered",
+        "job_started",
+        "job_completed",
+        "runner_exited",
+        "vm_stopping",
     ]
     completed = controller.events_of("vm-123", "job_completed")[0]
     assert (completed["job_name"], completed["result"]) == ("build", "Succeeded")
@@ -132,8 +138,13 @@ async def test_shutdown_command_during_a_job_cancels_it_and_stops(
         await running.reach(Phase.IDLE)
         runner.submit_job(Job("long", duration_s=3600))
         await running.reach(Phase.BUSY)
-        controller.enqueue("vm-123", {"type": "shutdown", "parameters": {"reason": "scale-in", "grace_period_s": 5,
-                                                                        "remove_token": "remove-token-xyz"}})
+        controller.enqueue(
+            "vm-123",
+            {
+                "type": "shutdown",
+                "parameters": {"reason": "scale-in", "grace_period_s": 5, "remove_token": "remove-token-xyz"},
+            },
+        )
         await running.reach(Phase.STOPPED)
     assert running.exit_code == 0
     assert runner.interrupted
@@ -165,7 +176,10 @@ async def test_expired_and_rejected_tokens_then_a_good_one(
         running.agent.request_stop("test over")
     failures = [(e["command_id"], e["reason"]) for e in controller.events_of("vm-123", "registration_failed")]
     assert failures == [("expired", "token_expired"), ("rejected", "configure_failed")]
-    assert [call.token for call in runner.configure_calls] == ["AHT-REJECTED-TOKEN", good["parameters"]["registration_token"]]
+    assert [call.token for call in runner.configure_calls] == [
+        "AHT-REJECTED-TOKEN",
+        good["parameters"]["registration_token"],
+    ]
     rejected_event = controller.events_of("vm-123", "registration_failed")[1]
     assert "NotFound" in rejected_event["error"]
     assert "AHT-REJECTED-TOKEN" not in rejected_event["error"]
@@ -195,8 +209,9 @@ async def test_stop_while_waiting_for_the_controller(
     async def unreachable(request: httpx.Request) -> httpx.Response:
         raise httpx.ConnectError("connection refused")
 
-    agent = Agent(make_config(), transport=httpx.MockTransport(unreachable), backend=SimulatedRunner(),
-                  handle_signals=False)
+    agent = Agent(
+        make_config(), transport=httpx.MockTransport(unreachable), backend=SimulatedRunner(), handle_signals=False
+    )
     async with trio.open_nursery() as nursery:
         nursery.start_soon(agent.run)
         await agent.holder.value.wait_value(lambda state: state.phase is Phase.WAITING_FOR_CONTROLLER)

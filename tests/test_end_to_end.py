@@ -70,9 +70,7 @@ class Miglet:
 
 
 @asynccontextmanager
-async def miglet_against(
-    tmp_path: Path, controller: FakeController, **env: str
-) -> AsyncIterator[tuple[Miglet, Path]]:
+async def miglet_against(tmp_path: Path, controller: FakeController, **env: str) -> AsyncIterator[tuple[Miglet, Path]]:
     runner_dir = install(tmp_path / "runner")
     state_file = tmp_path / "state" / "state.json"
     async with trio.open_nursery() as nursery:
@@ -125,8 +123,19 @@ async def test_seed_controller_registration_idle_and_sigterm(tmp_path: Path) -> 
     configure_calls = [call for call in read_calls(runner_dir) if call["cmd"] == "configure"]
     [configure] = configure_calls
     assert configure["argv"] == [
-        "configure", "--unattended", "--url", controller.settings.runner_url, "--name", "vm-123",
-        "--labels", "self-hosted,linux,x64", "--runnergroup", "default", "--work", "_work", "--replace",
+        "configure",
+        "--unattended",
+        "--url",
+        controller.settings.runner_url,
+        "--name",
+        "vm-123",
+        "--labels",
+        "self-hosted,linux,x64",
+        "--runnergroup",
+        "default",
+        "--work",
+        "_work",
+        "--replace",
         "--ephemeral",
     ]
     assert configure["token_source"] == "env"
@@ -149,7 +158,12 @@ async def test_ephemeral_job_then_miglet_exits_by_itself(tmp_path: Path) -> None
             enqueue_job(runner_dir, "build", "Succeeded")
         assert miglet.process.returncode == 0
     assert [event["type"] for event in controller.events_of("vm-123")] == [
-        "vm_started", "runner_registered", "job_started", "job_completed", "runner_exited", "vm_stopping"
+        "vm_started",
+        "runner_registered",
+        "job_started",
+        "job_completed",
+        "runner_exited",
+        "vm_stopping",
     ]
     runner_lines = [record["msg"] for record in miglet.records if record.get("source") == "runner"]
     assert any(line.endswith("Listening for Jobs") for line in runner_lines)

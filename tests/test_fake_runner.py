@@ -118,9 +118,7 @@ def session_pids(sid: int) -> list[int]:
 
 
 def run_sync(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        args, cwd=cwd, env=env, capture_output=True, text=True, timeout=TIMEOUT, check=False
-    )
+    return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=TIMEOUT, check=False)
 
 
 @pytest.fixture
@@ -179,10 +177,7 @@ def test_rejected_token_fails_like_github_404(tmp_path: Path) -> None:
     runner = install(tmp_path / "runner", Behaviour(reject_tokens=("expired",)))
     done = configure(runner, token="expired")
     assert done.returncode == 1
-    assert (
-        "Http response code: NotFound from 'POST https://api.github.com/actions/runner-registration'"
-        in done.stderr
-    )
+    assert "Http response code: NotFound from 'POST https://api.github.com/actions/runner-registration'" in done.stderr
     assert done.stderr.rstrip().endswith("Response status code does not indicate success: 404 (Not Found).")
     assert not (runner / ".runner").exists()
 
@@ -192,9 +187,7 @@ def test_configure_failures(tmp_path: Path) -> None:
     env = clean_env(RUNNER_ALLOW_RUNASROOT="1")
     no_token = run_sync(["./config.sh", *CONFIG_ARGS], runner, env)
     assert no_token.returncode == 1
-    assert (
-        "Invalid configuration provided for token. Terminating unattended configuration." in no_token.stderr
-    )
+    assert "Invalid configuration provided for token. Terminating unattended configuration." in no_token.stderr
     no_url = configure(runner, "--url", "")
     assert no_url.returncode == 1
     assert "Invalid configuration provided for url." in no_url.stderr
@@ -204,9 +197,7 @@ def test_configure_failures(tmp_path: Path) -> None:
     assert conflict.returncode == 1
     assert "A runner exists with the same name" in conflict.stdout
     assert "A runner exists with the same name taken." in conflict.stderr
-    replaced = run_sync(
-        ["./config.sh", "--unattended", "--url", URL, "--name", "taken", "--replace"], runner, env
-    )
+    replaced = run_sync(["./config.sh", "--unattended", "--url", URL, "--name", "taken", "--replace"], runner, env)
     assert replaced.returncode == 0, replaced.stderr
     assert "√ Successfully replaced the runner" in replaced.stdout
     again = configure(runner)
@@ -231,9 +222,7 @@ def test_root_is_refused_without_runasroot(runner: Path) -> None:
     assert read_calls(runner) == []
 
 
-@pytest.mark.skipif(
-    not Path("/usr/bin/python3").exists() or os.getuid() != 0, reason="needs root + system python"
-)
+@pytest.mark.skipif(not Path("/usr/bin/python3").exists() or os.getuid() != 0, reason="needs root + system python")
 def test_configure_as_unprivileged_user() -> None:
     base = Path(tempfile.mkdtemp())
     try:

@@ -6,6 +6,7 @@ asserted exactly. A fixed-seed RNG makes backoff jitter repeatable.
 
 from __future__ import annotations
 
+import itertools
 import random
 
 import httpx
@@ -30,7 +31,9 @@ def make_holder() -> StateHolder:
     return holder
 
 
-async def run_handshake(make_config: ConfigFactory, answers: list[object]) -> tuple[list[tuple[float, dict[str, object]]], StateHolder]:
+async def run_handshake(
+    make_config: ConfigFactory, answers: list[object]
+) -> tuple[list[tuple[float, dict[str, object]]], StateHolder]:
     """Answer successive vm_started posts with `answers` (a status and body, or an exception to raise)."""
     seen: list[tuple[float, dict[str, object]]] = []
 
@@ -47,12 +50,15 @@ async def run_handshake(make_config: ConfigFactory, answers: list[object]) -> tu
 
     holder = make_holder()
     async with open_controller_client(make_config(), httpx.MockTransport(handler)) as client:
-        await handshake_task(client, holder, Stamper("vm-123", "pool-001", "org-001"), RetryPolicy(base=1, cap=8),
-                             random.Random(7))
+        await handshake_task(
+            client, holder, Stamper("vm-123", "pool-001", "org-001"), RetryPolicy(base=1, cap=8), random.Random(7)
+        )
     return seen, holder
 
 
-async def test_acknowledgment_moves_to_ready(make_config: ConfigFactory, autojump_clock: trio.testing.MockClock) -> None:
+async def test_acknowledgment_moves_to_ready(
+    make_config: ConfigFactory, autojump_clock: trio.testing.MockClock
+) -> None:
     seen, holder = await run_handshake(make_config, [(200, ACK)])
     assert holder.phase is Phase.READY
     [(_, event)] = seen
@@ -60,8 +66,10 @@ async def test_acknowledgment_moves_to_ready(make_config: ConfigFactory, autojum
     assert event["vm_id"] == "vm-123"
     assert event["pool_id"] == "pool-001"
     assert event["org_id"] == "org-001"
-    assert isinstance(event["event_id"], str) and event["event_id"]
-    assert isinstance(event["timestamp"], str) and event["timestamp"].endswith("Z")
+    assert isinstance(event["event_id"], str)
+    assert event["event_id"]
+    assert isinstance(event["timestamp"], str)
+    assert event["timestamp"].endswith("Z")
 
 
 async def test_failures_are_retried_with_the_same_event_id(
@@ -84,7 +92,7 @@ async def test_failures_are_retried_with_the_same_event_id(
     times = [at for at, _ in seen]
     # Retry-After is honoured exactly; other waits are jittered but never above the capped exponential.
     assert times[2] - times[1] == 3
-    for attempt, (earlier, later) in enumerate(zip(times, times[1:], strict=False)):
+    for attempt, (earlier, later) in enumerate(itertools.pairwise(times)):
         if attempt != 1:
             assert 0 <= later - earlier <= min(8, 2**attempt)
 

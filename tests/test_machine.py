@@ -96,16 +96,24 @@ def test_job_cycle_and_ephemeral_end() -> None:
 
 
 def test_unexpected_runner_exit_returns_to_ready() -> None:
-    state, events = run([START, Acknowledged(), RegistrationReceived("c1"), RunnerListening(), JobStarted("b"),
-                         RunnerExited(1)])
+    state, events = run(
+        [START, Acknowledged(), RegistrationReceived("c1"), RunnerListening(), JobStarted("b"), RunnerExited(1)]
+    )
     assert state.phase is Phase.READY
     assert state.job is None
     assert events[-1] == protocol.RunnerExited(exit_code=1, reason="unexpected")
 
 
 def test_non_ephemeral_runner_exit_is_unexpected_even_after_jobs() -> None:
-    inputs: list[Input] = [Start(runner_name="r", ephemeral=False), Acknowledged(), RegistrationReceived("c"),
-                           RunnerListening(), JobStarted("b"), JobCompleted("b", "Failed"), RunnerExited(0)]
+    inputs: list[Input] = [
+        Start(runner_name="r", ephemeral=False),
+        Acknowledged(),
+        RegistrationReceived("c"),
+        RunnerListening(),
+        JobStarted("b"),
+        JobCompleted("b", "Failed"),
+        RunnerExited(0),
+    ]
     state, _ = run(inputs)
     assert state.phase is Phase.READY
 
@@ -141,7 +149,8 @@ def test_any_input_sequence_makes_only_legal_transitions(sequence: list[Input]) 
     for item in sequence:
         step = transition(state, item)
         if not step.accepted:
-            assert step.state == state and step.events == ()
+            assert step.state == state
+            assert step.events == ()
             continue
         if step.state.phase is not state.phase:
             assert (state.phase, step.state.phase) in LEGAL_TRANSITIONS

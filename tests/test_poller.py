@@ -6,6 +6,7 @@ autojump clock, so poll times are asserted exactly. The agent is put in Ready by
 
 from __future__ import annotations
 
+import itertools
 import logging
 import random
 from collections.abc import AsyncIterator, Callable
@@ -42,9 +43,7 @@ class Harness:
 
 
 @asynccontextmanager
-async def polling(
-    config: Config, transport: httpx.AsyncBaseTransport, *, ready: bool = True
-) -> AsyncIterator[Harness]:
+async def polling(config: Config, transport: httpx.AsyncBaseTransport, *, ready: bool = True) -> AsyncIterator[Harness]:
     harness = Harness(config)
     send, receive = trio.open_memory_channel[protocol.RegisterRunner](0)
 
@@ -56,8 +55,15 @@ async def polling(
     async with open_controller_client(config, transport) as client, trio.open_nursery() as nursery:
         nursery.start_soon(collect)
         nursery.start_soon(
-            poller_task, config, client, harness.holder, harness.outbox, send, harness.shutdowns.append,
-            RetryPolicy(base=1, cap=60), random.Random(1),
+            poller_task,
+            config,
+            client,
+            harness.holder,
+            harness.outbox,
+            send,
+            harness.shutdowns.append,
+            RetryPolicy(base=1, cap=60),
+            random.Random(1),
         )
         if ready:
             harness.holder.apply(Acknowledged())
@@ -70,14 +76,14 @@ def poll_times(controller: FakeController) -> list[float]:
 
 
 async def vm_started(controller: FakeController) -> None:
-    transport = httpx.ASGITransport(app=controller)  # type: ignore[arg-type]
+    transport = httpx.ASGITransport(app=controller)
     async with httpx.AsyncClient(transport=transport, base_url="http://c") as http:
         await http.post("/api/v1/vms/vm-123/events", json={"type": "vm_started", "vm_id": "vm-123"})
 
 
 async def test_no_poll_before_ready(make_config: ConfigFactory, autojump_clock: trio.testing.MockClock) -> None:
     controller = FakeController()
-    async with polling(make_config(), httpx.ASGITransport(app=controller), ready=False):  # type: ignore[arg-type]
+    async with polling(make_config(), httpx.ASGITransport(app=controller), ready=False):
         await trio.sleep(60)
         assert poll_times(controller) == []
 
@@ -89,7 +95,7 @@ async def test_seed_cadence_first_poll_immediately_then_every_interval(
     controller = FakeController(Settings(long_poll=False, send_registration=False))
     config = make_config(command_wait=20)
     start = trio.current_time()
-    async with polling(config, httpx.ASGITransport(app=controller)):  # type: ignore[arg-type]
+    async with polling(config, httpx.ASGITransport(app=controller)):
         await trio.sleep(12)
     assert [t - start for t in poll_times(controller)] == [0, 5, 10]
     assert all(request.query == "wait=20" for request in controller.requests_to("/commands"))
@@ -99,7 +105,7 @@ async def test_without_long_poll_no_wait_parameter_is_sent(
     make_config: ConfigFactory, autojump_clock: trio.testing.MockClock
 ) -> None:
     controller = FakeController(Settings(send_registration=False))
-    async with polling(make_config(command_wait=0), httpx.ASGITransport(app=controller)):  # type: ignore[arg-type]
+    async with polling(make_config(command_wait=0), httpx.ASGITransport(app=controller)):
         await trio.sleep(6)
     assert [request.query for request in controller.requests_to("/commands")] == ["", ""]
 
@@ -110,7 +116,7 @@ async def test_long_poll_delivers_a_command_the_moment_it_exists(
     controller = FakeController(Settings(registration_delay_s=7.25))
     await vm_started(controller)
     start = trio.current_time()
-    async with polling(make_config(command_wait=20), httpx.ASGITransport(app=controller)) as harness:  # type: ignore[arg-type]
+    async with polling(make_config(command_wait=20), httpx.ASGITransport(app=controller)) as harness:
         await harness.holder.value.wait_value(lambda state: state.phase is Phase.REGISTERING_RUNNER)
         assert trio.current_time() - start == 7.25
         await trio.testing.wait_all_tasks_blocked()
@@ -124,11 +130,11 @@ async def test_long_poll_cadence_is_the_later_of_answer_and_interval(
 ) -> None:
     controller = FakeController(Settings(send_registration=False))
     start = trio.current_time()
-    async with polling(make_config(command_wait=2, poll_interval=5), httpx.ASGITransport(app=controller)):  # type: ignore[arg-type]
+    async with polling(make_config(command_wait=2, poll_interval=5), httpx.ASGITransport(app=controller)):
         await trio.sleep(11)
     # Each poll is held 2 s (nothing to send); the next starts when the interval has passed.
     assert [t - start for t in poll_times(controller)] == [0, 5, 10]
-    async with polling(make_config(command_wait=20, poll_interval=5), httpx.ASGITransport(app=controller)):  # type: ignore[arg-type]
+    async with polling(make_config(command_wait=20, poll_interval=5), httpx.ASGITransport(app=controller)):
         start = trio.current_time()
         controller.requests.clear()
         await trio.sleep(41)
@@ -148,7 +154,7 @@ async def test_routing_of_duplicates_unknown_and_malformed_commands(
     ]:
         controller.enqueue("vm-123", command)
     caplog.set_level(logging.INFO, logger="miglet")
-    async with polling(make_config(), httpx.ASGITransport(app=controller)) as harness:  # type: ignore[arg-type]
+    async with polling(make_config(), httpx.ASGITransport(app=controller)) as harness:
         await trio.sleep(1)
         controller.enqueue("vm-123", good)  # the same id again, in a later poll
         await trio.sleep(10)
@@ -168,7 +174,7 @@ async def test_registration_refused_once_a_runner_is_registered(
 ) -> None:
     controller = FakeController(Settings(send_registration=False))
     first = controller.enqueue("vm-123", controller.registration_command("vm-123") | {"id": "r-1"})
-    async with polling(make_config(), httpx.ASGITransport(app=controller)) as harness:  # type: ignore[arg-type]
+    async with polling(make_config(), httpx.ASGITransport(app=controller)) as harness:
         await harness.holder.value.wait_value(lambda state: state.phase is Phase.REGISTERING_RUNNER)
         harness.holder.apply(RunnerListening())
         controller.enqueue("vm-123", controller.registration_command("vm-123") | {"id": "r-2"})
@@ -185,7 +191,7 @@ async def test_a_later_registration_waits_for_the_outcome_of_the_current_one(
     controller = FakeController(Settings(send_registration=False))
     for command_id in ("r-1", "r-2"):
         controller.enqueue("vm-123", controller.registration_command("vm-123") | {"id": command_id})
-    async with polling(make_config(), httpx.ASGITransport(app=controller)) as harness:  # type: ignore[arg-type]
+    async with polling(make_config(), httpx.ASGITransport(app=controller)) as harness:
         await harness.holder.value.wait_value(lambda state: state.phase is Phase.REGISTERING_RUNNER)
         await trio.sleep(30)
         assert [command.id for command in harness.registrations] == ["r-1"]
@@ -200,9 +206,10 @@ async def test_shutdown_command_is_handed_over(
     make_config: ConfigFactory, autojump_clock: trio.testing.MockClock
 ) -> None:
     controller = FakeController(Settings(send_registration=False))
-    controller.enqueue("vm-123", {"id": "s-1", "type": "shutdown", "parameters": {"reason": "scale-in",
-                                                                                  "grace_period_s": 3}})
-    async with polling(make_config(), httpx.ASGITransport(app=controller)) as harness:  # type: ignore[arg-type]
+    controller.enqueue(
+        "vm-123", {"id": "s-1", "type": "shutdown", "parameters": {"reason": "scale-in", "grace_period_s": 3}}
+    )
+    async with polling(make_config(), httpx.ASGITransport(app=controller)) as harness:
         await trio.sleep(1)
     [shutdown] = harness.shutdowns
     assert shutdown.parameters.reason == "scale-in"
@@ -230,11 +237,15 @@ async def test_failed_polls_back_off_and_recover(
     start = trio.current_time()
     async with polling(make_config(poll_interval=5), httpx.MockTransport(handler)):
         await trio.sleep(60)
-    gaps = [later - earlier for earlier, later in zip(times, times[1:], strict=False)]
+    gaps = [later - earlier for earlier, later in itertools.pairwise(times)]
     assert all(gap >= 5 for gap in gaps)
     assert gaps[3] == 30  # Retry-After honoured
     assert times[0] == start
-    errors = [getattr(record, "error", "") for record in caplog.records if record.getMessage() == "Command poll failed; will retry"]
+    errors = [
+        getattr(record, "error", "")
+        for record in caplog.records
+        if record.getMessage() == "Command poll failed; will retry"
+    ]
     assert len(errors) == 4
     assert "HTTP 500" in errors[0]
     assert "unusable commands response" in errors[1]
@@ -244,7 +255,8 @@ async def test_failed_polls_back_off_and_recover(
 
 def test_seen_commands_forget_the_oldest_beyond_capacity() -> None:
     seen = SeenCommands(capacity=2)
-    assert seen.first_time("a") and seen.first_time("b")
+    assert seen.first_time("a")
+    assert seen.first_time("b")
     assert not seen.first_time("a")
     assert seen.first_time("c")
     assert seen.first_time("a")  # "a" was forgotten when "c" arrived

@@ -11,6 +11,7 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -24,8 +25,8 @@ TIMEOUT = 20
 TOKEN = "AHTREGISTRATIONTOKEN0000001"
 
 
-def registration(**overrides: object) -> Registration:
-    values: dict[str, object] = {
+def registration(**overrides: Any) -> Registration:
+    values: dict[str, Any] = {
         "command_id": "register-vm-123-1",
         "url": "https://github.com/org/repo",
         "name": "vm-123",
@@ -35,7 +36,7 @@ def registration(**overrides: object) -> Registration:
         "token": Secret(TOKEN),
     }
     values.update(overrides)
-    return Registration(**values)  # type: ignore[arg-type]
+    return Registration(**values)
 
 
 class Lines:
@@ -73,8 +74,19 @@ def make_runner(runner_dir: Path, grace: float = 5.0, user: str | None = None) -
 
 def test_config_arguments_match_the_spec() -> None:
     assert config_arguments(registration()) == [
-        "./config.sh", "--unattended", "--url", "https://github.com/org/repo", "--name", "vm-123",
-        "--labels", "self-hosted,linux,x64", "--runnergroup", "default", "--work", "_work", "--replace",
+        "./config.sh",
+        "--unattended",
+        "--url",
+        "https://github.com/org/repo",
+        "--name",
+        "vm-123",
+        "--labels",
+        "self-hosted,linux,x64",
+        "--runnergroup",
+        "default",
+        "--work",
+        "_work",
+        "--replace",
         "--ephemeral",
     ]
     assert config_arguments(registration(ephemeral=False, disable_update=True))[-2:] == ["--replace", "--disableupdate"]
@@ -118,13 +130,13 @@ async def test_root_refusal_without_allow_runasroot(runner_dir: Path) -> None:
     runner = make_runner(runner_dir)
     runner._env.pop("RUNNER_ALLOW_RUNASROOT")
     lines = Lines()
-    with trio.fail_after(TIMEOUT), pytest.raises(ConfigureFailed, match="config.sh exited with code 1"):
+    with trio.fail_after(TIMEOUT), pytest.raises(ConfigureFailed, match=r"config\.sh exited with code 1"):
         await runner.configure(registration(), lines)
     assert "Must not run with sudo" in lines.text()
 
 
 async def test_missing_runner_directory_is_a_clear_failure(tmp_path: Path) -> None:
-    with trio.fail_after(TIMEOUT), pytest.raises(ConfigureFailed, match="cannot start ./config.sh"):
+    with trio.fail_after(TIMEOUT), pytest.raises(ConfigureFailed, match=r"cannot start \./config\.sh"):
         await make_runner(tmp_path / "absent").configure(registration(), Lines())
 
 
@@ -135,6 +147,7 @@ async def test_run_listens_runs_a_job_and_exits_when_ephemeral(runner_dir: Path)
     with trio.fail_after(TIMEOUT):
         await runner.configure(registration(), Lines())
         async with trio.open_nursery() as nursery:
+
             async def run() -> None:
                 code = await runner.run(registration(), lines, pids.append)
                 assert code == 0
@@ -145,7 +158,8 @@ async def test_run_listens_runs_a_job_and_exits_when_ephemeral(runner_dir: Path)
     text = lines.text()
     assert any(line.endswith("Running job: build") for line in text)
     assert any(line.endswith("Job build completed with result: Succeeded") for line in text)
-    assert pids[0] is not None and pids[-1] is None
+    assert pids[0] is not None
+    assert pids[-1] is None
     [run_call] = [call for call in read_calls(runner_dir) if call["cmd"] == "run"]
     assert run_call["env_manually_trap_sig"] == "1"
     assert _session_members(pids[0]) == []

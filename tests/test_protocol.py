@@ -97,8 +97,11 @@ def test_malformed_command_is_rejected_alone() -> None:
                 {"id": 7, "type": "register_runner"},
                 "not an object",
                 {"id": "c", "type": "shutdown", "parameters": {"reason": "scale-in", "grace_period_s": 5}},
-                {"id": "d", "type": "register_runner", "parameters": {"runner_url": "https://github.com/o",
-                                                                       "registration_token": "tok-123456"}},
+                {
+                    "id": "d",
+                    "type": "register_runner",
+                    "parameters": {"runner_url": "https://github.com/o", "registration_token": "tok-123456"},
+                },
             ],
             "vm_id": "vm-123",
             "unexpected": True,
@@ -114,8 +117,10 @@ def test_malformed_command_is_rejected_alone() -> None:
 
 
 def test_rejection_reason_never_includes_a_secret_value() -> None:
-    body = b'{"commands": [{"id": "a", "type": "register_runner", "parameters": {"registration_token": 12345678,' \
-           b' "runner_url": "https://github.com/o", "jit_config": "jit-secret-abcdef", "labels": [1]}}]}'
+    body = (
+        b'{"commands": [{"id": "a", "type": "register_runner", "parameters": {"registration_token": 12345678,'
+        b' "runner_url": "https://github.com/o", "jit_config": "jit-secret-abcdef", "labels": [1]}}]}'
+    )
     batch = protocol.decode_commands(body)
     [rejected] = batch.rejected
     assert "jit-secret-abcdef" not in rejected.error

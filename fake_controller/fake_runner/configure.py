@@ -69,8 +69,7 @@ def remove(root: Path, cmd: CommandLine, behaviour: Behaviour, term: Terminal) -
             term.success("Runner removed successfully")
         else:
             term.line(
-                "Cannot connect to server, because config files are missing. "
-                "Skipping removing runner from the server."
+                "Cannot connect to server, because config files are missing. Skipping removing runner from the server."
             )
         delete_local_config(root, term)
     except ConfigError as exc:

@@ -81,9 +81,7 @@ def _warn_unknown(cmd: CommandLine, term: Terminal) -> None:
     listed = ", ".join(unknown)
     usage = "For usage refer to: .\\config.cmd --help or ./config.sh --help"
     if cmd.command:
-        term.error(
-            f"Unrecognized command-line input arguments for command {cmd.command}: '{listed}'. {usage}"
-        )
+        term.error(f"Unrecognized command-line input arguments for command {cmd.command}: '{listed}'. {usage}")
     else:
         term.error(f"This command does not recognize the command-line input arguments: '{listed}'. {usage}")
 

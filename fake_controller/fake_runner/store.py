@@ -80,9 +80,7 @@ def read_settings(root: Path) -> dict[str, Any] | None:
 def is_hosted(url: str) -> bool:
     """`UrlUtil.IsHostedServer`: github.com (and GHE.com / localhost variants) versus GHES."""
     host = (urlsplit(url).hostname or "").lower()
-    return host in ("github.com", "www.github.com", "github.localhost") or host.endswith(
-        (".ghe.com", ".ghe.localhost")
-    )
+    return host in ("github.com", "www.github.com", "github.localhost") or host.endswith((".ghe.com", ".ghe.localhost"))
 
 
 def registration_api(url: str) -> str:
@@ -93,9 +91,7 @@ def registration_api(url: str) -> str:
     return f"{parts.scheme}://{parts.netloc}/api/v3/actions/runner-registration"
 
 
-def new_settings(
-    name: str, url: str, pool: str, work: str, ephemeral: bool, disable_update: bool
-) -> dict[str, Any]:
+def new_settings(name: str, url: str, pool: str, work: str, ephemeral: bool, disable_update: bool) -> dict[str, Any]:
     """A `.runner` object as the real configure saves it (false members omitted, like EmitDefaultValue)."""
     tenant = secrets.token_hex(8)
     settings: dict[str, Any] = {
@@ -134,9 +130,7 @@ def save_config(root: Path, settings: dict[str, Any]) -> None:
     """Write `.credentials`, `.credentials_rsaparams` (0600) and `.runner`."""
     write_json(root / ".credentials", new_credentials(settings))
     rsa = root / ".credentials_rsaparams"
-    write_json(
-        rsa, {"d": secrets.token_urlsafe(32), "modulus": secrets.token_urlsafe(64), "exponent": "AQAB"}
-    )
+    write_json(rsa, {"d": secrets.token_urlsafe(32), "modulus": secrets.token_urlsafe(64), "exponent": "AQAB"})
     rsa.chmod(0o600)
     write_json(root / ".runner", settings)
 
@@ -164,10 +158,7 @@ def encode_jitconfig(name: str, url: str = "https://github.com/fake-org", epheme
     """Build a JIT config in the real format: base64 of JSON {file name: base64 file content}."""
     settings = new_settings(name, url, "Default", "_work", ephemeral, disable_update=False)
     files = {".runner": settings, ".credentials": new_credentials(settings)}
-    blob = {
-        key: base64.b64encode(json.dumps(value).encode("utf-8")).decode("ascii")
-        for key, value in files.items()
-    }
+    blob = {key: base64.b64encode(json.dumps(value).encode("utf-8")).decode("ascii") for key, value in files.items()}
     return base64.b64encode(json.dumps(blob).encode("utf-8")).decode("ascii")
 
 

@@ -13,8 +13,8 @@ import msgspec
 
 from miglet.secret import Secret
 
-# (stream name, line): each line the runner prints, as it prints it.
-LineSink = Callable[[str, str], None]
+# Called with (stream name, line) for each line the runner prints, as it prints it.
+LineSink = Callable[[str, str], object]
 
 
 class Registration(msgspec.Struct, frozen=True, kw_only=True):
@@ -39,9 +39,7 @@ class RunnerBackend(Protocol):
     async def configure(self, registration: Registration, on_line: LineSink) -> None:
         """Register the runner with GitHub; raises ConfigureFailed."""
 
-    async def run(
-        self, registration: Registration, on_line: LineSink, on_started: Callable[[int | None], None]
-    ) -> int:
+    async def run(self, registration: Registration, on_line: LineSink, on_started: Callable[[int | None], None]) -> int:
         """Run the runner until it exits and return its exit code.
 
         Cancelling this call stops the runner gracefully (SIGINT to its process group, then SIGKILL after the

@@ -106,9 +106,7 @@ class ProcessRunner:
         if code != 0:
             raise ConfigureFailed(error or f"config.sh exited with code {code}")
 
-    async def run(
-        self, registration: Registration, on_line: LineSink, on_started: Callable[[int | None], None]
-    ) -> int:
+    async def run(self, registration: Registration, on_line: LineSink, on_started: Callable[[int | None], None]) -> int:
         env = {**self._env, "RUNNER_MANUALLY_TRAP_SIG": "1"}
         if registration.jit_config is not None:
             env["ACTIONS_RUNNER_INPUT_JITCONFIG"] = registration.jit_config.reveal()
@@ -242,7 +240,8 @@ async def _relay_output(process: trio.Process, exited: trio.Event, sink: LineSin
     """
     with trio.CancelScope(shield=True) as scope:
         async with trio.open_nursery() as nursery:
-            assert process.stdout is not None and process.stderr is not None
+            assert process.stdout is not None
+            assert process.stderr is not None
             nursery.start_soon(_relay_lines, process.stdout, "stdout", sink)
             nursery.start_soon(_relay_lines, process.stderr, "stderr", sink)
             await exited.wait()

@@ -55,8 +55,9 @@ async def poller_task(
     policy: RetryPolicy,
     rng: random.Random | None = None,
 ) -> None:
-    await holder.value.wait_value(lambda state: state.phase is not Phase.INITIALIZING
-                                  and state.phase is not Phase.WAITING_FOR_CONTROLLER)
+    await holder.value.wait_value(
+        lambda state: state.phase is not Phase.INITIALIZING and state.phase is not Phase.WAITING_FOR_CONTROLLER
+    )
     router = _Router(holder, outbox, registrations, request_stop)
     announced = False
     failures = 0
