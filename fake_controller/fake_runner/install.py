@@ -2,7 +2,7 @@
 
 `install(DIR)` lays out what MIGlet expects in MIGLET_RUNNER_DIR: `config.sh`, `run.sh`,
 `run-helper.sh.template`, `env.sh`, `safe_sleep.sh`, `bin/Runner.Listener` (the shim, with the Python
-interpreter baked in), `bin/fake_runner` (link to this package), `fake-runner.json` (behaviour) and
+interpreter baked in), `bin/fake_runner` (a copy of this package), `fake-runner.json` (behaviour) and
 `_fake_github/` (calls log, job queue, registered runners). `enqueue_job` and `read_calls` are the
 test side of the fake GitHub.
 """
@@ -13,6 +13,7 @@ import itertools
 import json
 import os
 import pwd
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -23,7 +24,7 @@ from .scripts import SCRIPTS, listener_shim
 from .store import CALLS_FILE, JOBS_DIR, github_dir
 
 PACKAGE_DIR = Path(__file__).resolve().parent
-"""This package; linked as `DIR/bin/fake_runner` so the shim can import it on its own."""
+"""This package; copied to `DIR/bin/fake_runner` so the shim can import it on its own, whoever runs it."""
 
 _sequence = itertools.count()
 
@@ -45,10 +46,13 @@ def install(
     for name, text in SCRIPTS.items():
         _write_executable(root / name, text)
     _write_executable(root / "bin" / "Runner.Listener", listener_shim(python or sys.executable))
-    link = root / "bin" / "fake_runner"
-    if link.is_symlink() or link.exists():
-        link.unlink()
-    link.symlink_to(PACKAGE_DIR, target_is_directory=True)
+    # A copy, not a link: the runner user must be able to read it even when the repository is private to root.
+    copy = root / "bin" / "fake_runner"
+    if copy.is_symlink() or copy.is_file():
+        copy.unlink()
+    elif copy.exists():
+        shutil.rmtree(copy)
+    shutil.copytree(PACKAGE_DIR, copy, ignore=shutil.ignore_patterns("__pycache__"))
     (root / BEHAVIOUR_FILE).write_text((behaviour or Behaviour()).to_json(), encoding="utf-8")
     jobs = github_dir(root) / JOBS_DIR
     jobs.mkdir(parents=True, exist_ok=True)
@@ -95,7 +99,7 @@ def _write_executable(path: Path, text: str) -> None:
 
 
 def _chown_tree(root: Path, owner: str) -> None:
-    """chown without following symlinks (`bin/fake_runner` points into the repository)."""
+    """chown the whole tree, without following any symlink out of it."""
     entry = pwd.getpwnam(owner)
     os.lchown(root, entry.pw_uid, entry.pw_gid)
     for dirpath, dirnames, filenames in os.walk(root):

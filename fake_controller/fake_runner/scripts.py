@@ -4,7 +4,7 @@ They reproduce the real scripts' contract (messages, exit codes, process structu
 `config.sh` refuses root unless RUNNER_ALLOW_RUNASROOT is non-empty; `run.sh` keeps the listener alive
 through `run-helper.sh` and, with RUNNER_MANUALLY_TRAP_SIG, runs it as a background job in its own
 process group (`set -m`) and forwards SIGINT/SIGTERM to that group as SIGINT. The only fake parts are
-`bin/Runner.Listener`, a shim that execs the Python listener, and `bin/fake_runner` (a link to this
+`bin/Runner.Listener`, a shim that execs the Python listener, and `bin/fake_runner` (a copy of this
 package), so a real runner can be dropped in instead.
 """
 
@@ -180,7 +180,7 @@ sleep "$1"
 def listener_shim(python: str) -> str:
     """`bin/Runner.Listener`: where the real .NET binary sits; execs the fake listener (same pid).
 
-    `bin/fake_runner` (a symlink to this package) is imported as a top-level package, so neither
+    `bin/fake_runner` (a copy of this package) is imported as a top-level package, so neither
     `fake_controller/__init__.py` (trio, msgspec) nor anything else of the repo is imported: startup
     stays fast and any Python >= 3.11 works, e.g. the system one for an unprivileged runner user.
     """
