@@ -23,6 +23,10 @@ class Job(msgspec.Struct, frozen=True):
     duration_s: float = 1.0
 
 
+class Crash(msgspec.Struct, frozen=True):
+    exit_code: int
+
+
 class ConfigureCall(msgspec.Struct, frozen=True):
     registration: Registration
     token: str | None
@@ -55,11 +59,15 @@ class SimulatedRunner:
         self.running = False
         self.configured = False
         self.interrupted = False
-        self._jobs_send, self._jobs_receive = trio.open_memory_channel[Job](100)
+        self._jobs_send, self._jobs_receive = trio.open_memory_channel[Job | Crash](100)
 
     def submit_job(self, job: Job) -> None:
         """Offer a job to the runner (as GitHub would); it runs once the runner is listening."""
         self._jobs_send.send_nowait(job)
+
+    def crash(self, exit_code: int = 1) -> None:
+        """Make the listening runner exit with `exit_code`, as a crash would."""
+        self._jobs_send.send_nowait(Crash(exit_code))
 
     async def configure(self, registration: Registration, on_line: LineSink) -> None:
         token = registration.token.reveal() if registration.token is not None else None
@@ -90,6 +98,8 @@ class SimulatedRunner:
                 return self.exit_after_listening
             while True:
                 job = await self._jobs_receive.receive()
+                if isinstance(job, Crash):
+                    return job.exit_code
                 await self._run_job(job, on_line)
                 if registration.ephemeral:
                     self.configured = False

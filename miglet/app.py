@@ -30,12 +30,14 @@ from miglet.secret import Secret
 from miglet.state import StateHolder
 from miglet.statefile import StateFileWriter
 from miglet.tasks.handshake import handshake_task
+from miglet.tasks.heartbeat import heartbeat_task, state_refresh_task
 from miglet.tasks.poller import poller_task
 from miglet.tasks.supervisor import relay_line, supervisor_task
 
 log = logging.getLogger(__name__)
 
 FLUSH_TIMEOUT: Final = 10.0
+STATE_REFRESH_S: Final = 10.0
 REMOVE_TIMEOUT: Final = 60.0
 
 
@@ -72,11 +74,13 @@ class Agent:
             pool_id=config.pool_id,
             emit=self.outbox.put,
             state_file=StateFileWriter(config.state_file) if write_state_file else None,
+            refresh_s=STATE_REFRESH_S,
         )
         self._transport = transport
         self._backend = backend
         self._rng = rng
         self._handle_signals = handle_signals
+        self._started_at = 0.0
 
     @property
     def phase(self) -> Phase:
@@ -100,6 +104,7 @@ class Agent:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> int:
         """Run until stopped; returns the process exit code."""
         config = self.config
+        self._started_at = trio.current_time()
         token = agent_context.set(AgentContext(config.vm_id, config.pool_id, lambda: self.holder.phase.value))
         try:
             backend = self._backend or ProcessRunner(
@@ -109,6 +114,7 @@ class Agent:
                 if self._handle_signals:
                     root.start_soon(self._watch_signals)
                 root.start_soon(self.outbox.serve, client)
+                root.start_soon(state_refresh_task, self.holder, STATE_REFRESH_S)
                 self.holder.apply(machine.Start(runner_name=config.effective_runner_name, ephemeral=config.ephemeral))
                 task_status.started()
                 async with trio.open_nursery() as work:
@@ -126,6 +132,9 @@ class Agent:
                         self._rng,
                     )
                     work.start_soon(supervisor_task, config, self.holder, backend, receive)
+                    work.start_soon(
+                        heartbeat_task, self.holder, self.outbox, config.heartbeat_interval, self._started_at
+                    )
                     await self.holder.value.wait_value(lambda state: state.phase is Phase.STOPPING)
                     work.cancel_scope.cancel()
                 await self._finish(backend)

@@ -38,12 +38,14 @@ class StateHolder:
         pool_id: str,
         emit: Callable[[protocol.AnyEvent], object],
         state_file: StateFileWriter | None = None,
+        refresh_s: float = 10.0,
     ) -> None:
         self.value: AsyncValue[AgentState] = AsyncValue(AgentState())
         self._vm_id = vm_id
         self._pool_id = pool_id
         self._emit = emit
         self._state_file = state_file
+        self.refresh_s = refresh_s
         self._since = utc_timestamp()
         self.runner_pid: int | None = None
 
@@ -93,5 +95,6 @@ class StateHolder:
                 version=__version__,
                 runner_pid=self.runner_pid,
                 stop_reason=state.stop_reason,
+                refresh_s=self.refresh_s,
             )
         )

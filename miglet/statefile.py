@@ -30,6 +30,8 @@ class StateRecord(msgspec.Struct, kw_only=True):
     version: str
     runner_pid: int | None = None
     stop_reason: str | None = None
+    # The agent rewrites the file at least this often; a reader treats an older file as a dead agent's.
+    refresh_s: float = 10.0
 
 
 _encoder: Final = msgspec.json.Encoder()

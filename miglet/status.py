@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import os
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Final
 
 import msgspec
 
 from miglet.config import Config
 from miglet.statefile import StateRecord, read_state_file
 
-UNHEALTHY_STATES = frozenset({"Stopped"})
+UNHEALTHY_STATES: Final = frozenset({"Stopped"})
+# A live agent rewrites its state file every `refresh_s`; this many missed rewrites mean it is hung or gone.
+STALE_FACTOR: Final = 3
+STALE_MINIMUM_S: Final = 30.0
 
 
 def _alive(pid: int) -> bool:
@@ -24,10 +29,18 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def health(record: StateRecord) -> str | None:
+def health(record: StateRecord, now: datetime | None = None) -> str | None:
     """Why the agent that wrote `record` is unhealthy, or None when it is healthy."""
     if record.state in UNHEALTHY_STATES:
         return f"agent is {record.state}"
+    try:
+        updated = datetime.fromisoformat(record.updated_at)
+    except ValueError:
+        return f"state file has an unreadable updated_at: {record.updated_at!r}"
+    age = ((now or datetime.now(UTC)) - updated).total_seconds()
+    limit = max(STALE_MINIMUM_S, STALE_FACTOR * record.refresh_s)
+    if age > limit:
+        return f"state file is stale: last written {age:.0f} s ago (limit {limit:.0f} s)"
     if not _alive(record.pid):
         return f"agent process {record.pid} is not running"
     return None

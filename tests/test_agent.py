@@ -42,7 +42,8 @@ class Running:
         return await self.agent.holder.value.wait_value(lambda state: state.phase is phase)
 
     def event_types(self) -> list[str]:
-        return [event["type"] for event in self.controller.events_of("vm-123")]
+        """The events the controller received, heartbeats aside."""
+        return [event["type"] for event in self.controller.events_of("vm-123") if event["type"] != "heartbeat"]
 
 
 @asynccontextmanager

@@ -1,0 +1,44 @@
+"""Liveness: heartbeat events for the controller, and a fresh state file for the local health check.
+
+Both run on `trio_util.periodic`, so a slow iteration delays the next one instead of piling up. Heartbeats start
+once the controller has acknowledged the VM and stop when the agent begins stopping.
+"""
+
+from __future__ import annotations
+
+from contextlib import aclosing
+from typing import Final
+
+import trio
+from trio_util import periodic
+
+from miglet import protocol
+from miglet.machine import Phase
+from miglet.outbox import Outbox
+from miglet.state import StateHolder
+
+_NOT_YET: Final = frozenset({Phase.INITIALIZING, Phase.WAITING_FOR_CONTROLLER})
+_OVER: Final = frozenset({Phase.STOPPING, Phase.STOPPED})
+
+
+async def heartbeat_task(holder: StateHolder, outbox: Outbox, interval: float, started_at: float) -> None:
+    """Queue a heartbeat every `interval` seconds from acknowledgment until stopping (0 disables them)."""
+    if interval <= 0:
+        return
+    await holder.value.wait_value(lambda state: state.phase not in _NOT_YET)
+    async with aclosing(periodic(interval)) as ticks:
+        async for _, since_last in ticks:
+            if since_last is None:
+                continue  # the acknowledgment itself just showed the VM alive
+            phase = holder.phase
+            if phase in _OVER:
+                return
+            uptime = round(trio.current_time() - started_at, 3)
+            outbox.put(protocol.Heartbeat(state=phase.value, uptime_s=uptime))
+
+
+async def state_refresh_task(holder: StateHolder, interval: float) -> None:
+    """Rewrite the state file every `interval` seconds, so a reader can tell a live agent from a dead one."""
+    async with aclosing(periodic(interval)) as ticks:
+        async for _ in ticks:
+            holder.write_state_file()

@@ -1,0 +1,70 @@
+"""Heartbeats and state-file refreshes, on the autojump clock.
+
+Rules: the machine is fed directly; the outbox is inspected, not delivered.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import trio
+
+from miglet import protocol
+from miglet.machine import Acknowledged, Start, StopRequested
+from miglet.outbox import Outbox, Stamper
+from miglet.state import StateHolder
+from miglet.statefile import StateFileWriter, read_state_file
+from miglet.tasks.heartbeat import heartbeat_task, state_refresh_task
+
+
+def make() -> tuple[StateHolder, Outbox]:
+    outbox = Outbox(Stamper("vm-123", "pool-001", None))
+    holder = StateHolder(vm_id="vm-123", pool_id="pool-001", emit=outbox.put)
+    holder.apply(Start(runner_name="vm-123", ephemeral=True))
+    return holder, outbox
+
+
+def heartbeats(outbox: Outbox) -> list[protocol.Heartbeat]:
+    return [event for event in outbox._queue if isinstance(event, protocol.Heartbeat)]
+
+
+async def test_heartbeats_every_interval_from_acknowledgment_until_stopping(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    holder, outbox = make()
+    start = trio.current_time()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(heartbeat_task, holder, outbox, 0.5, start)
+        await trio.sleep(10)
+        assert heartbeats(outbox) == []  # not acknowledged yet
+        holder.apply(Acknowledged())
+        await trio.sleep(1.6)
+        holder.apply(StopRequested("signal"))
+    beats = heartbeats(outbox)
+    assert [beat.uptime_s for beat in beats] == [10.5, 11.0, 11.5]
+    assert {beat.state for beat in beats} == {"Ready"}
+    assert len({beat.event_id for beat in beats}) == 3
+
+
+async def test_zero_interval_disables_heartbeats(autojump_clock: trio.testing.MockClock) -> None:
+    holder, outbox = make()
+    holder.apply(Acknowledged())
+    with trio.move_on_after(100):
+        await heartbeat_task(holder, outbox, 0, 0)
+    assert heartbeats(outbox) == []
+
+
+async def test_state_file_is_rewritten_periodically(tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
+    outbox = Outbox(Stamper("vm-123", "pool-001", None))
+    holder = StateHolder(
+        vm_id="vm-123", pool_id="pool-001", emit=outbox.put, state_file=StateFileWriter(tmp_path / "s.json")
+    )
+    written: list[str] = []
+    with trio.move_on_after(25):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(state_refresh_task, holder, 10)
+            for _ in range(3):
+                await trio.testing.wait_all_tasks_blocked()
+                written.append(read_state_file(tmp_path / "s.json").state)
+                await trio.sleep(10)
+    assert written == ["Initializing"] * 3

@@ -1,0 +1,109 @@
+"""The event outbox: order, retries with the same id, final refusals, and its bound.
+
+Rules: the controller is an `httpx.MockTransport`; time is the autojump clock.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import httpx
+import msgspec
+import trio
+
+from miglet import protocol
+from miglet.controller import open_controller_client
+from miglet.outbox import Outbox, Stamper
+from miglet.retry import RetryPolicy
+from tests.conftest import ConfigFactory
+
+
+def stamper() -> Stamper:
+    counter = itertools.count(1)
+    return Stamper("vm-123", "pool-001", "org-001", new_id=lambda: f"e{next(counter)}", now=lambda: "T")
+
+
+def test_stamping_fills_the_header() -> None:
+    event = stamper().stamp(protocol.JobStarted(job_name="build"))
+    assert (event.vm_id, event.pool_id, event.org_id, event.event_id, event.timestamp) == (
+        "vm-123",
+        "pool-001",
+        "org-001",
+        "e1",
+        "T",
+    )
+
+
+async def test_events_leave_in_order_and_failures_keep_their_id(
+    make_config: ConfigFactory, autojump_clock: trio.testing.MockClock
+) -> None:
+    statuses = iter([503, 200, 500, 200, 400, 200])
+    received: list[tuple[str, str, int]] = []
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        body = msgspec.json.decode(request.content)
+        status = next(statuses)
+        received.append((body["type"], body["event_id"], status))
+        return httpx.Response(status, json={})
+
+    outbox = Outbox(stamper(), policy=RetryPolicy(base=1, cap=4))
+    outbox.put(protocol.JobStarted(job_name="a"))
+    outbox.put(protocol.JobCompleted(job_name="a", result="Succeeded"))
+    outbox.put(protocol.Heartbeat(state="Idle", uptime_s=1.0))
+    outbox.put(protocol.VmStopping(reason="signal", runner_name="r"))
+    async with (
+        open_controller_client(make_config(), httpx.MockTransport(handler)) as client,
+        trio.open_nursery() as nursery,
+    ):
+        nursery.start_soon(outbox.serve, client)
+        await outbox.wait_empty()
+        nursery.cancel_scope.cancel()
+    assert received == [
+        ("job_started", "e1", 503),
+        ("job_started", "e1", 200),
+        ("job_completed", "e2", 500),
+        ("job_completed", "e2", 200),
+        ("heartbeat", "e3", 400),  # refused outright: dropped, not retried
+        ("vm_stopping", "e4", 200),
+    ]
+    assert (outbox.delivered, outbox.dropped) == (3, 1)
+
+
+async def test_a_long_outage_loses_nothing(make_config: ConfigFactory, autojump_clock: trio.testing.MockClock) -> None:
+    up_at = trio.current_time() + 600
+    delivered: list[str] = []
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        if trio.current_time() < up_at:
+            raise httpx.ConnectError("connection refused")
+        delivered.append(msgspec.json.decode(request.content)["event_id"])
+        return httpx.Response(200, json={})
+
+    outbox = Outbox(stamper(), policy=RetryPolicy(base=0.5, cap=30))
+    for index in range(20):
+        outbox.put(protocol.JobStarted(job_name=f"job-{index}"))
+    async with (
+        open_controller_client(make_config(), httpx.MockTransport(handler)) as client,
+        trio.open_nursery() as nursery,
+    ):
+        nursery.start_soon(outbox.serve, client)
+        await outbox.wait_empty()
+        nursery.cancel_scope.cancel()
+    assert delivered == [f"e{index}" for index in range(1, 21)]
+    assert trio.current_time() < up_at + 31
+
+
+def test_full_outbox_drops_heartbeats_first_never_lifecycle_events() -> None:
+    outbox = Outbox(stamper(), capacity=3)
+    outbox.put(protocol.JobStarted(job_name="a"))
+    outbox.put(protocol.Heartbeat(state="Busy", uptime_s=1))
+    outbox.put(protocol.Heartbeat(state="Busy", uptime_s=2))
+    outbox.put(protocol.JobCompleted(job_name="a", result="Failed"))  # the oldest heartbeat makes room
+    outbox.put(protocol.Heartbeat(state="Idle", uptime_s=3))  # a newer heartbeat replaces the older one
+    assert [getattr(event, "uptime_s", None) for event in outbox._queue] == [None, None, 3]
+    outbox.put(protocol.VmStopping(reason="signal", runner_name="r"))
+    outbox.put(protocol.RunnerExited(exit_code=0, reason="stopped"))  # no heartbeat left: the bound gives way
+    outbox.put(protocol.Heartbeat(state="Stopping", uptime_s=4))  # full of lifecycle events: dropped itself
+    kinds = [type(event).__name__ for event in outbox._queue]
+    assert kinds == ["JobStarted", "JobCompleted", "VmStopping", "RunnerExited"]
+    assert outbox.dropped == 4

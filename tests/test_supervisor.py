@@ -1,0 +1,146 @@
+"""The runner supervisor in isolation: command checks, and each way a registration can end.
+
+Rules: the runner is the in-process `SimulatedRunner`; the machine is fed directly to put the agent in
+RegisteringRunner as the poller would; time is the autojump clock.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import msgspec
+import pytest
+import trio
+
+from fake_controller.simulated_runner import SimulatedRunner
+from miglet import protocol, secret
+from miglet.machine import Acknowledged, Phase, RegistrationReceived, Start
+from miglet.outbox import Outbox, Stamper
+from miglet.state import StateHolder
+from miglet.tasks.supervisor import InvalidRegistration, registration_from_command, supervisor_task
+from tests.conftest import ConfigFactory
+
+NOW = datetime(2024, 1, 15, 10, 30, tzinfo=UTC)
+
+
+def command(**parameters: Any) -> protocol.RegisterRunner:
+    body: dict[str, Any] = {
+        "id": "register-vm-123-1",
+        "type": "register_runner",
+        "parameters": {
+            "registration_token": "AHTXXXXXXXXXXXXXXXXXXXX",
+            "runner_url": "https://github.com/org/repo",
+            "runner_group": "default",
+            "labels": ["self-hosted", "linux", "x64"],
+            "expires_at": "2024-01-15T11:30:00Z",
+            **parameters,
+        },
+    }
+    body["parameters"] = {key: value for key, value in body["parameters"].items() if value is not None}
+    return msgspec.json.decode(msgspec.json.encode(body), type=protocol.RegisterRunner, dec_hook=secret.dec_hook)
+
+
+def test_a_good_command_becomes_a_registration(make_config: ConfigFactory) -> None:
+    registration = registration_from_command(command(), make_config(runner_name="runner-a"), NOW)
+    assert registration.url == "https://github.com/org/repo"
+    assert registration.name == "runner-a"
+    assert registration.labels == ("self-hosted", "linux", "x64")
+    assert registration.group == "default"
+    assert registration.ephemeral is True
+    assert registration.token is not None
+    assert registration.token.reveal() == "AHTXXXXXXXXXXXXXXXXXXXX"
+
+
+@pytest.mark.parametrize(
+    ("parameters", "reason", "message"),
+    [
+        ({"expires_at": "2024-01-15T10:29:00Z"}, "token_expired", "expired at 2024-01-15T10:29:00+00:00"),
+        ({"registration_token": None}, "invalid_command", "neither registration_token nor jit_config"),
+        ({"runner_url": "github.com/org/repo"}, "invalid_command", "runner_url must be an http(s) URL"),
+        ({"labels": []}, "invalid_command", "labels must not be empty"),
+        ({"labels": ["a,b"]}, "invalid_command", "commas or white space"),
+        ({"labels": ["has space"]}, "invalid_command", "commas or white space"),
+        ({"labels": [""]}, "invalid_command", "commas or white space"),
+        ({"labels": [f"l{i}" for i in range(101)]}, "invalid_command", "at most 100 labels"),
+        ({"runner_group": "bad\ngroup"}, "invalid_command", "runner_group"),
+    ],
+)
+def test_bad_commands_are_refused_with_a_reason(
+    make_config: ConfigFactory, parameters: dict[str, Any], reason: str, message: str
+) -> None:
+    with pytest.raises(InvalidRegistration) as caught:
+        registration_from_command(command(**parameters), make_config(), NOW)
+    assert caught.value.reason == reason
+    assert message in str(caught.value)
+
+
+def test_clock_skew_is_allowed_on_expiry(make_config: ConfigFactory) -> None:
+    just_expired = command(expires_at="2024-01-15T10:29:45Z")
+    assert registration_from_command(just_expired, make_config(), NOW).command_id == "register-vm-123-1"
+    with pytest.raises(InvalidRegistration):
+        registration_from_command(just_expired, make_config(), NOW + timedelta(seconds=30))
+
+
+class Harness:
+    def __init__(self) -> None:
+        self.outbox = Outbox(Stamper("vm-123", "pool-001", None))
+        self.holder = StateHolder(vm_id="vm-123", pool_id="pool-001", emit=self.outbox.put)
+        self.holder.apply(Start(runner_name="vm-123", ephemeral=True))
+        self.holder.apply(Acknowledged())
+
+    def events(self) -> list[protocol.AnyEvent]:
+        return list(self.outbox._queue)
+
+
+async def supervise(
+    make_config: ConfigFactory, runner: SimulatedRunner, cmd: protocol.RegisterRunner, until: Phase
+) -> Harness:
+    harness = Harness()
+    send, receive = trio.open_memory_channel[protocol.RegisterRunner](0)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(supervisor_task, make_config(), harness.holder, runner, receive, lambda: NOW)
+        assert harness.holder.apply(RegistrationReceived(cmd.id))
+        await send.send(cmd)
+        await harness.holder.value.wait_value(lambda state: state.phase is until)
+        nursery.cancel_scope.cancel()
+    return harness
+
+
+async def test_rejected_token_reports_configure_failed(
+    make_config: ConfigFactory, autojump_clock: trio.testing.MockClock
+) -> None:
+    runner = SimulatedRunner(reject_tokens=frozenset({"AHTXXXXXXXXXXXXXXXXXXXX"}))
+    harness = await supervise(make_config, runner, command(), Phase.READY)
+    [failed] = harness.events()
+    assert isinstance(failed, protocol.RegistrationFailed)
+    assert failed.reason == "configure_failed"
+    assert "NotFound" in failed.error
+    assert runner.runs == 0
+
+
+async def test_runner_exiting_before_listening_is_a_start_failure(
+    make_config: ConfigFactory, autojump_clock: trio.testing.MockClock
+) -> None:
+    class NeverListens(SimulatedRunner):
+        async def run(self, registration: Any, on_line: Any, on_started: Any) -> int:
+            on_line("stderr", "An error occurred: Not configured. Run config.(sh/cmd) to configure the runner.")
+            return 1
+
+    harness = await supervise(make_config, NeverListens(), command(), Phase.READY)
+    [failed] = harness.events()
+    assert isinstance(failed, protocol.RegistrationFailed)
+    assert (failed.reason, failed.error) == (
+        "runner_start_failed",
+        "runner exited with code 1 before listening for jobs",
+    )
+
+
+async def test_jit_config_skips_config_sh(make_config: ConfigFactory, autojump_clock: trio.testing.MockClock) -> None:
+    runner = SimulatedRunner()
+    jit = command(registration_token=None, jit_config="eyJqaXQiOiJjb25maWcifQ==", labels=[])
+    harness = await supervise(make_config, runner, jit, Phase.IDLE)
+    assert runner.configure_calls == []
+    assert runner.runs == 1
+    [registered] = harness.events()
+    assert isinstance(registered, protocol.RunnerRegistered)
