@@ -222,3 +222,37 @@ async def test_stop_while_waiting_for_the_controller(
     assert agent.phase is Phase.STOPPED
     # The undeliverable vm_stopping gets the bounded flush time, no more.
     assert trio.current_time() - start <= 10.5
+
+
+@pytest.mark.parametrize(
+    "phase",
+    [Phase.WAITING_FOR_CONTROLLER, Phase.READY, Phase.REGISTERING_RUNNER, Phase.IDLE, Phase.BUSY],
+)
+async def test_stop_in_every_phase_ends_cleanly(
+    make_config: ConfigFactory, phase: Phase, autojump_clock: trio.testing.MockClock
+) -> None:
+    controller = FakeController(Settings(registration_delay_s=5))
+    runner = SimulatedRunner(configure_delay_s=30)
+    hold = trio.Event()
+
+    async def handshake_gate(request: httpx.Request) -> httpx.Response:
+        if phase is Phase.WAITING_FOR_CONTROLLER:
+            await hold.wait()
+        return await httpx.ASGITransport(app=controller).handle_async_request(request)
+
+    agent = Agent(make_config(), transport=httpx.MockTransport(handshake_gate), backend=runner, handle_signals=False)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(agent.run)
+        before = Phase.IDLE if phase is Phase.BUSY else phase
+        await agent.holder.value.wait_value(lambda state: state.phase is before)
+        if phase is Phase.BUSY:
+            runner.submit_job(Job("build", duration_s=600))
+            await agent.holder.value.wait_value(lambda state: state.phase is Phase.BUSY)
+        await trio.testing.wait_all_tasks_blocked()
+        agent.request_stop("signal")
+        hold.set()
+    assert agent.phase is Phase.STOPPED
+    assert not runner.running
+    assert runner.interrupted is (phase is Phase.BUSY)
+    [stopping] = controller.events_of("vm-123", "vm_stopping")
+    assert stopping["reason"] == "signal"

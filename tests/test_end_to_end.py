@@ -19,7 +19,7 @@ import msgspec
 import trio
 
 from fake_controller import FakeController, Settings
-from fake_controller.fake_runner import enqueue_job, install, read_calls
+from fake_controller.fake_runner import Behaviour, encode_jitconfig, enqueue_job, install, read_calls
 from fake_controller.server import serve
 from miglet.runner.process import _session_members
 from miglet.statefile import read_state_file
@@ -70,8 +70,10 @@ class Miglet:
 
 
 @asynccontextmanager
-async def miglet_against(tmp_path: Path, controller: FakeController, **env: str) -> AsyncIterator[tuple[Miglet, Path]]:
-    runner_dir = install(tmp_path / "runner")
+async def miglet_against(
+    tmp_path: Path, controller: FakeController, behaviour: Behaviour | None = None, **env: str
+) -> AsyncIterator[tuple[Miglet, Path]]:
+    runner_dir = install(tmp_path / "runner", behaviour)
     state_file = tmp_path / "state" / "state.json"
     async with trio.open_nursery() as nursery:
         url = await nursery.start(serve, controller)
@@ -188,3 +190,78 @@ async def test_sigterm_during_a_job_cancels_it_within_the_grace(tmp_path: Path) 
     [completed] = controller.events_of("vm-123", "job_completed")
     assert (completed["job_name"], completed["result"]) == ("long", "Canceled")
     no_runner_left(runner_dir)
+
+
+async def wait_for_events(controller: FakeController, event_type: str, count: int = 1) -> list[dict[str, Any]]:
+    while len(events := controller.events_of("vm-123", event_type)) < count:
+        await controller.request_arrived.wait()
+    return events
+
+
+async def test_heartbeats_and_status_while_idle(tmp_path: Path) -> None:
+    controller = FakeController()
+    with trio.fail_after(TIMEOUT):
+        async with miglet_against(tmp_path, controller, MIGLET_HEARTBEAT_INTERVAL="0.5") as (miglet, _):
+            await miglet.wait_state("Idle")
+            beats = await wait_for_events(controller, "heartbeat", 2)
+            status = await trio.run_process(
+                [sys.executable, "-m", "miglet", "status"],
+                env={"PATH": os.environ["PATH"], "MIGLET_STATE_FILE": str(miglet.state_file)},
+                capture_stdout=True,
+                check=False,
+            )
+            miglet.process.send_signal(signal.SIGTERM)
+    assert status.returncode == 0
+    assert status.stdout.decode().startswith("Idle since ")
+    assert {beat["state"] for beat in beats} <= {"Ready", "RegisteringRunner", "Idle"}
+    assert all(beat["uptime_s"] > 0 for beat in beats)
+
+
+async def test_shutdown_command_while_idle(tmp_path: Path) -> None:
+    controller = FakeController()
+    with trio.fail_after(TIMEOUT):
+        async with miglet_against(tmp_path, controller) as (miglet, runner_dir):
+            await miglet.wait_state("Idle")
+            controller.enqueue("vm-123", {"type": "shutdown", "parameters": {"reason": "scale-in"}})
+        assert miglet.process.returncode == 0
+    [stopping] = controller.events_of("vm-123", "vm_stopping")
+    assert (stopping["reason"], stopping["runner_name"]) == ("scale-in", "vm-123")
+    runner_lines = [record["msg"] for record in miglet.records if record.get("source") == "runner"]
+    assert "Exiting..." in runner_lines  # the runner's own answer to SIGINT
+    no_runner_left(runner_dir)
+
+
+async def test_sigterm_during_config_sh(tmp_path: Path) -> None:
+    controller = FakeController()
+    runner_behaviour = Behaviour(configure_delay_s=60)
+    with trio.fail_after(TIMEOUT):
+        async with miglet_against(tmp_path, controller, behaviour=runner_behaviour) as (miglet, runner_dir):
+            await miglet.wait_for(lambda record: record["msg"] == "Configuring the runner")
+            await miglet.wait_for(lambda record: record["msg"].startswith("# Authentication"))
+            miglet.process.send_signal(signal.SIGTERM)
+        assert miglet.process.returncode == 0
+    assert read_state_file(miglet.state_file).state == "Stopped"
+    no_runner_left(runner_dir)
+
+
+async def test_jit_config_runs_without_config_sh(tmp_path: Path) -> None:
+    controller = FakeController(Settings(send_registration=False))
+    with trio.fail_after(TIMEOUT):
+        async with miglet_against(tmp_path, controller) as (miglet, runner_dir):
+            await miglet.wait_state("Ready")
+            jit = encode_jitconfig(name="vm-123", url=controller.settings.runner_url)
+            controller.enqueue(
+                "vm-123",
+                {
+                    "type": "register_runner",
+                    "parameters": {"jit_config": jit, "runner_url": controller.settings.runner_url},
+                },
+            )
+            await miglet.wait_state("Idle")
+            enqueue_job(runner_dir, "build")
+        assert miglet.process.returncode == 0
+    calls = read_calls(runner_dir)
+    assert [call["cmd"] for call in calls] == ["run"]
+    assert calls[0]["jitconfig_source"] == "env"
+    assert all(jit not in arg for arg in calls[0]["argv"])
+    assert jit.encode() not in miglet.raw
