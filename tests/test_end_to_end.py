@@ -220,7 +220,7 @@ async def test_heartbeats_and_status_while_idle(tmp_path: Path) -> None:
 async def test_shutdown_command_while_idle(tmp_path: Path) -> None:
     controller = FakeController()
     with trio.fail_after(TIMEOUT):
-        async with miglet_against(tmp_path, controller) as (miglet, runner_dir):
+        async with miglet_against(tmp_path, controller, MIGLET_POLL_INTERVAL="0.2") as (miglet, runner_dir):
             await miglet.wait_state("Idle")
             controller.enqueue("vm-123", {"type": "shutdown", "parameters": {"reason": "scale-in"}})
         assert miglet.process.returncode == 0
