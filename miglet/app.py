@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import random
 import signal
+from functools import partial
 from typing import Final
 
 import httpx
@@ -29,6 +30,7 @@ from miglet.runner.process import ProcessRunner
 from miglet.secret import Secret
 from miglet.state import StateHolder
 from miglet.statefile import StateFileWriter
+from miglet.tasks.deadlines import phase_deadline_task
 from miglet.tasks.handshake import handshake_task
 from miglet.tasks.heartbeat import heartbeat_task, state_refresh_task
 from miglet.tasks.poller import poller_task
@@ -67,8 +69,8 @@ class Agent:
         self.config = config
         self.stop_plan = StopPlan(config.shutdown_grace)
         self.stamper = Stamper(config.vm_id, config.pool_id, config.org_id)
-        self.policy = retry_policy or RetryPolicy()
-        self.outbox = Outbox(self.stamper, policy=self.policy)
+        self.policy = retry_policy or RetryPolicy(base=config.retry_base, cap=config.retry_cap)
+        self.outbox = Outbox(self.stamper, capacity=config.outbox_capacity, policy=self.policy)
         self.holder = StateHolder(
             vm_id=config.vm_id,
             pool_id=config.pool_id,
@@ -86,7 +88,14 @@ class Agent:
     def phase(self) -> Phase:
         return self.holder.phase
 
-    def request_stop(self, reason: str, *, grace: float | None = None, remove_token: Secret | None = None) -> None:
+    def request_stop(
+        self,
+        reason: str,
+        *,
+        grace: float | None = None,
+        remove_token: Secret | None = None,
+        exit_code: int = 0,
+    ) -> None:
         """Begin stopping (idempotent: the first request decides)."""
         if self.holder.phase in (Phase.STOPPING, Phase.STOPPED):
             log.info("Already stopping", extra={"reason": reason})
@@ -94,6 +103,7 @@ class Agent:
         if grace is not None:
             self.stop_plan.grace = grace
         self.stop_plan.remove_token = remove_token
+        self.stop_plan.exit_code = exit_code
         log.info("Stopping", extra={"reason": reason, "grace_s": self.stop_plan.grace})
         self.holder.apply(machine.StopRequested(reason))
 
@@ -135,6 +145,7 @@ class Agent:
                     work.start_soon(
                         heartbeat_task, self.holder, self.outbox, config.heartbeat_interval, self._started_at
                     )
+                    self._start_deadlines(work)
                     await self.holder.value.wait_value(lambda state: state.phase is Phase.STOPPING)
                     work.cancel_scope.cancel()
                 await self._finish(backend)
@@ -142,6 +153,22 @@ class Agent:
         finally:
             agent_context.reset(token)
         return self.stop_plan.exit_code
+
+    def _start_deadlines(self, nursery: trio.Nursery) -> None:
+        config = self.config
+        deadlines = [
+            (Phase.WAITING_FOR_CONTROLLER, config.ack_timeout, "ack_timeout", 1),
+            (Phase.READY, config.registration_timeout, "registration_timeout", 1),
+            (Phase.IDLE, config.idle_timeout, "idle_timeout", 0),
+        ]
+        for phase, seconds, reason, exit_code in deadlines:
+            nursery.start_soon(
+                phase_deadline_task,
+                self.holder,
+                phase,
+                seconds,
+                partial(self.request_stop, reason, exit_code=exit_code),
+            )
 
     async def _finish(self, backend: RunnerBackend) -> None:
         """After the runner has stopped: deregister if asked, flush owed events, and record Stopped."""

@@ -57,6 +57,16 @@ VARIABLES: Final = (
     Variable("MIGLET_EPHEMERAL", "true", "register with --ephemeral: one job, then the VM is done"),
     Variable("MIGLET_SHUTDOWN_GRACE", "30", "seconds a stopping runner gets before it is killed"),
     Variable("MIGLET_STATE_FILE", "/run/miglet/state.json", "where the current state is written"),
+    Variable("MIGLET_LISTEN_TIMEOUT", "300", "seconds the runner gets to start listening for jobs"),
+    Variable("MIGLET_ACK_TIMEOUT", "0", "give up (exit 1) when vm_started is not acknowledged in N s (0: never)"),
+    Variable(
+        "MIGLET_REGISTRATION_TIMEOUT", "0", "give up (exit 1) after N s in Ready without a registration (0: never)"
+    ),
+    Variable("MIGLET_IDLE_TIMEOUT", "0", "stop (exit 0) when no job starts within N s of Idle (0: never)"),
+    Variable("MIGLET_CLOCK_SKEW", "30", "seconds of clock skew allowed when checking a token's expires_at"),
+    Variable("MIGLET_RETRY_BASE", "0.5", "first retry delay ceiling in seconds (exponential backoff, full jitter)"),
+    Variable("MIGLET_RETRY_CAP", "30", "largest retry delay in seconds"),
+    Variable("MIGLET_OUTBOX_CAPACITY", "1000", "events kept while the controller is unreachable (heartbeats go first)"),
     Variable("MIGLET_LOG_FORMAT", "auto", "json or text; auto: text on a terminal, json otherwise"),
     Variable("MIGLET_LOG_LEVEL", "info", "debug, info, warning or error"),
 )
@@ -91,6 +101,14 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     ephemeral: bool = True
     shutdown_grace: float = 30.0
     state_file: Path = Path("/run/miglet/state.json")
+    listen_timeout: float = 300.0
+    ack_timeout: float = 0.0
+    registration_timeout: float = 0.0
+    idle_timeout: float = 0.0
+    clock_skew: float = 30.0
+    retry_base: float = 0.5
+    retry_cap: float = 30.0
+    outbox_capacity: int = 1000
     log_format: LogFormat = "auto"
     log_level: LogLevel = "info"
 
@@ -268,6 +286,14 @@ def load_config(env: Mapping[str, str] | None = None) -> Config:
         ephemeral=reader.boolean("MIGLET_EPHEMERAL", True),
         shutdown_grace=reader.number("MIGLET_SHUTDOWN_GRACE", 30.0, minimum=0),
         state_file=reader.path("MIGLET_STATE_FILE", Path("/run/miglet/state.json")) or Path(),
+        listen_timeout=reader.number("MIGLET_LISTEN_TIMEOUT", 300.0, minimum=0, exclusive=True),
+        ack_timeout=reader.number("MIGLET_ACK_TIMEOUT", 0.0, minimum=0),
+        registration_timeout=reader.number("MIGLET_REGISTRATION_TIMEOUT", 0.0, minimum=0),
+        idle_timeout=reader.number("MIGLET_IDLE_TIMEOUT", 0.0, minimum=0),
+        clock_skew=reader.number("MIGLET_CLOCK_SKEW", 30.0, minimum=0),
+        retry_base=reader.number("MIGLET_RETRY_BASE", 0.5, minimum=0, exclusive=True),
+        retry_cap=reader.number("MIGLET_RETRY_CAP", 30.0, minimum=0, exclusive=True),
+        outbox_capacity=reader.integer("MIGLET_OUTBOX_CAPACITY", 1000, minimum=10, maximum=1_000_000),
         log_format=reader.choice("MIGLET_LOG_FORMAT", "auto", ("auto", "json", "text")),  # type: ignore[arg-type]
         log_level=reader.choice("MIGLET_LOG_LEVEL", "info", ("debug", "info", "warning", "error")),  # type: ignore[arg-type]
     )

@@ -99,7 +99,7 @@ async def _serve_registration(
         holder.apply(machine.RegistrationFailed(command.id, reason, redact(error)))
 
     try:
-        registration = registration_from_command(command, config, now)
+        registration = registration_from_command(command, config, now, timedelta(seconds=config.clock_skew))
     except InvalidRegistration as exc:
         fail(exc.reason, str(exc))
         return
@@ -124,13 +124,30 @@ async def _serve_registration(
         holder.runner_pid = pid
         holder.write_state_file()
 
-    try:
-        code = await backend.run(registration, on_line, on_process)
-    except ConfigureFailed as exc:
-        fail("runner_start_failed", str(exc))
+    with trio.CancelScope() as run_scope:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_listen_deadline, holder, config.listen_timeout, run_scope)
+            try:
+                code = await backend.run(registration, on_line, on_process)
+            except ConfigureFailed as exc:
+                fail("runner_start_failed", str(exc))
+                return
+            nursery.cancel_scope.cancel()
+    if run_scope.cancelled_caught:
+        fail("runner_start_failed", f"runner did not listen for jobs within {config.listen_timeout:g} s")
         return
     log.info("Runner exited", extra={"exit_code": code})
     if holder.phase is Phase.REGISTERING_RUNNER:
         fail("runner_start_failed", f"runner exited with code {code} before listening for jobs")
     else:
         holder.apply(machine.RunnerExited(code))
+
+
+async def _listen_deadline(holder: StateHolder, limit_s: float, run_scope: trio.CancelScope) -> None:
+    """Stop a runner that has not said `Listening for Jobs` within `limit_s` seconds."""
+    with trio.move_on_after(limit_s) as scope:
+        await holder.value.wait_value(lambda state: state.phase is not Phase.REGISTERING_RUNNER)
+    if not scope.cancelled_caught:
+        return
+    log.error("The runner did not start listening for jobs in time; stopping it", extra={"timeout_s": limit_s})
+    run_scope.cancel()
