@@ -20,6 +20,8 @@ from urllib.parse import parse_qs, unquote
 import msgspec
 import trio
 
+from fake_controller.faults import DroppedConnection, Fault, FaultInjector, FaultPlan
+
 _VM_PATH: Final = "/api/v1/vms/"
 Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
@@ -27,6 +29,7 @@ Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 # Told of everything a VM does: (vm_id, what, details); the command line prints it.
 Observer = Callable[[str, str, dict[str, Any]], None]
 _HEADER: Final = frozenset({"type", "vm_id", "pool_id", "org_id", "event_id", "timestamp"})
+_GARBLED: Final = frozenset({"malformed", "wrong_shape", "huge"})
 _TOKEN_ALPHABET: Final = string.ascii_uppercase + string.digits
 
 
@@ -63,6 +66,8 @@ class VmRecord:
         self.pending: deque[dict[str, Any]] = deque()
         self.sent: list[dict[str, Any]] = []
         self.events: list[dict[str, Any]] = []
+        self.event_ids: set[str] = set()
+        self.duplicates = 0
         self.changed = trio.Event()
 
     def notify(self) -> None:
@@ -73,8 +78,11 @@ class VmRecord:
 class FakeController:
     """An ASGI app; `requests` and `vms` hold everything that happened."""
 
-    def __init__(self, settings: Settings | None = None, observer: Observer | None = None) -> None:
+    def __init__(
+        self, settings: Settings | None = None, observer: Observer | None = None, faults: FaultPlan | None = None
+    ) -> None:
         self.settings = settings or Settings()
+        self.faults = FaultInjector(faults)
         self._observer = observer
         self.requests: list[RecordedRequest] = []
         self.vms: dict[str, VmRecord] = {}
@@ -138,7 +146,19 @@ class FakeController:
         )
         self.request_arrived.set()
         self.request_arrived = trio.Event()
+        is_event = path.endswith("/events")
+        fault = self.faults.choose("events" if is_event else "commands")
+        if fault is not None and fault.delay_s:
+            await trio.sleep(fault.delay_s)
+        # A 2xx answer means "received": a garbled 2xx to an event comes after the event was processed.
+        after = fault is not None and (fault.kind == "drop_after" or (is_event and fault.kind in _GARBLED))
+        if fault is not None and fault.kind != "latency" and not after:
+            await _misbehave(send, fault)
+            return
         status, payload = await self._route(scope["method"], path, parse_qs(query), body)
+        if fault is not None and after:
+            await _misbehave(send, fault)
+            return
         await _respond(send, status, payload)
 
     async def _route(self, method: str, path: str, query: dict[str, list[str]], body: bytes) -> tuple[int, Any]:
@@ -160,13 +180,22 @@ class FakeController:
         if not isinstance(event, dict):
             return 400, {"error": "event must be an object"}
         vm = self.vm(vm_id)
-        vm.events.append(event)
-        self._observe(vm_id, f"event {event.get('type')}", {k: v for k, v in event.items() if k not in _HEADER})
+        event_id = event.get("event_id")
+        duplicate = event_id is not None and event_id in vm.event_ids
+        if duplicate:
+            # A retry of an event already received (its answer was lost): answer again, record once.
+            vm.duplicates += 1
+        else:
+            if event_id is not None:
+                vm.event_ids.add(event_id)
+            vm.events.append(event)
+            self._observe(vm_id, f"event {event.get('type')}", {k: v for k, v in event.items() if k not in _HEADER})
         if event.get("type") == "vm_started":
-            vm.ready = True
-            vm.registration_sent = False
-            vm.registration_due = trio.current_time() + self.settings.registration_delay_s
-            vm.notify()
+            if not duplicate:
+                vm.ready = True
+                vm.registration_sent = False
+                vm.registration_due = trio.current_time() + self.settings.registration_delay_s
+                vm.notify()
             return 200, {
                 "status": "acknowledged",
                 "acknowledged": True,
@@ -258,11 +287,35 @@ async def _read_body(receive: Receive) -> bytes:
     return b"".join(chunks)
 
 
-async def _respond(send: Send, status: int, payload: Any) -> None:
-    body = msgspec.json.encode(payload)
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    await send({"type": "http.response.start", "status": status, "headers": headers})
+async def _respond(send: Send, status: int, payload: Any, headers: dict[str, str] | None = None) -> None:
+    await _respond_raw(send, status, msgspec.json.encode(payload), b"application/json", headers)
+
+
+async def _respond_raw(
+    send: Send, status: int, body: bytes, content_type: bytes, headers: dict[str, str] | None = None
+) -> None:
+    raw_headers = [(b"content-type", content_type), (b"content-length", str(len(body)).encode())]
+    raw_headers += [(key.lower().encode(), value.encode()) for key, value in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw_headers})
     await send({"type": "http.response.body", "body": body})
+
+
+async def _misbehave(send: Send, fault: Fault) -> None:
+    match fault.kind:
+        case "status":
+            headers = {"Retry-After": fault.retry_after} if fault.retry_after is not None else None
+            await _respond(send, fault.status, {"error": "injected fault"}, headers)
+        case "malformed":
+            await _respond_raw(send, 200, b"<html><body>502 Bad Gateway</body></html>", b"text/html")
+        case "wrong_shape":
+            await _respond(send, 200, [{"commands": "not a list"}, 42])
+        case "huge":
+            await _respond_raw(send, 200, b"[" + b"0," * (1 << 20) + b"0]", b"application/json")
+        case "drop" | "drop_after":
+            # Promise a body, then break off: the client sees the connection fail mid-answer.
+            await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"1000")]})
+            await send({"type": "http.response.body", "body": b'{"trunc', "more_body": True})
+            raise DroppedConnection("connection dropped by fault injection")
 
 
 async def _lifespan(receive: Receive, send: Send) -> None:

@@ -19,6 +19,7 @@ import msgspec
 import trio
 
 from fake_controller import FakeController, Settings
+from fake_controller.faults import Fault
 from fake_controller.fake_runner import Behaviour, encode_jitconfig, enqueue_job, install, read_calls
 from fake_controller.server import serve
 from miglet.runner.process import _session_members
@@ -265,3 +266,41 @@ async def test_jit_config_runs_without_config_sh(tmp_path: Path) -> None:
     assert calls[0]["jitconfig_source"] == "env"
     assert all(jit not in arg for arg in calls[0]["argv"])
     assert jit.encode() not in miglet.raw
+
+
+async def test_faulty_controller_and_bad_commands(tmp_path: Path) -> None:
+    controller = FakeController(Settings(send_registration=False))
+    controller.faults.script("events", [Fault(status=503), Fault(status=503, retry_after="1"), Fault(status=500)])
+    controller.faults.script("commands", [Fault(status=500), Fault(kind="malformed"), Fault(kind="wrong_shape")])
+    rejected_token = "AHTREJECTEDBYGITHUB000000001"
+    expired = controller.registration_command("vm-123") | {"id": "expired"}
+    expired["parameters"] = expired["parameters"] | {"expires_at": "2024-01-15T11:30:00Z"}
+    rejected = controller.registration_command("vm-123") | {"id": "rejected"}
+    rejected["parameters"] = rejected["parameters"] | {"registration_token": rejected_token}
+    good = controller.registration_command("vm-123") | {"id": "good"}
+    malformed = {"id": "malformed", "type": "register_runner", "parameters": {"labels": "x64"}}
+    for command in (malformed, expired, rejected, good, good):
+        controller.enqueue("vm-123", command)
+    behaviour = Behaviour(reject_tokens=(rejected_token,))
+    env = {"MIGLET_POLL_INTERVAL": "0.2", "MIGLET_RETRY_BASE": "0.05"}
+    with trio.fail_after(TIMEOUT):
+        async with miglet_against(tmp_path, controller, behaviour, **env) as (miglet, runner_dir):
+            await miglet.wait_state("Idle")
+            miglet.process.send_signal(signal.SIGTERM)
+        assert miglet.process.returncode == 0
+    started = [msgspec.json.decode(r.body) for r in controller.requests_to("/events")][:4]
+    assert [event["type"] for event in started] == ["vm_started"] * 4
+    assert len({event["event_id"] for event in started}) == 1
+    configured = [call["token"] for call in read_calls(runner_dir) if call["cmd"] == "configure"]
+    assert configured == [rejected_token, good["parameters"]["registration_token"]]
+    failures = [(e["command_id"], e["reason"]) for e in controller.events_of("vm-123", "registration_failed")]
+    assert failures == [
+        ("malformed", "invalid_command"),
+        ("expired", "token_expired"),
+        ("rejected", "configure_failed"),
+    ]
+    assert len(controller.events_of("vm-123", "runner_registered")) == 1
+    log_text = miglet.raw.decode()
+    assert "Traceback" not in log_text
+    assert '"level":"error"' in log_text  # the failures were logged as such
+    no_runner_left(runner_dir)

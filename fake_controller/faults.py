@@ -1,0 +1,101 @@
+"""Fault injection for the fake controller: the misbehaviour a real controller shows under load and restarts.
+
+Faults come from two sources: a script (exact answers for the next requests to an endpoint, taken in order,
+for tests that need a precise sequence) and a plan of random rates (for chaos). A fault either replaces the
+controller's answer before the request is processed (the request is lost, as with a crash), or, for
+`drop_after`, after it was processed (the client cannot tell, and retries: a duplicate).
+"""
+
+from __future__ import annotations
+
+import random
+from collections import deque
+from typing import Literal
+
+import httpx
+import msgspec
+
+Endpoint = Literal["events", "commands"]
+FaultKind = Literal["status", "malformed", "wrong_shape", "huge", "drop", "drop_after", "latency"]
+
+
+class Fault(msgspec.Struct, frozen=True, kw_only=True):
+    """One injected misbehaviour."""
+
+    kind: FaultKind = "status"
+    status: int = 503
+    retry_after: str | None = None
+    delay_s: float = 0.0
+
+
+class FaultPlan(msgspec.Struct, kw_only=True):
+    """Random faults, each rate a probability per request."""
+
+    error_rate: float = 0.0
+    error_statuses: list[int] = msgspec.field(default_factory=lambda: [500, 502, 503, 429, 408])
+    retry_after_s: float | None = None
+    malformed_rate: float = 0.0
+    drop_rate: float = 0.0
+    drop_after_rate: float = 0.0
+    latency_s: float = 0.0
+    duplicate_commands: bool = False
+    seed: int | None = None
+
+
+class DroppedConnection(httpx.RemoteProtocolError):
+    """Raised by the app mid-response: the HTTP server closes the connection without a complete answer.
+
+    An httpx transport error, so that a client calling the app in-process (`httpx.ASGITransport`) sees what
+    it would see over a real connection.
+    """
+
+
+class FaultInjector:
+    """Decides, per request, whether and how to misbehave."""
+
+    def __init__(self, plan: FaultPlan | None = None) -> None:
+        self.plan = plan or FaultPlan()
+        self._rng = random.Random(self.plan.seed)
+        self._scripts: dict[str, deque[Fault | None]] = {"events": deque(), "commands": deque()}
+        self.injected = 0
+
+    def set_plan(self, plan: FaultPlan) -> None:
+        self.plan = plan
+        self._rng = random.Random(plan.seed)
+
+    def script(self, endpoint: Endpoint, faults: list[Fault | None]) -> None:
+        """Answer the next requests to `endpoint` with `faults`, in order (None: answer normally)."""
+        self._scripts[endpoint].extend(faults)
+
+    def choose(self, endpoint: Endpoint) -> Fault | None:
+        script = self._scripts[endpoint]
+        fault = script.popleft() if script else self._random()
+        if fault is not None and fault.kind == "drop_after" and endpoint == "commands" and not script:
+            # Dropped after processing, a poll's commands would be gone for good (the seed's controller sends
+            # each once): random chaos loses answers to events only.
+            fault = Fault(kind="drop")
+        if fault is not None:
+            self.injected += 1
+        return fault
+
+    def _random(self) -> Fault | None:
+        plan, roll = self.plan, self._rng.random()
+        for rate, make in (
+            (plan.error_rate, self._error),
+            (plan.malformed_rate, lambda: Fault(kind=self._rng.choice(["malformed", "wrong_shape"]))),
+            (plan.drop_rate, lambda: Fault(kind="drop")),
+            (plan.drop_after_rate, lambda: Fault(kind="drop_after")),
+        ):
+            if roll < rate:
+                return make()
+            roll -= rate
+        if plan.latency_s > 0:
+            return Fault(kind="latency", delay_s=self._rng.uniform(0, plan.latency_s))
+        return None
+
+    def _error(self) -> Fault:
+        status = self._rng.choice(self.plan.error_statuses)
+        retry_after = None
+        if status in (429, 503) and self.plan.retry_after_s is not None:
+            retry_after = f"{self.plan.retry_after_s:g}"
+        return Fault(kind="status", status=status, retry_after=retry_after)
