@@ -59,16 +59,6 @@ async def test_many_agents_through_a_faulty_controller(
     with trio.fail_after(3600):  # virtual seconds: a hang fails the test instead of spinning forever
         await run_fleet(controller, agents)
 
-            nursery.start_soon(agent.run)
-        for agent in agents:
-            await agent.holder.value.wait_value(lambda state: state.phase is Phase.IDLE)
-        for agent in agents:
-            await agent.outbox.wait_empty()
-        assert controller.faults.injected > AGENTS  # the chaos really happened
-        controller.faults.set_plan(FaultPlan())
-        for agent in agents:
-            agent.request_stop("test over")
-
     assert sum(vm.duplicates for vm in controller.vms.values()) > 0  # some answers were lost after processing
     for agent, runner in zip(agents, runners, strict=True):
         vm_id = agent.config.vm_id
