@@ -19,8 +19,8 @@ import msgspec
 import trio
 
 from fake_controller import FakeController, Settings
-from fake_controller.faults import Fault
 from fake_controller.fake_runner import Behaviour, encode_jitconfig, enqueue_job, install, read_calls
+from fake_controller.faults import Fault
 from fake_controller.server import serve
 from miglet.runner.process import _session_members
 from miglet.statefile import read_state_file
