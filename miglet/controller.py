@@ -22,6 +22,7 @@ from miglet.retry import is_retryable_status, parse_retry_after
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES: Final = 1 << 20
+ERROR_BODY_BYTES: Final = 4096
 CONNECT_TIMEOUT: Final = 5.0
 READ_TIMEOUT: Final = 10.0
 # A long poll may be held for `wait` seconds; the read timeout allows that plus this margin.
@@ -57,13 +58,14 @@ class ControllerClient:
         self._events_path = f"{base}/events"
         self._commands_path = f"{base}/commands"
 
-    async def post_event(self, event: protocol.AnyEvent) -> bytes:
-        """POST one event; returns the response body of a 2xx answer."""
+    async def post_event(self, event: protocol.AnyEvent, *, read_answer: bool = False) -> bytes:
+        """POST one event; any 2xx means delivered. Returns the answer's body when asked to read it."""
         return await self._request(
             "POST",
             self._events_path,
             content=protocol.encode_event(event),
             headers={"Content-Type": "application/json"},
+            read_body=read_answer,
         )
 
     async def get_commands(self, wait: int = 0) -> protocol.CommandBatch:
@@ -82,6 +84,7 @@ class ControllerClient:
         headers: dict[str, str] | None = None,
         params: dict[str, str] | None = None,
         http_timeout: httpx.Timeout | None = None,
+        read_body: bool = True,
     ) -> bytes:
         what = f"{method} {path}"
         extensions = {"timeout": http_timeout.as_dict()} if http_timeout is not None else None
@@ -91,7 +94,12 @@ class ControllerClient:
         try:
             response = await self._http.send(request, stream=True)
             try:
-                body = await _read_capped(response, what)
+                if not 200 <= response.status_code < 300:
+                    body = await _read_prefix(response, ERROR_BODY_BYTES)
+                elif read_body:
+                    body = await _read_capped(response, what)
+                else:
+                    body = b""  # a 2xx answer to an event is all that counts
             finally:
                 await response.aclose()
         except httpx.TimeoutException as exc:
@@ -120,6 +128,16 @@ async def _read_capped(response: httpx.Response, what: str) -> bytes:
             raise protocol.ProtocolError(f"{what}: response body exceeds {MAX_BODY_BYTES} bytes")
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+async def _read_prefix(response: httpx.Response, limit: int) -> bytes:
+    """At most `limit` bytes of the body: enough to say what an error answer was about."""
+    prefix = b""
+    async for chunk in response.aiter_bytes():
+        prefix += chunk
+        if len(prefix) >= limit:
+            break
+    return prefix[:limit]
 
 
 def _summarise(body: bytes) -> str:

@@ -111,8 +111,9 @@ class Outbox:
         while True:
             try:
                 await client.post_event(event)
-            except ControllerUnavailable as exc:
-                delay = self._policy.delay(attempt, retry_after=exc.retry_after)
+            except (ControllerUnavailable, protocol.ProtocolError) as exc:
+                retry_after = exc.retry_after if isinstance(exc, ControllerUnavailable) else None
+                delay = self._policy.delay(attempt, retry_after=retry_after)
                 log.warning(
                     "Event not delivered; will retry",
                     extra={"event": kind, "event_id": event.event_id, "error": str(exc), "retry_in_s": round(delay, 3)},

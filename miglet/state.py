@@ -46,6 +46,8 @@ class StateHolder:
         self._emit = emit
         self._state_file = state_file
         self.refresh_s = refresh_s
+        # Called with (before, after) on every accepted input: tests and benchmarks watch the agent through it.
+        self.observers: list[Callable[[AgentState, AgentState], object]] = []
         self._since = utc_timestamp()
         self.runner_pid: int | None = None
 
@@ -76,6 +78,8 @@ class StateHolder:
             log.info(message, extra={"from": before.phase.value, "to": after.phase.value})
         for owed in step.events:
             self._emit(owed)
+        for observer in self.observers:
+            observer(before, after)
         return True
 
     def write_state_file(self) -> None:

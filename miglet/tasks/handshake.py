@@ -35,7 +35,7 @@ async def handshake_task(
     while True:
         retry_after: float | None = None
         try:
-            body = await client.post_event(event)
+            body = await client.post_event(event, read_answer=True)
             ack = protocol.decode_acknowledgment(body)
         except ControllerError as exc:
             retry_after = getattr(exc, "retry_after", None)
