@@ -11,15 +11,23 @@ from typing import Any
 import trio
 
 from fake_controller.controller import FakeController, Settings
+from fake_controller.faults import FaultPlan
 
 
 def build_parser() -> argparse.ArgumentParser:
     defaults = Settings()
     parser = argparse.ArgumentParser(
         prog="python -m fake_controller",
-        description="A controller for MIGlet that does what the seed's sample controller does: it acknowledges "
-        "vm_started and sends each ready VM one register_runner command. Admin API under /_admin: "
-        "GET /_admin/vms, GET /_admin/requests, POST /_admin/vms/{vm_id}/commands.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="""\
+A controller for MIGlet that does what the seed's sample controller does: it acknowledges vm_started
+and sends each ready VM one register_runner command (polls may be held with ?wait=N).
+
+admin API:
+  GET  /_admin/vms                      the VMs, their state and events
+  GET  /_admin/requests                 every request received
+  POST /_admin/vms/{vm_id}/commands     queue a command, e.g. {"type": "shutdown"}
+  PUT  /_admin/faults                   replace the fault plan (JSON, fields as the flags below)""",
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on [%(default)s]")
     parser.add_argument("--port", type=int, default=8080, help="port to listen on, 0 for any [%(default)s]")
@@ -39,7 +47,35 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--no-long-poll", action="store_true", help="answer polls at once, ignoring ?wait=N (the seed's behaviour)"
     )
+    faults = parser.add_argument_group("fault injection (rates are probabilities per request)")
+    faults.add_argument("--error-rate", type=float, default=0.0, help="answer with an error status [%(default)s]")
+    faults.add_argument(
+        "--error-status", type=int, action="append", metavar="CODE", help="error statuses to use [500,502,503,429,408]"
+    )
+    faults.add_argument("--retry-after", type=float, metavar="SECONDS", help="Retry-After on 429 and 503")
+    faults.add_argument("--malformed-rate", type=float, default=0.0, help="answer 200 with a garbled body")
+    faults.add_argument("--drop-rate", type=float, default=0.0, help="drop the connection mid-answer")
+    faults.add_argument("--drop-after-rate", type=float, default=0.0, help="process an event, then drop the connection")
+    faults.add_argument("--latency", type=float, default=0.0, metavar="SECONDS", help="random extra delay up to this")
+    faults.add_argument("--duplicate-commands", action="store_true", help="deliver every command twice")
+    faults.add_argument("--seed", type=int, help="random seed for reproducible faults")
     return parser
+
+
+def fault_plan(args: argparse.Namespace) -> FaultPlan:
+    plan = FaultPlan(
+        error_rate=args.error_rate,
+        retry_after_s=args.retry_after,
+        malformed_rate=args.malformed_rate,
+        drop_rate=args.drop_rate,
+        drop_after_rate=args.drop_after_rate,
+        latency_s=args.latency,
+        duplicate_commands=args.duplicate_commands,
+        seed=args.seed,
+    )
+    if args.error_status:
+        plan.error_statuses = list(args.error_status)
+    return plan
 
 
 def _show(vm_id: str, what: str, detail: dict[str, Any]) -> None:
@@ -58,7 +94,7 @@ async def _main(args: argparse.Namespace) -> None:
         token_ttl_s=args.token_ttl,
         long_poll=not args.no_long_poll,
     )
-    controller = FakeController(settings, observer=_show)
+    controller = FakeController(settings, observer=_show, faults=fault_plan(args))
     async with trio.open_nursery() as nursery:
         url = await nursery.start(serve, controller, args.host, args.port)
         print(f"fake controller listening on {url}", flush=True)

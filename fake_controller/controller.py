@@ -147,7 +147,8 @@ class FakeController:
         self.request_arrived.set()
         self.request_arrived = trio.Event()
         is_event = path.endswith("/events")
-        fault = self.faults.choose("events" if is_event else "commands")
+        # Only the agents' API misbehaves; the admin API always answers.
+        fault = self.faults.choose("events" if is_event else "commands") if path.startswith(_VM_PATH) else None
         if fault is not None and fault.delay_s:
             await trio.sleep(fault.delay_s)
         # A 2xx answer means "received": a garbled 2xx to an event comes after the event was processed.
@@ -221,6 +222,9 @@ class FakeController:
                 await vm.changed.wait()
         commands = list(vm.pending)
         vm.pending.clear()
+        if self.faults.plan.duplicate_commands:
+            # Each command comes back once more on the next poll, as from a controller that lost track.
+            vm.pending.extend(command for command in commands if command not in vm.sent)
         vm.sent.extend(commands)
         for command in commands:
             self._observe(vm_id, f"command {command.get('type')}", {"id": command.get("id")})
@@ -256,6 +260,12 @@ class FakeController:
             if not isinstance(command, dict) or "type" not in command:
                 return 400, {"error": "a command is an object with a type"}
             return 200, self.enqueue(vm_id, command)
+        if method == "PUT" and path == "/faults":
+            try:
+                self.faults.set_plan(msgspec.json.decode(body, type=FaultPlan))
+            except msgspec.DecodeError as exc:
+                return 400, {"error": f"not a fault plan: {exc}"}
+            return 200, msgspec.to_builtins(self.faults.plan)
         return 404, {"error": f"no admin route for {method} {path}"}
 
 
