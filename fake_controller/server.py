@@ -17,10 +17,17 @@ async def serve(
     host: str = "127.0.0.1",
     port: int = 0,
     *,
+    certfile: str | None = None,
+    keyfile: str | None = None,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve `controller` until cancelled; `nursery.start(serve, ...)` returns the base URL (port 0 picks one)."""
+    """Serve `controller` until cancelled; `nursery.start(serve, ...)` returns the base URL (port 0 picks one).
+
+    With `certfile` and `keyfile` it serves HTTPS.
+    """
     config = HypercornConfig()
+    config.certfile = certfile
+    config.keyfile = keyfile
     config.bind = [f"{host}:{port}"]
     config.accesslog = None
     config.errorlog = logging.getLogger("fake_controller.hypercorn")

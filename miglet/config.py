@@ -10,7 +10,7 @@ import ipaddress
 import os
 import pwd
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Final, Literal
 from urllib.parse import urlsplit
@@ -54,6 +54,7 @@ VARIABLES: Final = (
     Variable("MIGLET_RUNNER_NAME", "the VM id", "runner name at GitHub"),
     Variable("MIGLET_RUNNER_USER", "unset", "when MIGlet runs as root, run the runner as this user"),
     Variable("MIGLET_RUNNER_DISABLE_UPDATE", "false", "register with --disableupdate"),
+    Variable("MIGLET_ALLOW_HTTP_RUNNER_URL", "false", "accept an http:// runner_url (a GitHub Enterprise Server)"),
     Variable("MIGLET_EPHEMERAL", "true", "register with --ephemeral: one job, then the VM is done"),
     Variable("MIGLET_SHUTDOWN_GRACE", "30", "seconds a stopping runner gets before it is killed"),
     Variable("MIGLET_STATE_FILE", "/run/miglet/state.json", "where the current state is written"),
@@ -98,6 +99,7 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     runner_name: str = ""
     runner_user: str | None = None
     runner_disable_update: bool = False
+    allow_http_runner_url: bool = False
     ephemeral: bool = True
     shutdown_grace: float = 30.0
     state_file: Path = Path("/run/miglet/state.json")
@@ -245,14 +247,28 @@ def _controller_token(reader: _Reader) -> Secret | None:
     return None if token is None else Secret(token)
 
 
-def _runner_user(reader: _Reader, lookup: Callable[[str], object]) -> str | None:
-    user = reader.raw("MIGLET_RUNNER_USER")
+def _runner_user(reader: _Reader, runner_dir: Path) -> str | None:
+    name = "MIGLET_RUNNER_USER"
+    user = reader.raw(name)
     if user is None:
         return None
     try:
-        lookup(user)
+        entry = pwd.getpwnam(user)
     except KeyError:
-        raise ConfigError("MIGLET_RUNNER_USER", f"no such user: {user!r}") from None
+        raise ConfigError(name, f"no such user: {user!r}") from None
+    if os.geteuid() != 0:
+        raise ConfigError(name, f"switching to {user!r} needs MIGlet to run as root")
+    try:
+        owner = runner_dir.stat().st_uid
+    except OSError as exc:
+        raise ConfigError("MIGLET_RUNNER_DIR", f"cannot use {str(runner_dir)!r}: {exc.strerror}") from None
+    if owner != entry.pw_uid:
+        # The runner writes its configuration, work folder and diagnostics there as that user.
+        raise ConfigError(
+            name,
+            f"the runner directory {str(runner_dir)!r} must belong to {user!r} (it belongs to uid {owner}); "
+            f"run: chown -R {user}: {runner_dir}",
+        )
     return user
 
 
@@ -268,6 +284,7 @@ def load_config(env: Mapping[str, str] | None = None) -> Config:
         raise ConfigError("MIGLET_CA_BUNDLE", f"no such file: {str(ca_bundle)!r}")
     assert vm_id is not None
     assert pool_id is not None
+    runner_dir = reader.path("MIGLET_RUNNER_DIR", Path("/opt/actions-runner")) or Path()
     return Config(
         vm_id=vm_id,
         pool_id=pool_id,
@@ -279,10 +296,11 @@ def load_config(env: Mapping[str, str] | None = None) -> Config:
         poll_interval=reader.number("MIGLET_POLL_INTERVAL", 5.0, minimum=0, exclusive=True),
         command_wait=reader.integer("MIGLET_COMMAND_WAIT", 20, minimum=0, maximum=600),
         heartbeat_interval=reader.number("MIGLET_HEARTBEAT_INTERVAL", 30.0, minimum=0),
-        runner_dir=reader.path("MIGLET_RUNNER_DIR", Path("/opt/actions-runner")) or Path(),
+        runner_dir=runner_dir,
         runner_name=reader.identifier("MIGLET_RUNNER_NAME", required=False) or "",
-        runner_user=_runner_user(reader, pwd.getpwnam),
+        runner_user=_runner_user(reader, runner_dir),
         runner_disable_update=reader.boolean("MIGLET_RUNNER_DISABLE_UPDATE", False),
+        allow_http_runner_url=reader.boolean("MIGLET_ALLOW_HTTP_RUNNER_URL", False),
         ephemeral=reader.boolean("MIGLET_EPHEMERAL", True),
         shutdown_grace=reader.number("MIGLET_SHUTDOWN_GRACE", 30.0, minimum=0),
         state_file=reader.path("MIGLET_STATE_FILE", Path("/run/miglet/state.json")) or Path(),

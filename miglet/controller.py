@@ -105,7 +105,7 @@ class ControllerClient:
         except httpx.TimeoutException as exc:
             raise ControllerUnavailable(f"{what}: timed out ({type(exc).__name__})") from None
         except httpx.TransportError as exc:
-            raise ControllerUnavailable(f"{what}: {type(exc).__name__}: {exc or 'connection failed'}") from None
+            raise ControllerUnavailable(f"{what}: {type(exc).__name__}: {_describe(exc)}") from None
         status = response.status_code
         if 200 <= status < 300:
             return body
@@ -114,6 +114,19 @@ class ControllerClient:
             retry_after = parse_retry_after(response.headers.get("Retry-After"))
             raise ControllerUnavailable(f"{what}: HTTP {status}{summary}", retry_after)
         raise ControllerRejected(f"{what}: HTTP {status}{summary}", status)
+
+
+def _describe(exc: BaseException) -> str:
+    """The most specific message in an exception's chain (httpx often wraps a TLS or socket error silently)."""
+    messages: list[str] = []
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if str(current):
+            messages.append(str(current))
+        current = current.__cause__ or current.__context__
+    return messages[-1] if messages else "connection failed"
 
 
 async def _read_capped(response: httpx.Response, what: str) -> bytes:

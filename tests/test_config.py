@@ -6,6 +6,8 @@ subprocess with a hard timeout and a controller address nothing listens on.
 
 from __future__ import annotations
 
+import os
+import pwd
 import subprocess
 import sys
 from pathlib import Path
@@ -159,3 +161,30 @@ def test_check_config_masks_the_controller_token() -> None:
     assert result.returncode == 0
     assert "ctl-token-value-123" not in result.stdout + result.stderr
     assert "controller_token = Secret('***')" in result.stdout
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="switching users needs root")
+def test_runner_user_must_own_the_runner_directory(tmp_path: Path) -> None:
+    runner_dir = tmp_path / "runner"
+    runner_dir.mkdir()
+    env = {**BASE, "MIGLET_RUNNER_USER": "nobody", "MIGLET_RUNNER_DIR": str(runner_dir)}
+    with pytest.raises(ConfigError) as caught:
+        load_config(env)
+    assert caught.value.variable == "MIGLET_RUNNER_USER"
+    assert f"chown -R nobody: {runner_dir}" in str(caught.value)
+    os.chown(runner_dir, pwd.getpwnam("nobody").pw_uid, -1)
+    assert load_config(env).runner_user == "nobody"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="switching users needs root")
+def test_runner_user_needs_an_existing_runner_directory(tmp_path: Path) -> None:
+    env = {**BASE, "MIGLET_RUNNER_USER": "nobody", "MIGLET_RUNNER_DIR": str(tmp_path / "absent")}
+    with pytest.raises(ConfigError, match="MIGLET_RUNNER_DIR: cannot use"):
+        load_config(env)
+
+
+def test_check_config_refuses_plain_http_to_a_remote_controller_without_sending() -> None:
+    # 192.0.2.1 is TEST-NET-1: nothing answers there, and nothing is sent to it.
+    result = _run_cli({**BASE, "MIGLET_CONTROLLER_ENDPOINT": "http://192.0.2.1:8080"}, "check-config")
+    assert result.returncode == 2
+    assert "MIGLET_CONTROLLER_ENDPOINT: uses plain http:// to the non-loopback host '192.0.2.1'" in result.stderr

@@ -12,6 +12,8 @@ from typing import Any
 import msgspec
 import pytest
 import trio
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from fake_controller.simulated_runner import SimulatedRunner
 from miglet import protocol, secret
@@ -57,7 +59,10 @@ def test_a_good_command_becomes_a_registration(make_config: ConfigFactory) -> No
     [
         ({"expires_at": "2024-01-15T10:29:00Z"}, "token_expired", "expired at 2024-01-15T10:29:00+00:00"),
         ({"registration_token": None}, "invalid_command", "neither registration_token nor jit_config"),
-        ({"runner_url": "github.com/org/repo"}, "invalid_command", "runner_url must be an http(s) URL"),
+        ({"runner_url": "github.com/org/repo"}, "invalid_command", "runner_url must be an https URL with a host"),
+        ({"runner_url": "http://ghe.internal/org"}, "invalid_command", "runner_url must be an https URL"),
+        ({"runner_url": "https://user:pw@github.com/o"}, "invalid_command", "must not carry credentials"),
+        ({"runner_url": "https://github.com/o r"}, "invalid_command", "must not carry credentials, spaces"),
         ({"labels": []}, "invalid_command", "labels must not be empty"),
         ({"labels": ["a,b"]}, "invalid_command", "commas or white space"),
         ({"labels": ["has space"]}, "invalid_command", "commas or white space"),
@@ -73,6 +78,55 @@ def test_bad_commands_are_refused_with_a_reason(
         registration_from_command(command(**parameters), make_config(), NOW)
     assert caught.value.reason == reason
     assert message in str(caught.value)
+
+
+def test_http_runner_url_needs_an_explicit_setting(make_config: ConfigFactory) -> None:
+    ghe = command(runner_url="http://ghe.internal/org")
+    assert registration_from_command(ghe, make_config(allow_http_runner_url=True), NOW).url == "http://ghe.internal/org"
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=30),
+    lambda children: st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=12), children, max_size=5),
+    max_leaves=25,
+)
+parameter_values = st.fixed_dictionaries(
+    {},
+    optional={
+        "registration_token": st.text(max_size=40) | json_values,
+        "jit_config": st.text(max_size=40),
+        "runner_url": st.sampled_from(["https://github.com/o/r", "http://x", "ftp://y", "https://", ""]) | st.text(),
+        "runner_group": st.text(max_size=300) | json_values,
+        "labels": st.lists(st.text(max_size=20), max_size=120) | json_values,
+        "expires_at": st.sampled_from(["2024-01-15T11:30:00Z", "2099-01-01T00:00:00+02:00", "soon", "2024-01-15"])
+        | json_values,
+    },
+)
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    st.lists(
+        st.fixed_dictionaries(
+            {"id": st.text(max_size=8) | json_values, "type": st.just("register_runner")},
+            optional={"parameters": parameter_values | json_values},
+        ),
+        max_size=3,
+    )
+)
+def test_any_command_is_accepted_or_refused_with_a_reason(make_config: ConfigFactory, raw: list[object]) -> None:
+    batch = protocol.decode_commands(msgspec.json.encode({"commands": raw}))
+    assert all(rejected.error for rejected in batch.rejected)
+    for decoded in batch.commands:
+        assert isinstance(decoded, protocol.RegisterRunner)
+        try:
+            registration = registration_from_command(decoded, make_config(), NOW)
+        except InvalidRegistration as exc:
+            assert exc.reason in ("invalid_command", "token_expired")
+            assert str(exc)
+        else:
+            assert registration.url.startswith("https://")
+            assert all(label and "," not in label for label in registration.labels)
 
 
 def test_clock_skew_is_allowed_on_expiry(make_config: ConfigFactory) -> None:

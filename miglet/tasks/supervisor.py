@@ -12,6 +12,7 @@ import re
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Final
+from urllib.parse import urlsplit
 
 import trio
 
@@ -28,6 +29,7 @@ log = logging.getLogger(__name__)
 runner_log = logging.getLogger("miglet.runner.output")
 
 MAX_LABELS: Final = 100
+MAX_URL: Final = 2048
 _LABEL: Final = re.compile(r"[^\s,\x00-\x1f\x7f]{1,256}")
 _GROUP: Final = re.compile(r"[^\x00-\x1f\x7f]{1,256}")
 
@@ -47,8 +49,7 @@ def registration_from_command(
         raise InvalidRegistration("invalid_command", "neither registration_token nor jit_config is given")
     if params.expires_at is not None and params.expires_at + clock_skew <= now:
         raise InvalidRegistration("token_expired", f"registration token expired at {params.expires_at.isoformat()}")
-    if not params.runner_url.startswith(("https://", "http://")) or len(params.runner_url) > 2048:
-        raise InvalidRegistration("invalid_command", "runner_url must be an http(s) URL")
+    _check_runner_url(params.runner_url, config.allow_http_runner_url)
     if not params.labels and params.jit_config is None:
         raise InvalidRegistration("invalid_command", "labels must not be empty")
     if len(params.labels) > MAX_LABELS:
@@ -69,6 +70,21 @@ def registration_from_command(
         jit_config=params.jit_config,
         disable_update=config.runner_disable_update,
     )
+
+
+def _check_runner_url(url: str, allow_http: bool) -> None:
+    schemes = ("https", "http") if allow_http else ("https",)
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        parts = None
+    if parts is None or parts.scheme not in schemes or not parts.hostname or len(url) > MAX_URL:
+        wanted = "an http(s)" if allow_http else "an https"
+        raise InvalidRegistration("invalid_command", f"runner_url must be {wanted} URL with a host")
+    if parts.username or parts.password or any(ch.isspace() or not ch.isprintable() for ch in url):
+        raise InvalidRegistration(
+            "invalid_command", "runner_url must not carry credentials, spaces or control characters"
+        )
 
 
 def relay_line(stream: str, line: str) -> str:
