@@ -7,15 +7,18 @@ JSON log lines and the controller's record, never sleeps. Each test checks that 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import msgspec
+import pytest
 import trio
 
 from fake_controller import FakeController, Settings
@@ -72,9 +75,14 @@ class Miglet:
 
 @asynccontextmanager
 async def miglet_against(
-    tmp_path: Path, controller: FakeController, behaviour: Behaviour | None = None, **env: str
+    tmp_path: Path,
+    controller: FakeController,
+    *,
+    behaviour: Behaviour | None = None,
+    runner_dir: Path | None = None,
+    env: dict[str, str] | None = None,
 ) -> AsyncIterator[tuple[Miglet, Path]]:
-    runner_dir = install(tmp_path / "runner", behaviour)
+    runner_dir = runner_dir or install(tmp_path / "runner", behaviour)
     state_file = tmp_path / "state" / "state.json"
     async with trio.open_nursery() as nursery:
         url = await nursery.start(serve, controller)
@@ -86,7 +94,7 @@ async def miglet_against(
             "MIGLET_RUNNER_DIR": str(runner_dir),
             "MIGLET_STATE_FILE": str(state_file),
             "MIGLET_LOG_FORMAT": "json",
-            **env,
+            **(env or {}),
         }
         process = await trio.lowlevel.open_process(
             [sys.executable, "-m", "miglet"], env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE
@@ -113,7 +121,7 @@ async def test_seed_controller_registration_idle_and_sigterm(tmp_path: Path) -> 
     # A controller that does only what the seed says: no long-poll.
     controller = FakeController(Settings(long_poll=False))
     with trio.fail_after(TIMEOUT):
-        async with miglet_against(tmp_path, controller, MIGLET_POLL_INTERVAL="0.2") as (miglet, runner_dir):
+        async with miglet_against(tmp_path, controller, env={"MIGLET_POLL_INTERVAL": "0.2"}) as (miglet, runner_dir):
             await miglet.wait_state("Idle")
             assert read_state_file(miglet.state_file).state == "Idle"
             miglet.process.send_signal(signal.SIGTERM)
@@ -176,7 +184,7 @@ async def test_ephemeral_job_then_miglet_exits_by_itself(tmp_path: Path) -> None
 async def test_sigterm_during_a_job_cancels_it_within_the_grace(tmp_path: Path) -> None:
     controller = FakeController()
     with trio.fail_after(TIMEOUT):
-        async with miglet_against(tmp_path, controller, MIGLET_SHUTDOWN_GRACE="10") as (miglet, runner_dir):
+        async with miglet_against(tmp_path, controller, env={"MIGLET_SHUTDOWN_GRACE": "10"}) as (miglet, runner_dir):
             await miglet.wait_state("Idle")
             enqueue_job(runner_dir, "long", duration_s=600)
             await miglet.wait_state("Busy")
@@ -202,7 +210,7 @@ async def wait_for_events(controller: FakeController, event_type: str, count: in
 async def test_heartbeats_and_status_while_idle(tmp_path: Path) -> None:
     controller = FakeController()
     with trio.fail_after(TIMEOUT):
-        async with miglet_against(tmp_path, controller, MIGLET_HEARTBEAT_INTERVAL="0.5") as (miglet, _):
+        async with miglet_against(tmp_path, controller, env={"MIGLET_HEARTBEAT_INTERVAL": "0.5"}) as (miglet, _):
             await miglet.wait_state("Idle")
             beats = await wait_for_events(controller, "heartbeat", 2)
             status = await trio.run_process(
@@ -221,7 +229,7 @@ async def test_heartbeats_and_status_while_idle(tmp_path: Path) -> None:
 async def test_shutdown_command_while_idle(tmp_path: Path) -> None:
     controller = FakeController()
     with trio.fail_after(TIMEOUT):
-        async with miglet_against(tmp_path, controller, MIGLET_POLL_INTERVAL="0.2") as (miglet, runner_dir):
+        async with miglet_against(tmp_path, controller, env={"MIGLET_POLL_INTERVAL": "0.2"}) as (miglet, runner_dir):
             await miglet.wait_state("Idle")
             controller.enqueue("vm-123", {"type": "shutdown", "parameters": {"reason": "scale-in"}})
         assert miglet.process.returncode == 0
@@ -284,7 +292,7 @@ async def test_faulty_controller_and_bad_commands(tmp_path: Path) -> None:
     behaviour = Behaviour(reject_tokens=(rejected_token,))
     env = {"MIGLET_POLL_INTERVAL": "0.2", "MIGLET_RETRY_BASE": "0.05"}
     with trio.fail_after(TIMEOUT):
-        async with miglet_against(tmp_path, controller, behaviour, **env) as (miglet, runner_dir):
+        async with miglet_against(tmp_path, controller, behaviour=behaviour, env=env) as (miglet, runner_dir):
             await miglet.wait_state("Idle")
             miglet.process.send_signal(signal.SIGTERM)
         assert miglet.process.returncode == 0
@@ -304,3 +312,32 @@ async def test_faulty_controller_and_bad_commands(tmp_path: Path) -> None:
     assert "Traceback" not in log_text
     assert '"level":"error"' in log_text  # the failures were logged as such
     no_runner_left(runner_dir)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="switching users needs root")
+async def test_unprivileged_runner_and_no_secret_anywhere(tmp_path: Path) -> None:
+    # pytest's tmp_path is private to root; the runner user needs a directory it can reach.
+    base = Path(tempfile.mkdtemp(prefix="miglet-e2e-"))
+    base.chmod(0o755)
+    controller_token = "ctl-secret-token-0123456789"
+    try:
+        runner_dir = install(base / "runner", python="/usr/bin/python3", owner="nobody")
+        controller = FakeController()
+        env = {"MIGLET_RUNNER_USER": "nobody", "MIGLET_CONTROLLER_TOKEN": controller_token}
+        with trio.fail_after(TIMEOUT):
+            async with miglet_against(tmp_path, controller, runner_dir=runner_dir, env=env) as (miglet, _):
+                await miglet.wait_state("Idle")
+                enqueue_job(runner_dir, "build")
+            assert miglet.process.returncode == 0
+        calls = read_calls(runner_dir)
+    finally:
+        shutil.rmtree(base)
+    assert [call["cmd"] for call in calls] == ["configure", "run"]
+    assert all(call["uid"] != 0 for call in calls)
+    assert all(call["env_runasroot"] is None for call in calls)
+    assert all(r.headers["authorization"] == f"Bearer {controller_token}" for r in controller.requests)
+    registration_token = controller.vm("vm-123").registration_token
+    assert registration_token is not None
+    written = bytes(miglet.raw) + miglet.state_file.read_bytes()
+    for secret in (controller_token, registration_token):
+        assert secret.encode() not in written
