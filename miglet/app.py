@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import random
 import signal
+import time
 from functools import partial
 from typing import Final
 
@@ -35,6 +36,7 @@ from miglet.tasks.handshake import handshake_task
 from miglet.tasks.heartbeat import heartbeat_task, state_refresh_task
 from miglet.tasks.poller import poller_task
 from miglet.tasks.supervisor import relay_line, supervisor_task
+from miglet.timings import PhaseTimings
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +67,7 @@ class Agent:
         rng: random.Random | None = None,
         write_state_file: bool = True,
         handle_signals: bool = True,
+        started_at: float | None = None,
     ) -> None:
         self.config = config
         self.stop_plan = StopPlan(config.shutdown_grace)
@@ -83,6 +86,8 @@ class Agent:
         self._rng = rng
         self._handle_signals = handle_signals
         self._started_at = 0.0
+        self.timings = PhaseTimings(time.monotonic() if started_at is None else started_at)
+        self.holder.observers.append(self.timings.observe)
 
     @property
     def phase(self) -> Phase:
@@ -141,7 +146,7 @@ class Agent:
                         self.policy,
                         self._rng,
                     )
-                    work.start_soon(supervisor_task, config, self.holder, backend, receive)
+                    work.start_soon(supervisor_task, config, self.holder, backend, receive, self.timings)
                     work.start_soon(
                         heartbeat_task, self.holder, self.outbox, config.heartbeat_interval, self._started_at
                     )

@@ -102,11 +102,12 @@ def _run(config: Config) -> int:
 
     from miglet.app import Agent
     from miglet.logs import configure_logging
+    from miglet.timings import process_start
 
     configure_logging(config.log_format, config.log_level)
     log.info("MIGlet starting", extra={"version": __version__, "vm_id": config.vm_id, "pool_id": config.pool_id})
     try:
-        return trio.run(Agent(config).run)
+        return trio.run(Agent(config, started_at=process_start()).run)
     except KeyboardInterrupt:
         log.warning("Interrupted before the agent could stop cleanly")
         return EXIT_FAILURE

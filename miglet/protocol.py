@@ -23,56 +23,92 @@ AwareDatetime = Annotated[datetime, msgspec.Meta(tz=True)]
 class Event(msgspec.Struct, kw_only=True, omit_defaults=True, tag_field="type"):
     """Fields every event carries. The outbox fills the header; the state machine only says what happened."""
 
-    vm_id: str = ""
-    pool_id: str = ""
-    org_id: str | None = None
-    event_id: str = ""
-    timestamp: str = ""
+    vm_id: Annotated[str, msgspec.Meta(description="The VM's id (MIGLET_VM_ID).")] = ""
+    pool_id: Annotated[str, msgspec.Meta(description="The pool's id (MIGLET_POOL_ID).")] = ""
+    org_id: Annotated[str, msgspec.Meta(description="The org's id (MIGLET_ORG_ID); absent when not set.")] | None = None
+    event_id: Annotated[str, msgspec.Meta(description="Unique per event, the same on every retry: dedupe on it.")] = ""
+    timestamp: Annotated[str, msgspec.Meta(description="When the event happened: RFC 3339 UTC, milliseconds.")] = ""
 
 
 class VmStarted(Event, tag="vm_started"):
-    pass
+    """Seed: the VM is up. Sent until the controller acknowledges it; the answer is an `Acknowledgment`."""
 
 
 class RunnerRegistered(Event, tag="runner_registered"):
+    """The runner is configured and listening for jobs (the agent is Idle)."""
+
     runner_name: str
-    command_id: str
-    timings: dict[str, float] | None = None
+    command_id: Annotated[str, msgspec.Meta(description="The register_runner command that was carried out.")]
+    timings: (
+        Annotated[dict[str, float], msgspec.Meta(description="Seconds from process start to each milestone.")] | None
+    ) = None
 
 
 class RegistrationFailed(Event, tag="registration_failed"):
+    """A register_runner command could not be carried out; the agent is Ready for another."""
+
     command_id: str
-    reason: str
-    error: str
+    reason: Annotated[
+        str,
+        msgspec.Meta(
+            description="token_expired | invalid_command | configure_failed | runner_start_failed",
+            examples=["token_expired", "invalid_command", "configure_failed", "runner_start_failed"],
+        ),
+    ]
+    error: Annotated[str, msgspec.Meta(description="What went wrong, for people; secrets masked.")]
 
 
 class JobStarted(Event, tag="job_started"):
+    """The runner took a job (the agent is Busy)."""
+
     job_name: str
 
 
 class JobCompleted(Event, tag="job_completed"):
+    """The runner finished its job."""
+
     job_name: str
-    result: str
+    result: Annotated[str, msgspec.Meta(description="As the runner says it, e.g. Succeeded, Failed, Canceled.")]
 
 
 class RunnerExited(Event, tag="runner_exited"):
+    """The runner process ended."""
+
     exit_code: int
-    reason: str
+    reason: Annotated[
+        str,
+        msgspec.Meta(
+            description="job_done (ephemeral runner after its job) | stopped (the agent stopped it) | unexpected",
+            examples=["job_done", "stopped", "unexpected"],
+        ),
+    ]
 
 
 class CommandFailed(Event, tag="command_failed"):
+    """A command was not carried out: unknown type, malformed, or not possible in the current state."""
+
     command_id: str
-    command_type: str
+    command_type: Annotated[str, msgspec.Meta(description="The command's `type` as sent (may be unknown).")]
     error: str
 
 
 class Heartbeat(Event, tag="heartbeat"):
-    state: str
-    uptime_s: float
+    """The agent is alive: every MIGLET_HEARTBEAT_INTERVAL seconds from acknowledgment until stopping."""
+
+    state: Annotated[str, msgspec.Meta(description="The agent's phase: Ready | RegisteringRunner | Idle | Busy.")]
+    uptime_s: Annotated[float, msgspec.Meta(description="Seconds since the agent started.")]
 
 
 class VmStopping(Event, tag="vm_stopping"):
-    reason: str
+    """The agent is stopping: the VM can be recycled once the runner has exited."""
+
+    reason: Annotated[
+        str,
+        msgspec.Meta(
+            description="Why: a shutdown command's reason, signal, ack_timeout, registration_timeout, idle_timeout,"
+            " or 'ephemeral runner finished its job'."
+        ),
+    ]
     runner_name: str
 
 
@@ -112,6 +148,8 @@ class Acknowledgment(msgspec.Struct):
 
 
 class RegisterRunnerParameters(msgspec.Struct, kw_only=True):
+    """Seed. `registration_token` (configure, then run) or `jit_config` (run directly) must be given."""
+
     runner_url: str
     registration_token: Secret | None = None
     jit_config: Secret | None = None
@@ -121,6 +159,8 @@ class RegisterRunnerParameters(msgspec.Struct, kw_only=True):
 
 
 class RegisterRunner(msgspec.Struct, kw_only=True, tag="register_runner", tag_field="type"):
+    """Seed: configure and start the runner. Accepted in Ready; otherwise reported as `command_failed`."""
+
     id: str
     parameters: RegisterRunnerParameters
     created_at: AwareDatetime | None = None
@@ -128,11 +168,15 @@ class RegisterRunner(msgspec.Struct, kw_only=True, tag="register_runner", tag_fi
 
 class ShutdownParameters(msgspec.Struct, kw_only=True):
     reason: str = "shutdown command"
-    grace_period_s: Annotated[float, msgspec.Meta(ge=0, le=86400)] | None = None
+    grace_period_s: (
+        Annotated[float, msgspec.Meta(ge=0, le=86400, description="Overrides MIGLET_SHUTDOWN_GRACE.")] | None
+    ) = None
     remove_token: Secret | None = None
 
 
 class Shutdown(msgspec.Struct, kw_only=True, tag="shutdown", tag_field="type"):
+    """Stop the runner (gracefully), deregister it when `remove_token` is given, and end the agent."""
+
     id: str
     parameters: ShutdownParameters = msgspec.field(default_factory=ShutdownParameters)
     created_at: AwareDatetime | None = None
@@ -156,6 +200,8 @@ class RejectedCommand(msgspec.Struct, frozen=True):
 
 
 class CommandsEnvelope(msgspec.Struct):
+    """Seed: the answer to a poll. Each command is decoded on its own; a malformed one is skipped."""
+
     commands: list[msgspec.Raw] | None = None
     vm_id: str | None = None
 

@@ -178,6 +178,12 @@ async def test_ephemeral_job_then_miglet_exits_by_itself(tmp_path: Path) -> None
     ]
     runner_lines = [record["msg"] for record in miglet.records if record.get("source") == "runner"]
     assert any(line.endswith("Listening for Jobs") for line in runner_lines)
+    # Phase timings, from the start of the process, in the order the phases happen.
+    timings = controller.events_of("vm-123", "runner_registered")[0]["timings"]
+    names = ["acknowledged_s", "command_received_s", "configured_s", "listening_s"]
+    assert list(timings) == names
+    assert 0 < timings["acknowledged_s"] <= timings["command_received_s"] <= timings["configured_s"]
+    assert timings["configured_s"] <= timings["listening_s"] < TIMEOUT
     no_runner_left(runner_dir)
 
 

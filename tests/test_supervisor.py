@@ -21,6 +21,7 @@ from miglet.machine import Acknowledged, Phase, RegistrationReceived, Start
 from miglet.outbox import Outbox, Stamper
 from miglet.state import StateHolder
 from miglet.tasks.supervisor import InvalidRegistration, registration_from_command, supervisor_task
+from miglet.timings import PhaseTimings
 from tests.conftest import ConfigFactory
 
 NOW = datetime(2024, 1, 15, 10, 30, tzinfo=UTC)
@@ -153,7 +154,9 @@ async def supervise(
     harness = Harness()
     send, receive = trio.open_memory_channel[protocol.RegisterRunner](0)
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(supervisor_task, make_config(), harness.holder, runner, receive, lambda: NOW)
+        nursery.start_soon(
+            supervisor_task, make_config(), harness.holder, runner, receive, PhaseTimings(0), lambda: NOW
+        )
         assert harness.holder.apply(RegistrationReceived(cmd.id))
         await send.send(cmd)
         await harness.holder.value.wait_value(lambda state: state.phase is until)

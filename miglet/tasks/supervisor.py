@@ -24,6 +24,7 @@ from miglet.runner import output
 from miglet.runner.backend import ConfigureFailed, Registration, RunnerBackend
 from miglet.secret import redact
 from miglet.state import StateHolder
+from miglet.timings import PhaseTimings
 
 log = logging.getLogger(__name__)
 runner_log = logging.getLogger("miglet.runner.output")
@@ -100,15 +101,21 @@ async def supervisor_task(
     holder: StateHolder,
     backend: RunnerBackend,
     commands: trio.MemoryReceiveChannel[RegisterRunner],
+    timings: PhaseTimings,
     now: Callable[[], datetime] = lambda: datetime.now(UTC),
 ) -> None:
     async with commands:
         async for command in commands:
-            await _serve_registration(config, holder, backend, command, now())
+            await _serve_registration(config, holder, backend, command, timings, now())
 
 
 async def _serve_registration(
-    config: Config, holder: StateHolder, backend: RunnerBackend, command: RegisterRunner, now: datetime
+    config: Config,
+    holder: StateHolder,
+    backend: RunnerBackend,
+    command: RegisterRunner,
+    timings: PhaseTimings,
+    now: datetime,
 ) -> None:
     def fail(reason: str, error: str) -> None:
         log.error("Runner registration failed", extra={"command_id": command.id, "reason": reason, "error": error})
@@ -129,10 +136,15 @@ async def _serve_registration(
             fail("configure_failed", str(exc))
             await backend.clean()
             return
+        timings.mark("configured_s")
     log.info("Starting the runner", extra={"command_id": command.id})
 
     def on_line(stream: str, line: str) -> None:
         signal = output.interpret(relay_line(stream, line))
+        if isinstance(signal, machine.RunnerListening) and holder.phase is Phase.REGISTERING_RUNNER:
+            timings.mark("listening_s")
+            log.info("Runner is listening for jobs", extra={"timings": timings.snapshot()})
+            signal = machine.RunnerListening(timings=timings.snapshot())
         if signal is not None:
             holder.apply(signal)
 
