@@ -7,13 +7,12 @@ runs on a test's fake clock.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from datetime import UTC, datetime
 
 import msgspec
 import trio
 
-from miglet.runner.backend import ConfigureFailed, LineSink, Registration
+from miglet.runner.backend import ConfigureFailed, LineSink, Registration, RunObserver
 from miglet.secret import Secret
 
 
@@ -84,28 +83,33 @@ class SimulatedRunner:
         on_line("stdout", "√ Settings Saved.")
         self.configured = True
 
-    async def run(self, registration: Registration, on_line: LineSink, on_started: Callable[[int | None], None]) -> int:
+    async def run(self, registration: Registration, observer: RunObserver) -> int:
         self.runs += 1
         self.running = True
-        on_started(None)
+        observer.started(None)
+        code = 0
         try:
             await trio.sleep(self.connect_delay_s)
-            on_line("stdout", "\x1b[32m√ Connected to GitHub\x1b[0m")
-            on_line("stdout", "")
-            on_line("stdout", f"Current runner version: '{self.version}'")
-            on_line("stdout", f"{_stamp()}: Listening for Jobs")
+            observer.line("stdout", "\x1b[32m√ Connected to GitHub\x1b[0m")
+            observer.line("stdout", "")
+            observer.line("stdout", f"Current runner version: '{self.version}'")
+            observer.line("stdout", f"{_stamp()}: Listening for Jobs")
             if self.exit_after_listening is not None:
-                return self.exit_after_listening
+                code = self.exit_after_listening
+                return code
             while True:
                 job = await self._jobs_receive.receive()
                 if isinstance(job, Crash):
-                    return job.exit_code
-                await self._run_job(job, on_line)
+                    code = job.exit_code
+                    return code
+                await self._run_job(job, observer.line)
                 if registration.ephemeral:
                     self.configured = False
-                    return 0
+                    return code
         finally:
+            # Stopped (cancelled) or not, the runner is gone now.
             self.running = False
+            observer.exited(code)
 
     async def _run_job(self, job: Job, on_line: LineSink) -> None:
         on_line("stdout", f"{_stamp()}: Running job: {job.name}")

@@ -26,7 +26,7 @@ from miglet.logs import AgentContext, agent_context
 from miglet.machine import Phase
 from miglet.outbox import Outbox, Stamper
 from miglet.retry import RetryPolicy
-from miglet.runner.backend import ConfigureFailed, RunnerBackend
+from miglet.runner.backend import ConfigureFailed, Grace, RunnerBackend
 from miglet.runner.process import ProcessRunner
 from miglet.secret import Secret
 from miglet.state import StateHolder
@@ -46,10 +46,10 @@ REMOVE_TIMEOUT: Final = 60.0
 
 
 class StopPlan:
-    """How to stop, as decided by whoever asked first: the grace period and an optional removal token."""
+    """How to stop, as decided by whoever asked first: the grace period, a removal token, the exit code."""
 
     def __init__(self, grace: float) -> None:
-        self.grace = grace
+        self.grace = Grace(grace)
         self.remove_token: Secret | None = None
         self.exit_code = 0
 
@@ -106,10 +106,10 @@ class Agent:
             log.info("Already stopping", extra={"reason": reason})
             return
         if grace is not None:
-            self.stop_plan.grace = grace
+            self.stop_plan.grace.seconds = grace
         self.stop_plan.remove_token = remove_token
         self.stop_plan.exit_code = exit_code
-        log.info("Stopping", extra={"reason": reason, "grace_s": self.stop_plan.grace})
+        log.info("Stopping", extra={"reason": reason, "grace_s": self.stop_plan.grace.seconds})
         self.holder.apply(machine.StopRequested(reason))
 
     def _on_shutdown_command(self, command: protocol.Shutdown) -> None:
@@ -197,5 +197,11 @@ class Agent:
     async def _watch_signals(self) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async for signum in signals:
-                log.info("Received signal", extra={"signal": signal.Signals(signum).name})
+                name = signal.Signals(signum).name
+                if self.holder.phase in (Phase.STOPPING, Phase.STOPPED):
+                    # Asked again: the operator is not prepared to wait for the runner's grace period.
+                    log.warning("Second signal: killing the runner now", extra={"signal": name})
+                    self.stop_plan.grace.cut_short()
+                    continue
+                log.info("Received signal", extra={"signal": name})
                 self.request_stop("signal")

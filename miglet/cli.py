@@ -27,7 +27,7 @@ log = logging.getLogger("miglet")
 
 def _variables_help() -> str:
     width = max(len(variable.name) for variable in VARIABLES)
-    lines = ["environment (each also a flag of run and check-config, e.g. --vm-id):"]
+    lines = ["environment (each, but the token, also a flag of run and check-config, e.g. --vm-id):"]
     lines += [f"  {v.name:<{width}}  {v.meaning} [default: {v.default}]" for v in VARIABLES]
     return "\n".join(lines)
 
@@ -35,6 +35,8 @@ def _variables_help() -> str:
 def _add_variable_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("settings (override the environment)")
     for variable in VARIABLES:
+        if variable.secret:
+            continue  # a secret on the command line would show in every process list
         group.add_argument(variable.flag, dest=variable.name, metavar="VALUE", help=argparse.SUPPRESS)
 
 

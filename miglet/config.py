@@ -10,6 +10,7 @@ import ipaddress
 import os
 import pwd
 import re
+import ssl
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Final, Literal
@@ -24,6 +25,8 @@ LogLevel = Literal["debug", "info", "warning", "error"]
 
 # Ids end up in URL paths and runner names: keep them to characters that need no quoting anywhere.
 _ID_PATTERN: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+MIN_TOKEN_LENGTH: Final = 8
+_BEARER_TOKEN: Final = re.compile(rf"[A-Za-z0-9\-._~+/]{{{MIN_TOKEN_LENGTH},}}=*")
 _TRUE: Final = frozenset({"1", "true", "yes", "on"})
 _FALSE: Final = frozenset({"0", "false", "no", "off"})
 
@@ -32,6 +35,7 @@ class Variable(msgspec.Struct, frozen=True):
     name: str
     default: str
     meaning: str
+    secret: bool = False
 
     @property
     def flag(self) -> str:
@@ -43,7 +47,7 @@ VARIABLES: Final = (
     Variable("MIGLET_POOL_ID", "required", "pool id, sent in events"),
     Variable("MIGLET_CONTROLLER_ENDPOINT", "required", "controller base URL, e.g. https://controller:8080"),
     Variable("MIGLET_ORG_ID", "unset", "org id, sent in events when set"),
-    Variable("MIGLET_CONTROLLER_TOKEN", "unset", "bearer token for every controller request"),
+    Variable("MIGLET_CONTROLLER_TOKEN", "unset", "bearer token for every controller request", secret=True),
     Variable("MIGLET_CONTROLLER_TOKEN_FILE", "unset", "file holding the bearer token (read once)"),
     Variable("MIGLET_CA_BUNDLE", "system", "CA file for TLS to the controller"),
     Variable("MIGLET_ALLOW_INSECURE", "false", "allow plain http:// to a non-loopback controller"),
@@ -200,22 +204,24 @@ class _Reader:
 def _endpoint(reader: _Reader, allow_insecure: bool) -> str:
     name = "MIGLET_CONTROLLER_ENDPOINT"
     text = reader.required(name)
+    if "@" in text:
+        # Checked first, so that no message below can echo a password.
+        raise ConfigError(name, "must not carry credentials (user:password@)")
     try:
         parts = urlsplit(text)
-        port = parts.port
+        _ = parts.port  # a port out of range raises ValueError here
     except ValueError as exc:
         raise ConfigError(name, f"is not a valid URL ({exc}): {text!r}") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError(name, f"must be an http:// or https:// URL with a host, got {text!r}")
-    if parts.query or parts.fragment or parts.username or parts.password:
-        raise ConfigError(name, "must not carry credentials, a query or a fragment")
+    if parts.query or parts.fragment:
+        raise ConfigError(name, "must not carry a query or a fragment")
     if parts.scheme == "http" and not allow_insecure and not _is_loopback(parts.hostname):
         raise ConfigError(
             name,
             f"uses plain http:// to the non-loopback host {parts.hostname!r}; "
             "use https:// (or set MIGLET_ALLOW_INSECURE=1 for a trusted network)",
         )
-    del port
     return text.rstrip("/")
 
 
@@ -226,6 +232,19 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def _ca_bundle(reader: _Reader) -> Path | None:
+    ca_bundle = reader.path("MIGLET_CA_BUNDLE", None)
+    if ca_bundle is None:
+        return None
+    try:
+        ssl.create_default_context(cafile=str(ca_bundle))
+    except FileNotFoundError:
+        raise ConfigError("MIGLET_CA_BUNDLE", f"no such file: {str(ca_bundle)!r}") from None
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError("MIGLET_CA_BUNDLE", f"{str(ca_bundle)!r} is not a usable CA file: {exc}") from None
+    return ca_bundle
 
 
 def _controller_token(reader: _Reader) -> Secret | None:
@@ -241,9 +260,13 @@ def _controller_token(reader: _Reader) -> Secret | None:
             raise ConfigError("MIGLET_CONTROLLER_TOKEN_FILE", f"cannot read {token_file!r}: {reason}") from None
         if not token:
             raise ConfigError("MIGLET_CONTROLLER_TOKEN_FILE", f"{token_file!r} is empty")
-    if token is not None and any(ch.isspace() or not ch.isprintable() for ch in token):
+    if token is not None and not _BEARER_TOKEN.fullmatch(token):
         # Named without the value: the value is the secret.
-        raise ConfigError("MIGLET_CONTROLLER_TOKEN", "contains whitespace or control characters")
+        raise ConfigError(
+            "MIGLET_CONTROLLER_TOKEN",
+            f"must be at least {MIN_TOKEN_LENGTH} characters of A-Z a-z 0-9 - . _ ~ + / (then = padding) "
+            "(RFC 6750 bearer token)",
+        )
     return None if token is None else Secret(token)
 
 
@@ -279,9 +302,7 @@ def load_config(env: Mapping[str, str] | None = None) -> Config:
     pool_id = reader.identifier("MIGLET_POOL_ID")
     allow_insecure = reader.boolean("MIGLET_ALLOW_INSECURE", False)
     endpoint = _endpoint(reader, allow_insecure)
-    ca_bundle = reader.path("MIGLET_CA_BUNDLE", None)
-    if ca_bundle is not None and not ca_bundle.is_file():
-        raise ConfigError("MIGLET_CA_BUNDLE", f"no such file: {str(ca_bundle)!r}")
+    ca_bundle = _ca_bundle(reader)
     assert vm_id is not None
     assert pool_id is not None
     runner_dir = reader.path("MIGLET_RUNNER_DIR", Path("/opt/actions-runner")) or Path()

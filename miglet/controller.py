@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import logging
 import ssl
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from typing import Final
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import aclosing, asynccontextmanager
+from typing import Final, cast
 from urllib.parse import quote
 
 import httpx
@@ -18,6 +18,7 @@ import httpx
 from miglet import __version__, protocol
 from miglet.config import Config
 from miglet.retry import is_retryable_status, parse_retry_after
+from miglet.secret import redact
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +105,8 @@ class ControllerClient:
                 await response.aclose()
         except httpx.TimeoutException as exc:
             raise ControllerUnavailable(f"{what}: timed out ({type(exc).__name__})") from None
-        except httpx.TransportError as exc:
+        except httpx.HTTPError as exc:
+            # Transport failures, and answers httpx cannot decode (a body that claims gzip but is not).
             raise ControllerUnavailable(f"{what}: {type(exc).__name__}: {_describe(exc)}") from None
         status = response.status_code
         if 200 <= status < 300:
@@ -146,15 +148,17 @@ async def _read_capped(response: httpx.Response, what: str) -> bytes:
 async def _read_prefix(response: httpx.Response, limit: int) -> bytes:
     """At most `limit` bytes of the body: enough to say what an error answer was about."""
     prefix = b""
-    async for chunk in response.aiter_bytes():
-        prefix += chunk
-        if len(prefix) >= limit:
-            break
+    async with aclosing(cast(AsyncGenerator[bytes, None], response.aiter_bytes())) as chunks:
+        async for chunk in chunks:
+            prefix += chunk
+            if len(prefix) >= limit:
+                break
     return prefix[:limit]
 
 
 def _summarise(body: bytes) -> str:
-    text = body[:200].decode("utf-8", "replace").strip()
+    # Masked before repr(): escaping could otherwise hide a secret from the log formatter's masking.
+    text = redact(body[:200].decode("utf-8", "replace").strip())
     return f": {text!r}" if text else ""
 
 

@@ -2,7 +2,8 @@
 
 Records carry their structured fields as `extra=`; the agent's identity and current state come from a context
 variable set once per agent, so that many agents in one process (tests, benchmarks) each log as themselves.
-Every formatted line passes through `secret.redact` on its way out: the one place where masking happens.
+Every part of a line (message, fields, traceback) passes through `secret.redact` before it is encoded: the one
+place where log masking happens, early enough that no escaping can hide a secret from it.
 """
 
 from __future__ import annotations
@@ -38,24 +39,33 @@ def _timestamp(record: logging.LogRecord) -> str:
 
 
 def _fields(record: logging.LogRecord) -> dict[str, Any]:
-    return {key: value for key, value in record.__dict__.items() if key not in _STANDARD_ATTRS}
+    return {key: _masked(value) for key, value in record.__dict__.items() if key not in _STANDARD_ATTRS}
 
 
-def _default(value: Any) -> Any:
-    return str(value)
+def _masked(value: Any) -> Any:
+    """`value` with every known secret masked, before any encoding could escape a secret out of sight."""
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, bool | int | float) or value is None:
+        return value
+    if isinstance(value, dict):
+        return {str(key): _masked(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_masked(item) for item in value]
+    return redact(str(value))
 
 
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: ts, level, logger, msg, vm_id, pool_id, state, then the record's fields."""
 
-    _encoder = msgspec.json.Encoder(enc_hook=_default)
+    _encoder = msgspec.json.Encoder()
 
     def format(self, record: logging.LogRecord) -> str:
         line: dict[str, Any] = {
             "ts": _timestamp(record),
             "level": record.levelname.lower(),
             "logger": record.name,
-            "msg": record.getMessage(),
+            "msg": redact(record.getMessage()),
         }
         context = agent_context.get()
         if context is not None:
@@ -63,8 +73,8 @@ class JsonFormatter(logging.Formatter):
         for key, value in _fields(record).items():
             line.setdefault(key, value)
         if record.exc_info:
-            line["exc"] = self.formatException(record.exc_info)
-        return redact(self._encoder.encode(line).decode())
+            line["exc"] = redact(self.formatException(record.exc_info))
+        return self._encoder.encode(line).decode()
 
 
 class TextFormatter(logging.Formatter):
@@ -74,10 +84,10 @@ class TextFormatter(logging.Formatter):
         context = agent_context.get()
         state = f" [{context.state()}]" if context is not None else ""
         fields = "".join(f" {key}={value}" for key, value in _fields(record).items())
-        text = f"{_timestamp(record)} {record.levelname:<7}{state} {record.getMessage()}{fields}"
+        text = f"{_timestamp(record)} {record.levelname:<7}{state} {redact(record.getMessage())}{fields}"
         if record.exc_info:
-            text += "\n" + self.formatException(record.exc_info)
-        return redact(text)
+            text += "\n" + redact(self.formatException(record.exc_info))
+        return text
 
 
 def configure_logging(fmt: str, level: str, stream: TextIO | None = None) -> None:

@@ -60,15 +60,22 @@ class Outbox:
         self._policy = policy or RetryPolicy()
         self._queue: deque[protocol.AnyEvent] = deque()
         self._length = AsyncValue(0)
+        # Every event put is, at any time, exactly one of: delivered, dropped, or still queued.
+        self.stamped = 0
         self.delivered = 0
         self.dropped = 0
 
     def __len__(self) -> int:
         return len(self._queue)
 
+    def queued(self) -> list[protocol.AnyEvent]:
+        """The events not yet delivered, oldest first."""
+        return list(self._queue)
+
     def put(self, event: protocol.AnyEvent) -> protocol.AnyEvent:
         """Queue `event` (stamped here) for delivery; never blocks."""
         stamped = self._stamper.stamp(event)
+        self.stamped += 1
         if len(self._queue) >= self._capacity and not self._make_room(stamped):
             return stamped
         self._queue.append(stamped)

@@ -25,7 +25,8 @@ class RetryPolicy(msgspec.Struct, frozen=True):
     def delay(self, attempt: int, rng: random.Random | None = None, retry_after: float | None = None) -> float:
         """Seconds to wait before try number `attempt + 1` (attempt counts from 0)."""
         if retry_after is not None:
-            return min(retry_after, MAX_RETRY_AFTER)
+            # Never less than the base: "Retry-After: 0" from a struggling controller must not become a busy loop.
+            return min(max(retry_after, self.base), MAX_RETRY_AFTER)
         ceiling = min(self.cap, self.base * 2 ** min(attempt, 32))
         return (rng or random).uniform(0, ceiling)
 

@@ -64,7 +64,7 @@ class StateHolder:
         before = self.value.value
         step = machine.transition(before, event)
         if not step.accepted:
-            log.debug("Ignored input", extra={"input": type(event).__name__, "state": before.phase.value})
+            log.debug("Ignored input", extra={"input": type(event).__name__, "phase": before.phase.value})
             return False
         after = step.state
         changed = after.phase is not before.phase

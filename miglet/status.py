@@ -37,6 +37,8 @@ def health(record: StateRecord, now: datetime | None = None) -> str | None:
         updated = datetime.fromisoformat(record.updated_at)
     except ValueError:
         return f"state file has an unreadable updated_at: {record.updated_at!r}"
+    if updated.tzinfo is None:
+        updated = updated.replace(tzinfo=UTC)
     age = ((now or datetime.now(UTC)) - updated).total_seconds()
     limit = max(STALE_MINIMUM_S, STALE_FACTOR * record.refresh_s)
     if age > limit:

@@ -99,7 +99,8 @@ async def test_seed_flow_to_idle_with_the_four_lines_in_order(
         ("Stopping", "Stopped"),
     ]
     assert read_state_file(config.state_file).state == "Stopped"
-    assert running.event_types() == ["vm_started", "runner_registered", "vm_stopping"]
+    assert running.event_types() == ["vm_started", "runner_registered", "vm_stopping", "runner_exited"]
+    assert controller.events_of("vm-123", "runner_exited")[0]["reason"] == "stopped"
 
 
 async def test_ephemeral_job_then_clean_exit(
@@ -199,8 +200,9 @@ async def test_runner_crash_goes_back_to_ready_for_a_fresh_command(
         controller.enqueue("vm-123", controller.registration_command("vm-123") | {"id": "second"})
         await running.reach(Phase.IDLE)
         running.agent.request_stop("test over")
-    [exited] = controller.events_of("vm-123", "runner_exited")
-    assert (exited["exit_code"], exited["reason"]) == (1, "unexpected")
+    crashed, stopped = controller.events_of("vm-123", "runner_exited")
+    assert (crashed["exit_code"], crashed["reason"]) == (1, "unexpected")
+    assert stopped["reason"] == "stopped"
     assert len(runner.configure_calls) == 2
 
 

@@ -106,6 +106,10 @@ async def test_invariants_hold_under_any_faults(
     assert [call.registration.command_id for call in runner.configure_calls if call.token != REJECTED] == ["good"]
     events = controller.events_of("vm-123")
     assert len({event["event_id"] for event in events}) == len(events)
-    assert len(events) == 1 + agent.outbox.delivered
-    assert agent.outbox.dropped == 0
+    # Nothing lost: every event the agent owed was delivered or is still queued (a stop flushes for a bounded
+    # time only); the controller may hold more, those it processed but whose answer was lost.
+    outbox = agent.outbox
+    assert outbox.dropped == 0
+    assert outbox.delivered + len(outbox) == outbox.stamped
+    assert len(events) >= 1 + outbox.delivered
     assert [event["type"] for event in events].count("runner_registered") == 1

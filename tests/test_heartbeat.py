@@ -25,7 +25,7 @@ def make() -> tuple[StateHolder, Outbox]:
 
 
 def heartbeats(outbox: Outbox) -> list[protocol.Heartbeat]:
-    return [event for event in outbox._queue if isinstance(event, protocol.Heartbeat)]
+    return [event for event in outbox.queued() if isinstance(event, protocol.Heartbeat)]
 
 
 async def test_heartbeats_every_interval_from_acknowledgment_until_stopping(

@@ -100,10 +100,10 @@ def test_full_outbox_drops_heartbeats_first_never_lifecycle_events() -> None:
     outbox.put(protocol.Heartbeat(state="Busy", uptime_s=2))
     outbox.put(protocol.JobCompleted(job_name="a", result="Failed"))  # the oldest heartbeat makes room
     outbox.put(protocol.Heartbeat(state="Idle", uptime_s=3))  # a newer heartbeat replaces the older one
-    assert [getattr(event, "uptime_s", None) for event in outbox._queue] == [None, None, 3]
+    assert [getattr(event, "uptime_s", None) for event in outbox.queued()] == [None, None, 3]
     outbox.put(protocol.VmStopping(reason="signal", runner_name="r"))
     outbox.put(protocol.RunnerExited(exit_code=0, reason="stopped"))  # no heartbeat left: the bound gives way
     outbox.put(protocol.Heartbeat(state="Stopping", uptime_s=4))  # full of lifecycle events: dropped itself
-    kinds = [type(event).__name__ for event in outbox._queue]
+    kinds = [type(event).__name__ for event in outbox.queued()]
     assert kinds == ["JobStarted", "JobCompleted", "VmStopping", "RunnerExited"]
     assert outbox.dropped == 4

@@ -39,7 +39,7 @@ class Harness:
         self.shutdowns: list[protocol.Shutdown] = []
 
     def queued(self, kind: type[protocol.Event]) -> list[Any]:
-        return [event for event in self.outbox._queue if isinstance(event, kind)]
+        return [event for event in self.outbox.queued() if isinstance(event, kind)]
 
 
 @asynccontextmanager

@@ -17,7 +17,7 @@ import pytest
 import trio
 
 from fake_controller.fake_runner import Behaviour, enqueue_job, install, read_calls
-from miglet.runner.backend import ConfigureFailed, Registration
+from miglet.runner.backend import ConfigureFailed, Grace, Registration
 from miglet.runner.process import ProcessRunner, _session_members, config_arguments
 from miglet.secret import Secret
 
@@ -40,16 +40,27 @@ def registration(**overrides: Any) -> Registration:
 
 
 class Lines:
-    """A line sink that remembers every line and lets a test wait for one."""
+    """A line sink and run observer that remembers everything and lets a test wait for a line."""
 
     def __init__(self) -> None:
         self.lines: list[tuple[str, str]] = []
+        self.pids: list[int | None] = []
+        self.exit_codes: list[int] = []
         self._changed = trio.Event()
 
     def __call__(self, stream: str, line: str) -> None:
         self.lines.append((stream, line))
         self._changed.set()
         self._changed = trio.Event()
+
+    def line(self, stream: str, text: str) -> None:
+        self(stream, text)
+
+    def started(self, pid: int | None) -> None:
+        self.pids.append(pid)
+
+    def exited(self, exit_code: int) -> None:
+        self.exit_codes.append(exit_code)
 
     def text(self) -> list[str]:
         return [line for _, line in self.lines]
@@ -68,8 +79,14 @@ def runner_dir(tmp_path: Path) -> Path:
 
 
 def make_runner(runner_dir: Path, grace: float = 5.0, user: str | None = None) -> ProcessRunner:
-    environ = {**os.environ, "MIGLET_CONTROLLER_TOKEN": "controller-token-secret", "ACTIONS_RUNNER_INPUT_X": "1"}
-    return ProcessRunner(runner_dir, grace=lambda: grace, user=user, environ=environ)
+    environ = {
+        **os.environ,
+        "MIGLET_CONTROLLER_TOKEN": "controller-token-secret",
+        "ACTIONS_RUNNER_INPUT_X": "1",
+        "NOTIFY_SOCKET": "/run/systemd/notify",
+    }
+    stop_grace = Grace(grace)
+    return ProcessRunner(runner_dir, grace=lambda: stop_grace, user=user, environ=environ)
 
 
 def test_config_arguments_match_the_spec() -> None:
@@ -116,6 +133,7 @@ async def test_runner_environment_drops_miglet_settings(runner_dir: Path, tmp_pa
     assert env["ACTIONS_RUNNER_INPUT_TOKEN"] == TOKEN
     assert "MIGLET_CONTROLLER_TOKEN" not in env
     assert "ACTIONS_RUNNER_INPUT_X" not in env
+    assert "NOTIFY_SOCKET" not in env
 
 
 async def test_rejected_token_fails_with_the_runners_error(tmp_path: Path) -> None:
@@ -143,13 +161,12 @@ async def test_missing_runner_directory_is_a_clear_failure(tmp_path: Path) -> No
 async def test_run_listens_runs_a_job_and_exits_when_ephemeral(runner_dir: Path) -> None:
     runner = make_runner(runner_dir)
     lines = Lines()
-    pids: list[int | None] = []
     with trio.fail_after(TIMEOUT):
         await runner.configure(registration(), Lines())
         async with trio.open_nursery() as nursery:
 
             async def run() -> None:
-                code = await runner.run(registration(), lines, pids.append)
+                code = await runner.run(registration(), lines)
                 assert code == 0
 
             nursery.start_soon(run)
@@ -158,26 +175,28 @@ async def test_run_listens_runs_a_job_and_exits_when_ephemeral(runner_dir: Path)
     text = lines.text()
     assert any(line.endswith("Running job: build") for line in text)
     assert any(line.endswith("Job build completed with result: Succeeded") for line in text)
-    assert pids[0] is not None
-    assert pids[-1] is None
+    [pid] = lines.pids
+    assert pid is not None
+    assert lines.exit_codes == [0]
     [run_call] = [call for call in read_calls(runner_dir) if call["cmd"] == "run"]
     assert run_call["env_manually_trap_sig"] == "1"
-    assert _session_members(pids[0]) == []
+    assert _session_members(pid) == []
 
 
 async def _cancel_during_job(runner_dir: Path, grace: float) -> tuple[Lines, int]:
     runner = make_runner(runner_dir, grace=grace)
     lines = Lines()
-    pids: list[int | None] = []
     await runner.configure(registration(), Lines())
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(runner.run, registration(), lines, pids.append)
+        nursery.start_soon(runner.run, registration(), lines)
         await lines.wait_for(lambda line: line.endswith("Listening for Jobs"))
         enqueue_job(runner_dir, "long", duration_s=600)
         await lines.wait_for(lambda line: line.endswith("Running job: long"))
         nursery.cancel_scope.cancel()
-    pid = pids[0]
+    [pid] = lines.pids
     assert pid is not None
+    # Told of the exit even though the run was cancelled.
+    assert len(lines.exit_codes) == 1
     return lines, pid
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import io
 import logging
 from pathlib import Path
-from typing import Any
 
 import httpx
 import msgspec
@@ -21,7 +20,7 @@ from fake_controller.simulated_runner import Job, SimulatedRunner
 from miglet.app import Agent
 from miglet.logs import configure_logging
 from miglet.machine import Phase
-from miglet.runner.backend import LineSink, Registration
+from miglet.runner.backend import LineSink, Registration, RunObserver
 from miglet.secret import Secret
 from tests.conftest import ConfigFactory
 
@@ -39,10 +38,10 @@ class LeakyRunner(SimulatedRunner):
             on_line("stdout", f"configuring with token {registration.token.reveal()}")
         await super().configure(registration, on_line)
 
-    async def run(self, registration: Registration, on_line: LineSink, on_started: Any) -> int:
+    async def run(self, registration: Registration, observer: RunObserver) -> int:
         if registration.jit_config is not None:
-            on_line("stderr", f"jit: {registration.jit_config.reveal()}")
-        return await super().run(registration, on_line, on_started)
+            observer.line("stderr", f"jit: {registration.jit_config.reveal()}")
+        return await super().run(registration, observer)
 
     async def remove(self, token: Secret, on_line: LineSink) -> None:
         on_line("stdout", f"removing with {token.reveal()}")

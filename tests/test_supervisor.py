@@ -19,6 +19,7 @@ from fake_controller.simulated_runner import SimulatedRunner
 from miglet import protocol, secret
 from miglet.machine import Acknowledged, Phase, RegistrationReceived, Start
 from miglet.outbox import Outbox, Stamper
+from miglet.runner.backend import RunObserver
 from miglet.state import StateHolder
 from miglet.tasks.supervisor import InvalidRegistration, registration_from_command, supervisor_task
 from miglet.timings import PhaseTimings
@@ -145,7 +146,7 @@ class Harness:
         self.holder.apply(Acknowledged())
 
     def events(self) -> list[protocol.AnyEvent]:
-        return list(self.outbox._queue)
+        return list(self.outbox.queued())
 
 
 async def supervise(
@@ -180,8 +181,9 @@ async def test_runner_exiting_before_listening_is_a_start_failure(
     make_config: ConfigFactory, autojump_clock: trio.testing.MockClock
 ) -> None:
     class NeverListens(SimulatedRunner):
-        async def run(self, registration: Any, on_line: Any, on_started: Any) -> int:
-            on_line("stderr", "An error occurred: Not configured. Run config.(sh/cmd) to configure the runner.")
+        async def run(self, registration: Any, observer: RunObserver) -> int:
+            observer.line("stderr", "An error occurred: Not configured. Run config.(sh/cmd) to configure the runner.")
+            observer.exited(1)
             return 1
 
     harness = await supervise(make_config, NeverListens(), command(), Phase.READY)
@@ -199,5 +201,4 @@ async def test_jit_config_skips_config_sh(make_config: ConfigFactory, autojump_c
     harness = await supervise(make_config, runner, jit, Phase.IDLE)
     assert runner.configure_calls == []
     assert runner.runs == 1
-    [registered] = harness.events()
-    assert isinstance(registered, protocol.RunnerRegistered)
+    assert isinstance(harness.events()[0], protocol.RunnerRegistered)

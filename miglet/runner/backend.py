@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 import msgspec
+import trio
 
 from miglet.secret import Secret
 
@@ -35,15 +36,44 @@ class ConfigureFailed(Exception):
     """`config.sh` did not register the runner; the message is the runner's own error, secrets masked."""
 
 
+class Grace:
+    """How long a stopping runner may take before it is killed; a second stop request cuts it short."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self._cut = trio.Event()
+
+    def cut_short(self) -> None:
+        self._cut.set()
+
+    async def wait(self) -> None:
+        """Return when the grace period is over (or was cut short)."""
+        with trio.move_on_after(self.seconds):
+            await self._cut.wait()
+
+
+class RunObserver(Protocol):
+    """What a running runner tells its supervisor."""
+
+    def line(self, stream: str, text: str) -> object:
+        """A line the runner printed on `stream` ("stdout" or "stderr")."""
+
+    def started(self, pid: int | None) -> object:
+        """The runner is running (as process `pid`, when it is a process)."""
+
+    def exited(self, exit_code: int) -> object:
+        """The runner is gone; called even when the run was cancelled (stopped)."""
+
+
 class RunnerBackend(Protocol):
     async def configure(self, registration: Registration, on_line: LineSink) -> None:
         """Register the runner with GitHub; raises ConfigureFailed."""
 
-    async def run(self, registration: Registration, on_line: LineSink, on_started: Callable[[int | None], None]) -> int:
+    async def run(self, registration: Registration, observer: RunObserver) -> int:
         """Run the runner until it exits and return its exit code.
 
-        Cancelling this call stops the runner gracefully (SIGINT to its process group, then SIGKILL after the
-        grace period) and returns only once it is gone.
+        Cancelling this call stops the runner gracefully (SIGINT, then SIGKILL once the grace period is over)
+        and returns only once it is gone; `observer.exited` is told its exit code either way.
         """
         ...
 

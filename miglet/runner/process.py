@@ -21,7 +21,7 @@ from typing import Any, Final
 
 import trio
 
-from miglet.runner.backend import ConfigureFailed, LineSink, Registration
+from miglet.runner.backend import ConfigureFailed, Grace, LineSink, Registration, RunObserver
 from miglet.runner.output import clean
 from miglet.secret import Secret, redact
 
@@ -34,11 +34,29 @@ MAX_ERROR: Final = 1000
 # Once the runner has exited, how long its output pipes may stay open before they are abandoned.
 DRAIN_SECONDS: Final = 2.0
 _DROPPED_ENV_PREFIXES: Final = ("MIGLET_", "ACTIONS_RUNNER_INPUT_")
+# What systemd hands MIGlet itself: its notification socket, credentials, socket activation and watchdog.
+_DROPPED_ENV: Final = frozenset(
+    {
+        "NOTIFY_SOCKET",
+        "CREDENTIALS_DIRECTORY",
+        "LISTEN_PID",
+        "LISTEN_FDS",
+        "LISTEN_FDNAMES",
+        "WATCHDOG_PID",
+        "WATCHDOG_USEC",
+        "INVOCATION_ID",
+        "JOURNAL_STREAM",
+    }
+)
 
 
 def runner_environment(base: Mapping[str, str]) -> dict[str, str]:
-    """The environment the runner inherits: MIGlet's own, less its settings and any stray runner inputs."""
-    return {key: value for key, value in base.items() if not key.startswith(_DROPPED_ENV_PREFIXES)}
+    """The environment the runner (and so every job) inherits: MIGlet's own, less what is MIGlet's alone."""
+    return {
+        key: value
+        for key, value in base.items()
+        if not key.startswith(_DROPPED_ENV_PREFIXES) and key not in _DROPPED_ENV
+    }
 
 
 def config_arguments(registration: Registration) -> list[str]:
@@ -71,7 +89,7 @@ class ProcessRunner:
         self,
         runner_dir: Path,
         *,
-        grace: Callable[[], float],
+        grace: Callable[[], Grace],
         user: str | None = None,
         environ: Mapping[str, str] | None = None,
     ) -> None:
@@ -106,11 +124,11 @@ class ProcessRunner:
         if code != 0:
             raise ConfigureFailed(error or f"config.sh exited with code {code}")
 
-    async def run(self, registration: Registration, on_line: LineSink, on_started: Callable[[int | None], None]) -> int:
+    async def run(self, registration: Registration, observer: RunObserver) -> int:
         env = {**self._env, "RUNNER_MANUALLY_TRAP_SIG": "1"}
         if registration.jit_config is not None:
             env["ACTIONS_RUNNER_INPUT_JITCONFIG"] = registration.jit_config.reveal()
-        code, _ = await self._run(["./run.sh"], env, on_line, on_started)
+        code, _ = await self._run(["./run.sh"], env, observer.line, observer)
         return code
 
     async def remove(self, token: Secret, on_line: LineSink) -> None:
@@ -132,7 +150,7 @@ class ProcessRunner:
         argv: list[str],
         env: dict[str, str],
         on_line: LineSink,
-        on_started: Callable[[int | None], None] | None = None,
+        observer: RunObserver | None = None,
     ) -> tuple[int, str | None]:
         """Run `argv` to completion, relaying its output; returns its exit code and its last error lines."""
         exited = trio.Event()
@@ -145,21 +163,24 @@ class ProcessRunner:
 
         process: trio.Process | None = None
         start_error: OSError | None = None
-        async with trio.open_nursery() as nursery:
-            try:
-                process = await nursery.start(partial(self._process_task, argv, env, exited))
-            except OSError as exc:
-                # Raised from here, it would leave the nursery wrapped in an exception group.
-                start_error = exc
-            else:
-                if on_started is not None:
-                    on_started(process.pid)
-                nursery.start_soon(_relay_output, process, exited, sink)
+        try:
+            async with trio.open_nursery() as nursery:
+                try:
+                    process = await nursery.start(partial(self._process_task, argv, env, exited))
+                except OSError as exc:
+                    # Raised from here, it would leave the nursery wrapped in an exception group.
+                    start_error = exc
+                else:
+                    if observer is not None:
+                        observer.started(process.pid)
+                    nursery.start_soon(_relay_output, process, exited, sink)
+        finally:
+            # Also when cancelled: by then the process has exited (run_process waits for it, shielded).
+            if observer is not None and process is not None and process.returncode is not None:
+                observer.exited(process.returncode)
         if process is None:
             reason = start_error.strerror if start_error is not None and start_error.strerror else start_error
             raise ConfigureFailed(f"cannot start {argv[0]} in {self._dir}: {reason}")
-        if on_started is not None:
-            on_started(None)
         assert process.returncode is not None
         error = redact(" ".join(errors))[:MAX_ERROR] if errors else None
         return process.returncode, error
@@ -187,10 +208,10 @@ class ProcessRunner:
     async def _deliver_cancel(self, process: trio.Process) -> None:
         """Graceful stop: SIGINT to the runner's process group; SIGKILL to all of it after the grace period."""
         grace = self._grace()
-        log.info("Stopping the runner", extra={"pid": process.pid, "grace_s": grace})
+        log.info("Stopping the runner", extra={"pid": process.pid, "grace_s": grace.seconds})
         signal_group(process.pid, signal.SIGINT)
-        await trio.sleep(grace)
-        log.warning("The runner outlived its grace period; killing it", extra={"pid": process.pid})
+        await grace.wait()
+        log.warning("The runner did not stop within its grace period; killing it", extra={"pid": process.pid})
         kill_session(process.pid)
 
 

@@ -138,44 +138,62 @@ async def _serve_registration(
             return
         timings.mark("configured_s")
     log.info("Starting the runner", extra={"command_id": command.id})
-
-    def on_line(stream: str, line: str) -> None:
-        signal = output.interpret(relay_line(stream, line))
-        if isinstance(signal, machine.RunnerListening) and holder.phase is Phase.REGISTERING_RUNNER:
-            timings.mark("listening_s")
-            log.info("Runner is listening for jobs", extra={"timings": timings.snapshot()})
-            signal = machine.RunnerListening(timings=timings.snapshot())
-        if signal is not None:
-            holder.apply(signal)
-
-    def on_process(pid: int | None) -> None:
-        holder.runner_pid = pid
-        holder.write_state_file()
-
+    watch = _RunWatch(holder, timings, fail)
     with trio.CancelScope() as run_scope:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_listen_deadline, holder, config.listen_timeout, run_scope)
+            nursery.start_soon(_listen_deadline, holder, config.listen_timeout, run_scope, watch)
             try:
-                code = await backend.run(registration, on_line, on_process)
+                await backend.run(registration, watch)
             except ConfigureFailed as exc:
                 fail("runner_start_failed", str(exc))
                 return
             nursery.cancel_scope.cancel()
     if run_scope.cancelled_caught:
         fail("runner_start_failed", f"runner did not listen for jobs within {config.listen_timeout:g} s")
-        return
-    log.info("Runner exited", extra={"exit_code": code})
-    if holder.phase is Phase.REGISTERING_RUNNER:
-        fail("runner_start_failed", f"runner exited with code {code} before listening for jobs")
-    else:
-        holder.apply(machine.RunnerExited(code))
 
 
-async def _listen_deadline(holder: StateHolder, limit_s: float, run_scope: trio.CancelScope) -> None:
+class _RunWatch:
+    """Feeds what one run of the runner does to the machine."""
+
+    def __init__(self, holder: StateHolder, timings: PhaseTimings, fail: Callable[[str, str], None]) -> None:
+        self._holder = holder
+        self._timings = timings
+        self._fail = fail
+        # Set when the listen deadline gave up on this run: whatever it prints from then on changes nothing.
+        self.muted = False
+
+    def line(self, stream: str, text: str) -> None:
+        signal = output.interpret(relay_line(stream, text))
+        if signal is None or self.muted:
+            return
+        if isinstance(signal, machine.RunnerListening) and self._holder.phase is Phase.REGISTERING_RUNNER:
+            self._timings.mark("listening_s")
+            log.info("Runner is listening for jobs", extra={"timings": self._timings.snapshot()})
+            signal = machine.RunnerListening(timings=self._timings.snapshot())
+        self._holder.apply(signal)
+
+    def started(self, pid: int | None) -> None:
+        self._holder.runner_pid = pid
+        self._holder.write_state_file()
+
+    def exited(self, exit_code: int) -> None:
+        """Called when the runner is gone, also while the agent stops (the supervisor is being cancelled)."""
+        log.info("Runner exited", extra={"exit_code": exit_code})
+        self._holder.runner_pid = None
+        if self.muted:
+            return
+        if self._holder.phase is Phase.REGISTERING_RUNNER:
+            self._fail("runner_start_failed", f"runner exited with code {exit_code} before listening for jobs")
+        else:
+            self._holder.apply(machine.RunnerExited(exit_code))
+
+
+async def _listen_deadline(holder: StateHolder, limit_s: float, run_scope: trio.CancelScope, watch: _RunWatch) -> None:
     """Stop a runner that has not said `Listening for Jobs` within `limit_s` seconds."""
     with trio.move_on_after(limit_s) as scope:
         await holder.value.wait_value(lambda state: state.phase is not Phase.REGISTERING_RUNNER)
     if not scope.cancelled_caught:
         return
     log.error("The runner did not start listening for jobs in time; stopping it", extra={"timeout_s": limit_s})
+    watch.muted = True
     run_scope.cancel()
