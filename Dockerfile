@@ -33,7 +33,8 @@ LABEL org.opencontainers.image.title="miglet" \
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_ROOT_USER_ACTION=ignore
 
 # The build context is mounted, not copied, so no layer keeps the source; a writable mount lets the build
 # backend write where it likes, and whatever it writes is thrown away.

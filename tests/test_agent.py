@@ -20,6 +20,7 @@ from fake_controller.simulated_runner import Job, SimulatedRunner
 from miglet.app import Agent
 from miglet.config import Config
 from miglet.machine import AgentState, Phase
+from miglet.runner.backend import Registration, RunObserver
 from miglet.statefile import read_state_file
 from tests.conftest import ConfigFactory
 
@@ -258,3 +259,38 @@ async def test_stop_in_every_phase_ends_cleanly(
     assert runner.interrupted is (phase is Phase.BUSY)
     [stopping] = controller.events_of("vm-123", "vm_stopping")
     assert stopping["reason"] == "signal"
+
+
+async def test_a_shutdown_is_not_held_up_by_a_slow_registration(
+    make_config: ConfigFactory, controller: FakeController, autojump_clock: trio.testing.MockClock
+) -> None:
+    runner = SimulatedRunner(configure_delay_s=600)
+    async with running_agent(make_config(), controller, runner) as running:
+        await running.reach(Phase.REGISTERING_RUNNER)
+        start = trio.current_time()
+        controller.enqueue("vm-123", {"type": "shutdown", "parameters": {"reason": "scale-in"}})
+        await running.reach(Phase.STOPPED)
+        assert trio.current_time() - start <= 5  # the next poll, not the end of config.sh
+    assert running.exit_code == 0
+
+
+async def test_a_runner_listening_after_its_deadline_is_not_taken_for_registered(
+    make_config: ConfigFactory, controller: FakeController, autojump_clock: trio.testing.MockClock
+) -> None:
+    class LateListener(SimulatedRunner):
+        async def run(self, registration: Registration, observer: RunObserver) -> int:
+            try:
+                await trio.sleep_forever()
+            finally:
+                # Told to stop, it prints what it would have printed long ago.
+                observer.line("stdout", "2024-01-15 10:30:00Z: Listening for Jobs")
+                observer.exited(0)
+            return 0
+
+    async with running_agent(make_config(listen_timeout=30), controller, LateListener()) as running:
+        await running.reach(Phase.REGISTERING_RUNNER)
+        await running.reach(Phase.READY)
+        assert controller.events_of("vm-123", "runner_registered") == []
+        running.agent.request_stop("test over")
+    [failed] = controller.events_of("vm-123", "registration_failed")
+    assert failed["reason"] == "runner_start_failed"

@@ -99,3 +99,14 @@ async def test_long_poll_asks_for_wait_and_allows_for_it(make_config: ConfigFact
     assert requests[0].url.params["wait"] == "20"
     assert requests[0].extensions["timeout"]["read"] >= 30
     assert "wait" not in requests[1].url.params
+
+
+async def test_an_undecodable_answer_is_retryable_not_fatal(make_config: ConfigFactory) -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=b"not gzip at all", headers={"Content-Encoding": "gzip"})
+
+    async with open_controller_client(make_config(), httpx.MockTransport(handler)) as client:
+        with pytest.raises(ControllerUnavailable, match="DecodingError"):
+            await client.get_commands()
+        with pytest.raises(ControllerUnavailable, match="DecodingError"):
+            await client.post_event(protocol.VmStarted(), read_answer=True)

@@ -13,7 +13,7 @@ from miglet import protocol
 from miglet.machine import Acknowledged, Start, StopRequested
 from miglet.outbox import Outbox, Stamper
 from miglet.state import StateHolder
-from miglet.statefile import StateFileWriter, read_state_file
+from miglet.statefile import StateFileWriter, StateRecord, read_state_file
 from miglet.tasks.heartbeat import heartbeat_task, state_refresh_task
 
 
@@ -55,16 +55,20 @@ async def test_zero_interval_disables_heartbeats(autojump_clock: trio.testing.Mo
 
 
 async def test_state_file_is_rewritten_periodically(tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
+    class CountingWriter(StateFileWriter):
+        def __init__(self, path: Path) -> None:
+            super().__init__(path)
+            self.times: list[float] = []
+
+        def write(self, record: StateRecord) -> None:
+            self.times.append(trio.current_time())
+            super().write(record)
+
+    writer = CountingWriter(tmp_path / "s.json")
     outbox = Outbox(Stamper("vm-123", "pool-001", None))
-    holder = StateHolder(
-        vm_id="vm-123", pool_id="pool-001", emit=outbox.put, state_file=StateFileWriter(tmp_path / "s.json")
-    )
-    written: list[str] = []
+    holder = StateHolder(vm_id="vm-123", pool_id="pool-001", emit=outbox.put, state_file=writer)
+    start = trio.current_time()
     with trio.move_on_after(25):
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(state_refresh_task, holder, 10)
-            for _ in range(3):
-                await trio.testing.wait_all_tasks_blocked()
-                written.append(read_state_file(tmp_path / "s.json").state)
-                await trio.sleep(10)
-    assert written == ["Initializing"] * 3
+        await state_refresh_task(holder, 10)
+    assert [at - start for at in writer.times] == [0, 10, 20]
+    assert read_state_file(tmp_path / "s.json").state == "Initializing"

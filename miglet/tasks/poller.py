@@ -27,6 +27,7 @@ from miglet.state import StateHolder
 log = logging.getLogger(__name__)
 
 SEEN_COMMANDS_KEPT: Final = 4096
+MAX_PENDING_REGISTRATIONS: Final = 16
 
 
 class SeenCommands:
@@ -58,33 +59,74 @@ async def poller_task(
     await holder.value.wait_value(
         lambda state: state.phase is not Phase.INITIALIZING and state.phase is not Phase.WAITING_FOR_CONTROLLER
     )
-    router = _Router(holder, outbox, registrations, request_stop)
+    pending_send, pending_receive = trio.open_memory_channel[protocol.RegisterRunner](MAX_PENDING_REGISTRATIONS)
+    router = _Router(holder, outbox, pending_send, request_stop)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_dispatch_registrations, holder, outbox, pending_receive, registrations)
+        await _poll(config, client, holder, router, policy, rng)
+        nursery.cancel_scope.cancel()
+
+
+async def _poll(
+    config: Config,
+    client: ControllerClient,
+    holder: StateHolder,
+    router: _Router,
+    policy: RetryPolicy,
+    rng: random.Random | None,
+) -> None:
+    """Poll until the agent stops, handing each answer to the router."""
     announced = False
     failures = 0
-    async with registrations:
-        while holder.phase not in (Phase.STOPPING, Phase.STOPPED):
-            if holder.phase is Phase.READY:
-                if not announced:
-                    log.info("MIGlet is ready - polling controller for registration config")
-                    announced = True
+    while holder.phase not in (Phase.STOPPING, Phase.STOPPED):
+        if holder.phase is Phase.READY:
+            if not announced:
+                log.info("MIGlet is ready - polling controller for registration config")
+                announced = True
+        else:
+            announced = False
+        started = trio.current_time()
+        try:
+            batch = await client.get_commands(config.command_wait)
+        except (ControllerError, protocol.ProtocolError) as exc:
+            retry_after = exc.retry_after if isinstance(exc, ControllerUnavailable) else None
+            delay = max(config.poll_interval, policy.delay(failures, rng, retry_after))
+            failures += 1
+            log.warning(
+                "Command poll failed; will retry",
+                extra={"error": str(exc), "attempt": failures, "retry_in_s": round(delay, 3)},
+            )
+            await trio.sleep(delay)
+            continue
+        failures = 0
+        router.route(batch)
+        await trio.sleep_until(started + config.poll_interval)
+
+
+async def _dispatch_registrations(
+    holder: StateHolder,
+    outbox: Outbox,
+    pending: trio.MemoryReceiveChannel[protocol.RegisterRunner],
+    registrations: trio.MemorySendChannel[protocol.RegisterRunner],
+) -> None:
+    """Hand registrations to the supervisor one at a time, in the order they came.
+
+    One that follows a registration still in progress waits for its outcome: a failed one leaves the agent
+    Ready for the next, a successful one means the next is refused. Polling goes on meanwhile, so a
+    `shutdown` is never held up behind a slow `config.sh`.
+    """
+    async with pending, registrations:
+        async for command in pending:
+            await holder.value.wait_value(lambda state: state.phase is not Phase.REGISTERING_RUNNER)
+            if holder.apply(machine.RegistrationReceived(command.id)):
+                await registrations.send(command)
             else:
-                announced = False
-            started = trio.current_time()
-            try:
-                batch = await client.get_commands(config.command_wait)
-            except (ControllerError, protocol.ProtocolError) as exc:
-                retry_after = exc.retry_after if isinstance(exc, ControllerUnavailable) else None
-                delay = max(config.poll_interval, policy.delay(failures, rng, retry_after))
-                failures += 1
-                log.warning(
-                    "Command poll failed; will retry",
-                    extra={"error": str(exc), "attempt": failures, "retry_in_s": round(delay, 3)},
-                )
-                await trio.sleep(delay)
-                continue
-            failures = 0
-            await router.route(batch)
-            await trio.sleep_until(started + config.poll_interval)
+                _refuse(outbox, command.id, f"cannot register a runner while {holder.phase.value}")
+
+
+def _refuse(outbox: Outbox, command_id: str, error: str) -> None:
+    log.warning("Refusing register_runner command", extra={"command_id": command_id, "error": error})
+    outbox.put(protocol.CommandFailed(command_id=command_id, command_type="register_runner", error=error))
 
 
 class _Router:
@@ -101,7 +143,7 @@ class _Router:
         self._request_stop = request_stop
         self._seen = SeenCommands()
 
-    async def route(self, batch: protocol.CommandBatch) -> None:
+    def route(self, batch: protocol.CommandBatch) -> None:
         for rejected in batch.rejected:
             self._reject(rejected)
         for command in batch.commands:
@@ -110,23 +152,14 @@ class _Router:
                 continue
             match command:
                 case protocol.RegisterRunner():
-                    await self._register(command)
+                    log.info("Received register_runner command from controller", extra={"command_id": command.id})
+                    try:
+                        self._registrations.send_nowait(command)
+                    except trio.WouldBlock:
+                        _refuse(self._outbox, command.id, "too many registrations pending")
                 case protocol.Shutdown():
                     log.info("Received shutdown command from controller", extra={"command_id": command.id})
                     self._request_stop(command)
-
-    async def _register(self, command: protocol.RegisterRunner) -> None:
-        log.info("Received register_runner command from controller", extra={"command_id": command.id})
-        # Commands are taken in order: one that follows a registration still in progress waits for its outcome
-        # (a failed one leaves the agent Ready for the next).
-        await self._holder.value.wait_value(lambda state: state.phase is not Phase.REGISTERING_RUNNER)
-        if self._holder.apply(machine.RegistrationReceived(command.id)):
-            await self._registrations.send(command)
-            return
-        phase = self._holder.phase
-        error = f"cannot register a runner while {phase.value}"
-        log.warning("Refusing register_runner command", extra={"command_id": command.id, "error": error})
-        self._outbox.put(protocol.CommandFailed(command_id=command.id, command_type="register_runner", error=error))
 
     def _reject(self, rejected: protocol.RejectedCommand) -> None:
         log.warning(
