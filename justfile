@@ -22,11 +22,20 @@ demo:
 test: lint
     {{bin}}/python -m pytest -q
 
-# ruff (lint and format) and mypy --strict
+# ruff (lint and format), mypy --strict and hadolint
 lint:
     {{bin}}/ruff check .
     {{bin}}/ruff format --check .
     {{bin}}/mypy
+    {{bin}}/hadolint Dockerfile
+
+# Regenerate docs/openapi.json from the wire types in miglet/protocol.py
+openapi:
+    {{bin}}/python -m miglet.openapi > docs/openapi.json.tmp && mv docs/openapi.json.tmp docs/openapi.json
+
+# Build the container image (MIGlet only; add the runner in your own layer, see docs/operations.md)
+docker-build tag="miglet":
+    docker build -t {{tag}} .
 
 # Serve the fake controller (see --help for its options)
 fake-controller *ARGS:

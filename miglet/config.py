@@ -49,7 +49,7 @@ VARIABLES: Final = (
     Variable("MIGLET_ORG_ID", "unset", "org id, sent in events when set"),
     Variable("MIGLET_CONTROLLER_TOKEN", "unset", "bearer token for every controller request", secret=True),
     Variable("MIGLET_CONTROLLER_TOKEN_FILE", "unset", "file holding the bearer token (read once)"),
-    Variable("MIGLET_CA_BUNDLE", "system", "CA file for TLS to the controller"),
+    Variable("MIGLET_CA_BUNDLE", "system", "CA file for TLS to the controller (default: the OS trust store)"),
     Variable("MIGLET_ALLOW_INSECURE", "false", "allow plain http:// to a non-loopback controller"),
     Variable("MIGLET_POLL_INTERVAL", "5", "seconds between command polls"),
     Variable("MIGLET_COMMAND_WAIT", "20", "long-poll: ask the controller to hold a poll up to N s (0: off)"),

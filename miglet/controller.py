@@ -170,9 +170,9 @@ async def open_controller_client(
     headers = {"User-Agent": f"miglet/{__version__}", "Accept": "application/json"}
     if config.controller_token is not None:
         headers["Authorization"] = f"Bearer {config.controller_token.reveal()}"
-    verify: ssl.SSLContext | bool = True
-    if config.ca_bundle is not None:
-        verify = ssl.create_default_context(cafile=str(config.ca_bundle))
+    # The system's trust store by default (where operators install their CAs), or only the configured bundle.
+    cafile = str(config.ca_bundle) if config.ca_bundle is not None else None
+    verify = ssl.create_default_context(cafile=cafile)
     async with httpx.AsyncClient(
         base_url=config.controller_endpoint,
         headers=headers,
