@@ -37,6 +37,11 @@ openapi:
 docker-build tag="miglet":
     docker build -t {{tag}} .
 
+# Run the benchmarks: prints a table, writes benchmarks/results.json and docs/benchmarks.md (a few minutes)
+bench *NAMES:
+    {{bin}}/python -m compileall -q miglet fake_controller benchmarks
+    {{bin}}/python -m benchmarks {{NAMES}}
+
 # Serve the fake controller (see --help for its options)
 fake-controller *ARGS:
     {{bin}}/python -m fake_controller {{ARGS}}

@@ -32,6 +32,8 @@ async def serve(
     config.accesslog = None
     config.errorlog = logging.getLogger("fake_controller.hypercorn")
     config.graceful_timeout = 0.5
+    # Many agents connect at once (a fleet starting): the default backlog of 100 would reset connections.
+    config.backlog = 4096
     config.keep_alive_timeout = 75.0
 
     async with trio.open_nursery() as nursery:

@@ -6,7 +6,6 @@ variable and the problem in one line, and the command line turns it into exit co
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import pwd
 import re
@@ -229,6 +228,8 @@ def _is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
     try:
+        import ipaddress  # only plain-http endpoints get here
+
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False

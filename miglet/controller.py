@@ -6,6 +6,7 @@ bounds it in time and size, and says what went wrong in words that name no secre
 
 from __future__ import annotations
 
+import functools
 import logging
 import ssl
 from collections.abc import AsyncGenerator, AsyncIterator
@@ -170,9 +171,12 @@ async def open_controller_client(
     headers = {"User-Agent": f"miglet/{__version__}", "Accept": "application/json"}
     if config.controller_token is not None:
         headers["Authorization"] = f"Bearer {config.controller_token.reveal()}"
-    # The system's trust store by default (where operators install their CAs), or only the configured bundle.
-    cafile = str(config.ca_bundle) if config.ca_bundle is not None else None
-    verify = ssl.create_default_context(cafile=cafile)
+    if config.controller_endpoint.startswith("https://"):
+        verify = _tls_context(str(config.ca_bundle) if config.ca_bundle is not None else None)
+    else:
+        # Plain http:// (loopback, or explicitly allowed) never does TLS: verification stays on, trusting
+        # no one, rather than loading a trust store (tens of milliseconds) for nothing.
+        verify = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     async with httpx.AsyncClient(
         base_url=config.controller_endpoint,
         headers=headers,
@@ -183,3 +187,13 @@ async def open_controller_client(
         transport=transport,
     ) as http:
         yield ControllerClient(http, config.vm_id)
+
+
+@functools.cache
+def _tls_context(cafile: str | None) -> ssl.SSLContext:
+    """The system's trust store (where operators install their CAs), or only the configured bundle.
+
+    Built once per process and shared: loading a trust store costs milliseconds and memory, and one process
+    may run many agents.
+    """
+    return ssl.create_default_context(cafile=cafile)

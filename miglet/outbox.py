@@ -8,7 +8,7 @@ minutes loses nothing. The queue is bounded by dropping heartbeats first; lifecy
 from __future__ import annotations
 
 import logging
-import uuid
+import os
 from collections import deque
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -40,7 +40,7 @@ class Stamper:
         vm_id: str,
         pool_id: str,
         org_id: str | None,
-        new_id: Callable[[], str] = lambda: uuid.uuid4().hex,
+        new_id: Callable[[], str] = lambda: os.urandom(16).hex(),
         now: Callable[[], str] = utc_timestamp,
     ) -> None:
         self._header = {"vm_id": vm_id, "pool_id": pool_id, "org_id": org_id}

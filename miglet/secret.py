@@ -8,7 +8,6 @@ an exception message, a log record.
 
 from __future__ import annotations
 
-import hmac
 import re
 import threading
 from typing import Any, Final
@@ -38,6 +37,8 @@ class Secret:
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Secret):
             return NotImplemented
+        import hmac  # rarely needed: not worth its import at start-up
+
         return hmac.compare_digest(self._value.encode(), other._value.encode())
 
     def __hash__(self) -> int:

@@ -7,9 +7,9 @@ with owner-only permissions. It never holds a secret: its type has no field that
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import Final
 
@@ -35,6 +35,7 @@ class StateRecord(msgspec.Struct, kw_only=True):
 
 
 _encoder: Final = msgspec.json.Encoder()
+_sequence = itertools.count()
 _decoder: Final = msgspec.json.Decoder(StateRecord)
 
 
@@ -59,11 +60,12 @@ class StateFileWriter:
 
 def write_atomic(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    # Unique to this writer; O_EXCL refuses a file (or a link) someone put in its place.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{next(_sequence)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
-        os.chmod(tmp, 0o600)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):

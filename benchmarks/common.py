@@ -1,0 +1,100 @@
+"""What the benchmarks share: percentiles, a fake controller to talk to, and reading a process's footprint."""
+
+from __future__ import annotations
+
+import os
+import resource
+import statistics
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import trio
+
+from fake_controller import FakeController
+from fake_controller.server import serve
+from miglet.config import Config
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    """The nearest-rank percentile (`fraction` in 0..1) of `values`."""
+    ordered = sorted(values)
+    rank = max(1, round(fraction * len(ordered) + 0.5))
+    return ordered[min(rank, len(ordered)) - 1]
+
+
+def summary_ms(values: list[float]) -> dict[str, float]:
+    """p50, p99, mean and max of durations in seconds, as milliseconds."""
+    return {
+        "n": len(values),
+        "p50_ms": round(percentile(values, 0.50) * 1000, 1),
+        "p99_ms": round(percentile(values, 0.99) * 1000, 1),
+        "mean_ms": round(statistics.fmean(values) * 1000, 1),
+        "max_ms": round(max(values) * 1000, 1),
+    }
+
+
+@asynccontextmanager
+async def served_controller(controller: FakeController) -> AsyncIterator[str]:
+    """Serve `controller` over HTTP on loopback for the duration; yields its base URL."""
+    async with trio.open_nursery() as nursery:
+        url = await nursery.start(serve, controller)
+        yield url
+        nursery.cancel_scope.cancel()
+
+
+def agent_config(vm_id: str, url: str, workdir: Path, **overrides: object) -> Config:
+    values: dict[str, object] = {
+        "vm_id": vm_id,
+        "pool_id": "bench",
+        "controller_endpoint": url,
+        "runner_dir": workdir / "runner",
+        "state_file": workdir / f"{vm_id}.json",
+        "heartbeat_interval": 0.0,
+    }
+    values.update(overrides)
+    return Config(**values)  # type: ignore[arg-type]
+
+
+def miglet_command() -> list[str]:
+    return [sys.executable, "-m", "miglet"]
+
+
+def raise_file_limit() -> None:
+    """Many agents hold many sockets: lift the soft limit on open files to the hard one."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def rss_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as handle:
+        for line in handle:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise LookupError("VmRSS")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time the process has used so far."""
+    with open(f"/proc/{pid}/stat", "rb") as handle:
+        fields = handle.read().rsplit(b")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def machine_description() -> dict[str, str]:
+    model = "unknown"
+    try:
+        with open("/proc/cpuinfo") as handle:
+            model = next(line.split(":", 1)[1].strip() for line in handle if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    kernel = subprocess.run(["uname", "-sr"], capture_output=True, text=True, check=False).stdout.strip()
+    return {
+        "cpu": model,
+        "cores": str(os.cpu_count()),
+        "python": sys.version.split()[0],
+        "kernel": kernel,
+    }

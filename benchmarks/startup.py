@@ -1,0 +1,118 @@
+"""Agent overhead from process start to a listening runner, with an instant controller and runner.
+
+`python -m miglet` runs as a real process against the fake controller (in this process, over loopback) and
+the fake runner. MIGlet reports its phase timings from process start in `runner_registered`; the fake
+runner's own time (its `config.sh`, and `run.sh` until `Listening for Jobs`, measured alone the same way) is
+subtracted, leaving what MIGlet itself costs: interpreter start, imports, handshake, poll and spawning.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import statistics
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from benchmarks.common import miglet_command, served_controller
+from fake_controller import FakeController
+from fake_controller.fake_runner import install
+from miglet.runner.backend import Registration
+from miglet.runner.process import config_arguments, kill_session, runner_environment
+
+REGISTRATION = Registration(
+    command_id="bench",
+    url="https://github.com/bench/bench",
+    name="bench",
+    labels=("self-hosted",),
+    group="default",
+    ephemeral=True,
+)
+
+
+def _env() -> dict[str, str]:
+    env = runner_environment(os.environ)
+    if os.geteuid() == 0:
+        env["RUNNER_ALLOW_RUNASROOT"] = "1"
+    return env
+
+
+async def runner_alone(runner_dir: Path) -> float:
+    """Seconds the fake runner takes by itself: config.sh, then run.sh until it listens."""
+    for name in (".runner", ".credentials", ".credentials_rsaparams"):
+        (runner_dir / name).unlink(missing_ok=True)
+    env = {**_env(), "ACTIONS_RUNNER_INPUT_TOKEN": "AHTBENCHMARKTOKEN00000000001"}
+    start = time.monotonic()
+    await trio.run_process(config_arguments(REGISTRATION), cwd=runner_dir, env=env, capture_stdout=True)
+    process = await trio.lowlevel.open_process(
+        ["./run.sh"],
+        cwd=runner_dir,
+        env={**_env(), "RUNNER_MANUALLY_TRAP_SIG": "1"},
+        stdout=subprocess.PIPE,
+        start_new_session=True,
+    )
+    assert process.stdout is not None
+    seen = b""
+    async for chunk in process.stdout:
+        seen += chunk
+        if b"Listening for Jobs" in seen:
+            break
+    elapsed = time.monotonic() - start
+    os.killpg(process.pid, signal.SIGINT)
+    with trio.move_on_after(10):
+        await process.wait()
+    kill_session(process.pid)
+    return elapsed
+
+
+async def miglet_once(
+    url: str, runner_dir: Path, workdir: Path, vm_id: str, controller: FakeController
+) -> dict[str, float]:
+    env = {
+        **os.environ,
+        "MIGLET_VM_ID": vm_id,
+        "MIGLET_POOL_ID": "bench",
+        "MIGLET_CONTROLLER_ENDPOINT": url,
+        "MIGLET_RUNNER_DIR": str(runner_dir),
+        "MIGLET_STATE_FILE": str(workdir / f"{vm_id}.json"),
+        "MIGLET_LOG_LEVEL": "warning",
+    }
+    process = await trio.lowlevel.open_process(miglet_command(), env=env, stderr=subprocess.DEVNULL)
+    try:
+        while not controller.events_of(vm_id, "runner_registered"):
+            await controller.request_arrived.wait()
+        process.send_signal(signal.SIGTERM)
+        with trio.move_on_after(30):
+            await process.wait()
+    finally:
+        if process.returncode is None:
+            process.kill()
+    timings: dict[str, float] = controller.events_of(vm_id, "runner_registered")[0]["timings"]
+    return timings
+
+
+async def run(workdir: Path, trials: int = 10) -> dict[str, Any]:
+    runner_dir = install(workdir / "startup-runner")
+    alone = [await runner_alone(runner_dir) for _ in range(trials)]
+    runner_time = statistics.median(alone)
+    controller = FakeController()
+    phases: list[dict[str, float]] = []
+    async with served_controller(controller) as url:
+        for index in range(trials):
+            phases.append(await miglet_once(url, runner_dir, workdir, f"start-{index}", controller))
+    listening = [phase["listening_s"] for phase in phases]
+    overhead = [value - runner_time for value in listening]
+    return {
+        "trials": trials,
+        "fake_runner_alone_ms": round(runner_time * 1000, 1),
+        "to_listening_p50_ms": round(statistics.median(listening) * 1000, 1),
+        "overhead_p50_ms": round(statistics.median(overhead) * 1000, 1),
+        "overhead_max_ms": round(max(overhead) * 1000, 1),
+        "phases_p50_ms": {
+            name: round(statistics.median(phase[name] for phase in phases) * 1000, 1) for name in phases[0]
+        },
+    }
