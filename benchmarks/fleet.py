@@ -25,7 +25,7 @@ from miglet.machine import Phase
 
 async def _start_controller(nursery: trio.Nursery) -> tuple[trio.Process, str]:
     process = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "fake_controller", "--port", "0"],
+        [sys.executable, "-m", "fake_controller", "--port", "0", "--quiet"],
         stdout=subprocess.PIPE,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )

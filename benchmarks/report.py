@@ -89,6 +89,10 @@ for comparing machines (on a typical cloud VM it is 30-50 ms).
 - Loading the system trust store costs about 50 ms on this machine (profiled with cProfile): it is loaded
   once per process and shared, and only for an `https://` controller. The benchmark's controller is plain
   http on loopback, so a production start-up over https pays that once more.
+- This machine (a 2-core Firecracker VM) runs Python three to four times slower than a typical cloud VM and
+  its speed drifts from minute to minute: the start-up overhead measured between 214 ms and 430 ms in runs on
+  the same day, the whole difference being in the imports. The start-up benchmark therefore pairs each
+  MIGlet run with a run of the fake runner alone, so that drift cancels out as far as it can.
 - Idle, MIGlet sleeps in one long-poll at a time: one request per 20 s plus a heartbeat per 30 s.
 - With many agents in one process, the cost is httpx/httpcore/h11 and trio per request (profiled with
   cProfile: no MIGlet function among the top self-time entries); the fake controller needed a listen backlog

@@ -95,20 +95,21 @@ async def miglet_once(
     return timings
 
 
-async def run(workdir: Path, trials: int = 10) -> dict[str, Any]:
+async def run(workdir: Path, trials: int = 12) -> dict[str, Any]:
     runner_dir = install(workdir / "startup-runner")
-    alone = [await runner_alone(runner_dir) for _ in range(trials)]
-    runner_time = statistics.median(alone)
     controller = FakeController()
+    alone: list[float] = []
     phases: list[dict[str, float]] = []
     async with served_controller(controller) as url:
         for index in range(trials):
+            # Paired: the runner alone, then MIGlet with it, so that drift in the machine's speed cancels out.
+            alone.append(await runner_alone(runner_dir))
             phases.append(await miglet_once(url, runner_dir, workdir, f"start-{index}", controller))
     listening = [phase["listening_s"] for phase in phases]
-    overhead = [value - runner_time for value in listening]
+    overhead = [total - runner for total, runner in zip(listening, alone, strict=True)]
     return {
         "trials": trials,
-        "fake_runner_alone_ms": round(runner_time * 1000, 1),
+        "fake_runner_alone_ms": round(statistics.median(alone) * 1000, 1),
         "to_listening_p50_ms": round(statistics.median(listening) * 1000, 1),
         "overhead_p50_ms": round(statistics.median(overhead) * 1000, 1),
         "overhead_max_ms": round(max(overhead) * 1000, 1),

@@ -47,6 +47,7 @@ admin API:
     parser.add_argument(
         "--no-long-poll", action="store_true", help="answer polls at once, ignoring ?wait=N (the seed's behaviour)"
     )
+    parser.add_argument("--quiet", action="store_true", help="do not print what each VM does")
     faults = parser.add_argument_group("fault injection (rates are probabilities per request)")
     faults.add_argument("--error-rate", type=float, default=0.0, help="answer with an error status [%(default)s]")
     faults.add_argument(
@@ -94,7 +95,7 @@ async def _main(args: argparse.Namespace) -> None:
         token_ttl_s=args.token_ttl,
         long_poll=not args.no_long_poll,
     )
-    controller = FakeController(settings, observer=_show, faults=fault_plan(args))
+    controller = FakeController(settings, observer=None if args.quiet else _show, faults=fault_plan(args))
     async with trio.open_nursery() as nursery:
         url = await nursery.start(serve, controller, args.host, args.port)
         print(f"fake controller listening on {url}", flush=True)
