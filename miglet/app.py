@@ -10,6 +10,7 @@ time to flush, and the machine ends in Stopped.
 from __future__ import annotations
 
 import logging
+import os
 import random
 import signal
 import time
@@ -17,6 +18,7 @@ from functools import partial
 from typing import Final
 
 import httpx
+import msgspec
 import trio
 
 from miglet import machine, protocol
@@ -24,18 +26,20 @@ from miglet.config import Config
 from miglet.controller import open_controller_client
 from miglet.logs import AgentContext, agent_context
 from miglet.machine import Phase
-from miglet.outbox import Outbox, Stamper
+from miglet.outbox import Outbox
 from miglet.retry import RetryPolicy
 from miglet.runner.backend import ConfigureFailed, Grace, RunnerBackend
-from miglet.runner.process import ProcessRunner
+from miglet.runner.output import relay_line
+from miglet.runner.process import ProcessRunner, kill_leftover_runner
 from miglet.secret import Secret
+from miglet.stamp import Stamper
 from miglet.state import StateHolder
-from miglet.statefile import StateFileWriter
+from miglet.statefile import StateFileWriter, read_state_file
 from miglet.tasks.deadlines import phase_deadline_task
 from miglet.tasks.handshake import handshake_task
 from miglet.tasks.heartbeat import heartbeat_task, state_refresh_task
 from miglet.tasks.poller import poller_task
-from miglet.tasks.supervisor import relay_line, supervisor_task
+from miglet.tasks.supervisor import supervisor_task
 from miglet.timings import PhaseTimings
 
 log = logging.getLogger(__name__)
@@ -122,6 +126,8 @@ class Agent:
         self._started_at = trio.current_time()
         token = agent_context.set(AgentContext(config.vm_id, config.pool_id, lambda: self.holder.phase.value))
         try:
+            if self._backend is None:
+                self._clear_leftovers()
             backend = self._backend or ProcessRunner(
                 config.runner_dir, grace=lambda: self.stop_plan.grace, user=config.runner_user
             )
@@ -158,6 +164,17 @@ class Agent:
         finally:
             agent_context.reset(token)
         return self.stop_plan.exit_code
+
+    def _clear_leftovers(self) -> None:
+        """A runner still running from an earlier MIGlet (its state file says which) would hold the runner
+        directory and take jobs nobody reports: stop it before starting afresh."""
+        try:
+            previous = read_state_file(self.config.state_file)
+        except (OSError, msgspec.DecodeError):
+            return
+        pid = previous.runner_pid
+        if pid is not None and previous.pid != os.getpid() and kill_leftover_runner(pid, self.config.runner_dir):
+            log.warning("Killed a runner left running by an earlier MIGlet", extra={"pid": pid})
 
     def _start_deadlines(self, nursery: trio.Nursery) -> None:
         config = self.config

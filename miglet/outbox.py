@@ -1,54 +1,25 @@
-"""The event outbox: every event the agent owes the controller leaves here, in order, exactly once.
+"""The event outbox: every event the agent owes the controller leaves here, in order.
 
 Tasks put events without waiting; one task delivers them, retrying what the controller could not take. An event
 stays queued until the controller has answered 2xx (or refused it outright), so a controller that is down for
-minutes loses nothing. The queue is bounded by dropping heartbeats first; lifecycle events are never dropped.
+minutes loses nothing; a retry carries the same `event_id`, so a controller can drop a duplicate whose first
+answer was lost. The queue is bounded by dropping heartbeats first; lifecycle events are never dropped.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from collections import deque
-from collections.abc import Callable
-from datetime import UTC, datetime
-from typing import TypeVar
 
-import msgspec
 import trio
 from trio_util import AsyncValue
 
 from miglet import protocol
 from miglet.controller import ControllerClient, ControllerRejected, ControllerUnavailable
 from miglet.retry import RetryPolicy
+from miglet.stamp import Stamper
 
 log = logging.getLogger(__name__)
-
-E = TypeVar("E", bound=protocol.Event)
-
-
-def utc_timestamp() -> str:
-    """Now as RFC 3339 UTC with milliseconds, e.g. 2024-01-15T10:30:00.123Z."""
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-class Stamper:
-    """Fills the header every event carries: who sent it, a unique id, and when."""
-
-    def __init__(
-        self,
-        vm_id: str,
-        pool_id: str,
-        org_id: str | None,
-        new_id: Callable[[], str] = lambda: os.urandom(16).hex(),
-        now: Callable[[], str] = utc_timestamp,
-    ) -> None:
-        self._header = {"vm_id": vm_id, "pool_id": pool_id, "org_id": org_id}
-        self._new_id = new_id
-        self._now = now
-
-    def stamp(self, event: E) -> E:
-        return msgspec.structs.replace(event, **self._header, event_id=self._new_id(), timestamp=self._now())
 
 
 class Outbox:

@@ -16,7 +16,7 @@ from trio_util import AsyncValue
 
 from miglet import __version__, machine, protocol
 from miglet.machine import AgentState, Phase
-from miglet.outbox import utc_timestamp
+from miglet.stamp import utc_timestamp
 from miglet.statefile import StateFileWriter, StateRecord
 
 log = logging.getLogger(__name__)

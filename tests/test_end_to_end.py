@@ -378,3 +378,37 @@ async def test_a_second_sigterm_cuts_the_grace_short(tmp_path: Path) -> None:
     assert "Second signal: killing the runner now" in messages
     assert "The runner did not stop within its grace period; killing it" in messages
     no_runner_left(runner_dir)
+
+
+async def test_a_runner_left_by_an_earlier_miglet_is_stopped(tmp_path: Path) -> None:
+    runner_dir = install(tmp_path / "runner")
+    leftover = await trio.lowlevel.open_process(["sleep", "600"], cwd=runner_dir, start_new_session=True)
+    bystander = await trio.lowlevel.open_process(["sleep", "600"], cwd=tmp_path, start_new_session=True)
+    state_file = tmp_path / "state" / "state.json"
+    stale = {
+        "state": "Idle",
+        "since": "",
+        "updated_at": "",
+        "vm_id": "vm-123",
+        "pool_id": "p",
+        "runner_name": "r",
+        "job": None,
+        "pid": 2**22 + 99,
+        "version": "0",
+        "runner_pid": leftover.pid,
+    }
+    state_file.parent.mkdir()
+    state_file.write_bytes(msgspec.json.encode(stale))
+    try:
+        with trio.fail_after(TIMEOUT):
+            async with miglet_against(tmp_path, FakeController(), runner_dir=runner_dir) as (miglet, _):
+                await miglet.wait_state("Idle")
+                with trio.fail_after(5):
+                    await leftover.wait()  # killed before MIGlet started its own runner
+                miglet.process.send_signal(signal.SIGTERM)
+        assert "Killed a runner left running by an earlier MIGlet" in miglet.messages()
+        assert bystander.poll() is None  # not working in the runner directory: left alone
+    finally:
+        for process in (leftover, bystander):
+            process.kill()
+            await process.wait()

@@ -15,8 +15,9 @@ import trio
 
 from miglet.controller import open_controller_client
 from miglet.machine import Phase, Start
-from miglet.outbox import Outbox, Stamper
+from miglet.outbox import Outbox
 from miglet.retry import RetryPolicy
+from miglet.stamp import Stamper
 from miglet.state import StateHolder
 from miglet.tasks.handshake import handshake_task
 from tests.conftest import ConfigFactory

@@ -11,7 +11,8 @@ import trio
 
 from miglet import protocol
 from miglet.machine import Acknowledged, Start, StopRequested
-from miglet.outbox import Outbox, Stamper
+from miglet.outbox import Outbox
+from miglet.stamp import Stamper
 from miglet.state import StateHolder
 from miglet.statefile import StateFileWriter, StateRecord, read_state_file
 from miglet.tasks.heartbeat import heartbeat_task, state_refresh_task

@@ -23,7 +23,7 @@ from referencing.jsonschema import DRAFT202012
 
 from fake_controller import FakeController
 from miglet import __version__, openapi, protocol
-from miglet.outbox import Stamper
+from miglet.stamp import Stamper
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 COMMITTED = DOCS / "openapi.json"

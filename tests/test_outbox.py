@@ -13,8 +13,9 @@ import trio
 
 from miglet import protocol
 from miglet.controller import open_controller_client
-from miglet.outbox import Outbox, Stamper
+from miglet.outbox import Outbox
 from miglet.retry import RetryPolicy
+from miglet.stamp import Stamper
 from tests.conftest import ConfigFactory
 
 

@@ -22,8 +22,9 @@ from miglet import protocol
 from miglet.config import Config
 from miglet.controller import open_controller_client
 from miglet.machine import Acknowledged, Phase, RegistrationFailed, RunnerListening, Start
-from miglet.outbox import Outbox, Stamper
+from miglet.outbox import Outbox
 from miglet.retry import RetryPolicy
+from miglet.stamp import Stamper
 from miglet.state import StateHolder
 from miglet.tasks.poller import SeenCommands, poller_task
 from tests.conftest import ConfigFactory

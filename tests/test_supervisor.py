@@ -18,8 +18,9 @@ from hypothesis import strategies as st
 from fake_controller.simulated_runner import SimulatedRunner
 from miglet import protocol, secret
 from miglet.machine import Acknowledged, Phase, RegistrationReceived, Start
-from miglet.outbox import Outbox, Stamper
+from miglet.outbox import Outbox
 from miglet.runner.backend import RunObserver
+from miglet.stamp import Stamper
 from miglet.state import StateHolder
 from miglet.tasks.supervisor import InvalidRegistration, registration_from_command, supervisor_task
 from miglet.timings import PhaseTimings

@@ -6,6 +6,7 @@ ANSI colour codes. `interpret` turns such a line into the machine input it means
 
 from __future__ import annotations
 
+import logging
 import re
 from typing import Final
 
@@ -19,6 +20,9 @@ _RUNNING: Final = re.compile(_STAMP + r"Running job: (?P<name>.+)")
 _COMPLETED: Final = re.compile(_STAMP + r"Job (?P<name>.+) completed with result: (?P<result>[A-Za-z]+)")
 
 RunnerSignal = machine.RunnerListening | machine.JobStarted | machine.JobCompleted
+
+# The runner's own lines, tagged as such, so that log readers can tell them from MIGlet's.
+runner_log = logging.getLogger("miglet.runner.output")
 
 
 def clean(line: str) -> str:
@@ -35,3 +39,12 @@ def interpret(line: str) -> RunnerSignal | None:
     if match := _RUNNING.fullmatch(line):
         return machine.JobStarted(name=match["name"])
     return None
+
+
+def relay_line(stream: str, line: str) -> str:
+    """Log one line of runner output (as the runner's; secrets are masked by the log formatter) and return
+    it cleaned."""
+    cleaned = clean(line)
+    if cleaned:
+        runner_log.info(cleaned, extra={"source": "runner", "stream": stream})
+    return cleaned

@@ -232,6 +232,23 @@ def kill_session(sid: int) -> None:
             os.kill(pid, signal.SIGKILL)
 
 
+def kill_leftover_runner(pid: int, runner_dir: Path) -> bool:
+    """Kill a runner that an earlier MIGlet (killed itself, say) left running from `runner_dir`.
+
+    Only a session leader working in `runner_dir` qualifies, so that a reused pid is never mistaken for one.
+    """
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            fields = handle.read().rsplit(b")", 1)[1].split()
+        cwd = os.readlink(f"/proc/{pid}/cwd")
+    except (OSError, IndexError):
+        return False
+    if int(fields[3]) != pid or fields[0] == b"Z" or Path(cwd) != runner_dir.resolve():
+        return False
+    kill_session(pid)
+    return True
+
+
 def _session_members(sid: int) -> list[int]:
     members: list[int] = []
     try:

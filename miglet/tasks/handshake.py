@@ -12,9 +12,9 @@ import random
 import trio
 
 from miglet import machine, protocol
-from miglet.controller import ControllerClient, ControllerError
-from miglet.outbox import Stamper
+from miglet.controller import ControllerClient, ControllerError, ControllerRejected, ControllerUnavailable
 from miglet.retry import RetryPolicy
+from miglet.stamp import Stamper
 from miglet.state import StateHolder
 
 log = logging.getLogger(__name__)
@@ -34,11 +34,13 @@ async def handshake_task(
     attempt = 0
     while True:
         retry_after: float | None = None
+        refused = False
         try:
             body = await client.post_event(event, read_answer=True)
             ack = protocol.decode_acknowledgment(body)
         except ControllerError as exc:
-            retry_after = getattr(exc, "retry_after", None)
+            retry_after = exc.retry_after if isinstance(exc, ControllerUnavailable) else None
+            refused = isinstance(exc, ControllerRejected)
             problem = str(exc)
         except protocol.ProtocolError as exc:
             problem = str(exc)
@@ -47,7 +49,10 @@ async def handshake_task(
                 break
             problem = f"controller did not acknowledge vm_started (status={ack.status!r}, message={ack.message!r})"
         delay = policy.delay(attempt, rng, retry_after)
-        log.warning(
+        # A refusal (401, 403, 404...) will not go away by itself: someone has to fix the token or the controller.
+        level = logging.ERROR if refused else logging.WARNING
+        log.log(
+            level,
             "vm_started not acknowledged; will retry",
             extra={"event_id": event.event_id, "error": problem, "attempt": attempt + 1, "retry_in_s": round(delay, 3)},
         )

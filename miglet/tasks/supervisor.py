@@ -22,12 +22,12 @@ from miglet.machine import Phase
 from miglet.protocol import RegisterRunner
 from miglet.runner import output
 from miglet.runner.backend import ConfigureFailed, Registration, RunnerBackend
+from miglet.runner.output import relay_line
 from miglet.secret import redact
 from miglet.state import StateHolder
 from miglet.timings import PhaseTimings
 
 log = logging.getLogger(__name__)
-runner_log = logging.getLogger("miglet.runner.output")
 
 MAX_LABELS: Final = 100
 MAX_URL: Final = 2048
@@ -86,14 +86,6 @@ def _check_runner_url(url: str, allow_http: bool) -> None:
         raise InvalidRegistration(
             "invalid_command", "runner_url must not carry credentials, spaces or control characters"
         )
-
-
-def relay_line(stream: str, line: str) -> str:
-    """Log one line of runner output (secrets masked) and return it cleaned."""
-    cleaned = output.clean(line)
-    if cleaned:
-        runner_log.info(cleaned, extra={"source": "runner", "stream": stream})
-    return cleaned
 
 
 async def supervisor_task(
