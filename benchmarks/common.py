@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import resource
+import signal
 import statistics
 import subprocess
 import sys
@@ -58,8 +59,32 @@ def agent_config(vm_id: str, url: str, workdir: Path, **overrides: object) -> Co
     return Config(**values)  # type: ignore[arg-type]
 
 
-def miglet_command() -> list[str]:
-    return [sys.executable, "-m", "miglet"]
+@asynccontextmanager
+async def registered_miglet(
+    controller: FakeController, url: str, runner_dir: Path, workdir: Path, vm_id: str
+) -> AsyncIterator[trio.Process]:
+    """`python -m miglet` against `controller`, from the moment its runner is registered until the block ends;
+    then it is stopped with SIGTERM (and killed if it does not stop within 30 s)."""
+    env = {
+        **os.environ,
+        "MIGLET_VM_ID": vm_id,
+        "MIGLET_POOL_ID": "bench",
+        "MIGLET_CONTROLLER_ENDPOINT": url,
+        "MIGLET_RUNNER_DIR": str(runner_dir),
+        "MIGLET_STATE_FILE": str(workdir / f"{vm_id}.json"),
+        "MIGLET_LOG_LEVEL": "warning",
+    }
+    process = await trio.lowlevel.open_process([sys.executable, "-m", "miglet"], env=env, stderr=subprocess.DEVNULL)
+    try:
+        while not controller.events_of(vm_id, "runner_registered"):
+            await controller.request_arrived.wait()
+        yield process
+        process.send_signal(signal.SIGTERM)
+        with trio.move_on_after(30):
+            await process.wait()
+    finally:
+        if process.returncode is None:
+            process.kill()
 
 
 def raise_file_limit() -> None:

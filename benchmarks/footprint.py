@@ -6,15 +6,12 @@ waits for a job. CPU is measured over a window and scaled to seconds per minute.
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
 from pathlib import Path
 from typing import Any
 
 import trio
 
-from benchmarks.common import cpu_seconds, miglet_command, rss_bytes, served_controller
+from benchmarks.common import cpu_seconds, registered_miglet, rss_bytes, served_controller
 from fake_controller import FakeController
 from fake_controller.fake_runner import install
 
@@ -22,33 +19,17 @@ from fake_controller.fake_runner import install
 async def run(workdir: Path, window_s: float = 60.0) -> dict[str, Any]:
     runner_dir = install(workdir / "footprint-runner")
     controller = FakeController()
-    async with served_controller(controller) as url:
-        env = {
-            **os.environ,
-            "MIGLET_VM_ID": "footprint",
-            "MIGLET_POOL_ID": "bench",
-            "MIGLET_CONTROLLER_ENDPOINT": url,
-            "MIGLET_RUNNER_DIR": str(runner_dir),
-            "MIGLET_STATE_FILE": str(workdir / "footprint.json"),
-            "MIGLET_LOG_LEVEL": "warning",
-        }
-        process = await trio.lowlevel.open_process(miglet_command(), env=env, stderr=subprocess.DEVNULL)
-        try:
-            while not controller.events_of("footprint", "runner_registered"):
-                await controller.request_arrived.wait()
-            rss_idle_start = rss_bytes(process.pid)
-            cpu_before = cpu_seconds(process.pid)
-            requests_before = len(controller.requests)
-            await trio.sleep(window_s)
-            cpu_after = cpu_seconds(process.pid)
-            rss_idle_end = rss_bytes(process.pid)
-            requests = len(controller.requests) - requests_before
-            process.send_signal(signal.SIGTERM)
-            with trio.move_on_after(30):
-                await process.wait()
-        finally:
-            if process.returncode is None:
-                process.kill()
+    async with (
+        served_controller(controller) as url,
+        registered_miglet(controller, url, runner_dir, workdir, "footprint") as process,
+    ):
+        rss_idle_start = rss_bytes(process.pid)
+        cpu_before = cpu_seconds(process.pid)
+        requests_before = len(controller.requests)
+        await trio.sleep(window_s)
+        cpu_after = cpu_seconds(process.pid)
+        rss_idle_end = rss_bytes(process.pid)
+        requests = len(controller.requests) - requests_before
     return {
         "window_s": window_s,
         "rss_mb": round(max(rss_idle_start, rss_idle_end) / 2**20, 1),

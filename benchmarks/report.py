@@ -24,6 +24,8 @@ ROWS: list[Row] = [
     ("command → config.sh, seed polling, p99 (ms)", "latency.seed polling (5 s).p99_ms", None),
     ("process start → listening, overhead p50 (ms)", "startup.overhead_p50_ms", 300),
     ("process start → listening, overhead max (ms)", "startup.overhead_max_ms", None),
+    ("  of which: Python + trio/httpx/msgspec imports (ms)", "startup.python_and_library_imports_p50_ms", None),
+    ("  of which: the rest, MIGlet's own (ms)", "startup.overhead_beyond_imports_p50_ms", None),
     ("idle RSS (MB)", "footprint.rss_mb", 40),
     ("idle CPU (s per minute)", "footprint.cpu_s_per_min", 0.5),
     ("100 agents: all Idle (s)", "fleet.100.all_idle_s", None),
@@ -82,8 +84,9 @@ for comparing machines (on a typical cloud VM it is 30-50 ms).
 
 - Long-poll removes the seed's polling delay: a command reaches `config.sh` in milliseconds instead of
   2.5 s on average (up to 5 s).
-- Start-up is dominated by importing trio and httpx (measured with `python -X importtime`: together about
-  four fifths of the time before the first request). MIGlet imports only what `run` needs (`status` and
+- Start-up is dominated by importing trio and httpx (measured with `python -X importtime`, and by the
+  "of which" rows: a bare interpreter importing MIGlet's libraries takes most of the overhead; what MIGlet
+  adds on top, its own modules, the handshake, the poll and spawning the runner, is the last row). MIGlet imports only what `run` needs (`status` and
   `check-config` skip trio and httpx; `uuid`, `tempfile`, `hmac` and `ipaddress` are not imported on the way
   to the first request), and reads no answer body it does not need.
 - Loading the system trust store costs about 50 ms on this machine (profiled with cProfile): it is loaded

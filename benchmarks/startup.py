@@ -3,7 +3,9 @@
 `python -m miglet` runs as a real process against the fake controller (in this process, over loopback) and
 the fake runner. MIGlet reports its phase timings from process start in `runner_registered`; the fake
 runner's own time (its `config.sh`, and `run.sh` until `Listening for Jobs`, measured alone the same way) is
-subtracted, leaving what MIGlet itself costs: interpreter start, imports, handshake, poll and spawning.
+subtracted, leaving what MIGlet itself costs: interpreter start, imports, handshake, poll and spawning. The
+time a bare interpreter takes to import trio, httpx, msgspec and trio-util is measured alongside, as the floor
+under that cost.
 """
 
 from __future__ import annotations
@@ -12,13 +14,14 @@ import os
 import signal
 import statistics
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import trio
 
-from benchmarks.common import miglet_command, served_controller
+from benchmarks.common import registered_miglet, served_controller
 from fake_controller import FakeController
 from fake_controller.fake_runner import install
 from miglet.runner.backend import Registration
@@ -69,28 +72,19 @@ async def runner_alone(runner_dir: Path) -> float:
     return elapsed
 
 
+async def libraries_alone() -> float:
+    """Seconds a bare interpreter takes to import the libraries MIGlet is built on: the floor under its start-up."""
+    start = time.monotonic()
+    await trio.run_process([sys.executable, "-c", "import trio, httpx, msgspec, trio_util"])
+    return time.monotonic() - start
+
+
 async def miglet_once(
     url: str, runner_dir: Path, workdir: Path, vm_id: str, controller: FakeController
 ) -> dict[str, float]:
-    env = {
-        **os.environ,
-        "MIGLET_VM_ID": vm_id,
-        "MIGLET_POOL_ID": "bench",
-        "MIGLET_CONTROLLER_ENDPOINT": url,
-        "MIGLET_RUNNER_DIR": str(runner_dir),
-        "MIGLET_STATE_FILE": str(workdir / f"{vm_id}.json"),
-        "MIGLET_LOG_LEVEL": "warning",
-    }
-    process = await trio.lowlevel.open_process(miglet_command(), env=env, stderr=subprocess.DEVNULL)
-    try:
-        while not controller.events_of(vm_id, "runner_registered"):
-            await controller.request_arrived.wait()
-        process.send_signal(signal.SIGTERM)
-        with trio.move_on_after(30):
-            await process.wait()
-    finally:
-        if process.returncode is None:
-            process.kill()
+    """MIGlet's phase timings, from its start to its runner listening."""
+    async with registered_miglet(controller, url, runner_dir, workdir, vm_id):
+        pass
     timings: dict[str, float] = controller.events_of(vm_id, "runner_registered")[0]["timings"]
     return timings
 
@@ -99,11 +93,13 @@ async def run(workdir: Path, trials: int = 12) -> dict[str, Any]:
     runner_dir = install(workdir / "startup-runner")
     controller = FakeController()
     alone: list[float] = []
+    floor: list[float] = []
     phases: list[dict[str, float]] = []
     async with served_controller(controller) as url:
         for index in range(trials):
             # Paired: the runner alone, then MIGlet with it, so that drift in the machine's speed cancels out.
             alone.append(await runner_alone(runner_dir))
+            floor.append(await libraries_alone())
             phases.append(await miglet_once(url, runner_dir, workdir, f"start-{index}", controller))
     listening = [phase["listening_s"] for phase in phases]
     overhead = [total - runner for total, runner in zip(listening, alone, strict=True)]
@@ -113,6 +109,10 @@ async def run(workdir: Path, trials: int = 12) -> dict[str, Any]:
         "to_listening_p50_ms": round(statistics.median(listening) * 1000, 1),
         "overhead_p50_ms": round(statistics.median(overhead) * 1000, 1),
         "overhead_max_ms": round(max(overhead) * 1000, 1),
+        "python_and_library_imports_p50_ms": round(statistics.median(floor) * 1000, 1),
+        "overhead_beyond_imports_p50_ms": round(
+            statistics.median(total - libraries for total, libraries in zip(overhead, floor, strict=True)) * 1000, 1
+        ),
         "phases_p50_ms": {
             name: round(statistics.median(phase[name] for phase in phases) * 1000, 1) for name in phases[0]
         },
