@@ -201,7 +201,7 @@ class Agent:
                     await backend.remove(remove_token, relay_line)
                     log.info("Runner removed")
                 except ConfigureFailed as exc:
-                    log.exception("Runner removal failed", extra={"error": str(exc)})
+                    log.error("Runner removal failed", extra={"error": str(exc)})
             if scope.cancelled_caught:
                 log.error("Runner removal timed out", extra={"timeout_s": REMOVE_TIMEOUT})
         with trio.move_on_after(FLUSH_TIMEOUT):

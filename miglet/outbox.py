@@ -100,7 +100,7 @@ class Outbox:
                 await trio.sleep(delay)
                 continue
             except ControllerRejected as exc:
-                log.exception(
+                log.error(
                     "Controller refused event; dropping it",
                     extra={"event": kind, "event_id": event.event_id, "error": str(exc)},
                 )

@@ -52,7 +52,7 @@ class StateFileWriter:
         except OSError as exc:
             error = f"{type(exc).__name__}: {exc.strerror or exc}"
             if error != self._last_error:
-                log.exception("Cannot write the state file", extra={"path": str(self.path), "error": error})
+                log.error("Cannot write the state file", extra={"path": str(self.path), "error": error})
             self._last_error = error
         else:
             self._last_error = None

@@ -9,6 +9,7 @@ import itertools
 
 import httpx
 import msgspec
+import pytest
 import trio
 
 from miglet import protocol
@@ -108,3 +109,19 @@ def test_full_outbox_drops_heartbeats_first_never_lifecycle_events() -> None:
     kinds = [type(event).__name__ for event in outbox.queued()]
     assert kinds == ["JobStarted", "JobCompleted", "VmStopping", "RunnerExited"]
     assert outbox.dropped == 4
+
+
+async def test_a_refused_event_is_logged_without_a_traceback(
+    make_config: ConfigFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    outbox = Outbox(stamper())
+    outbox.put(protocol.JobStarted(job_name="a"))
+    handler = httpx.MockTransport(lambda request: httpx.Response(422, json={"error": "unknown field"}))
+    async with open_controller_client(make_config(), handler) as client, trio.open_nursery() as nursery:
+        nursery.start_soon(outbox.serve, client)
+        await outbox.wait_empty()
+        nursery.cancel_scope.cancel()
+    [record] = [r for r in caplog.records if r.getMessage() == "Controller refused event; dropping it"]
+    assert record.levelname == "ERROR"
+    assert record.exc_info is None
+    assert "HTTP 422" in record.__dict__["error"]
