@@ -87,8 +87,9 @@ for comparing machines (on a typical cloud VM it is 30-50 ms).
 - Start-up is dominated by importing trio and httpx (measured with `python -X importtime`, and by the
   "of which" rows: a bare interpreter importing MIGlet's libraries takes most of the overhead; what MIGlet
   adds on top, its own modules, the handshake, the poll and spawning the runner, is the last row). MIGlet
-  imports only what `run` needs (`status` and `check-config` skip trio and httpx; `uuid`, `tempfile`, `hmac` and `ipaddress` are not imported on the way
-  to the first request), and reads no answer body it does not need.
+  imports only what `run` needs (`status` and `check-config` skip trio and httpx; `uuid`, `tempfile`, `hmac`
+  and `ipaddress` are not imported on the way to the first request), and reads no answer body it does not
+  need.
 - Loading the system trust store costs about 50 ms on this machine (profiled with cProfile): it is loaded
   once per process and shared, and only for an `https://` controller. The benchmark's controller is plain
   http on loopback, so a production start-up over https pays that once more.
