@@ -158,6 +158,7 @@ class Agent:
                     )
                     self._start_deadlines(work)
                     await self.holder.value.wait_value(lambda state: state.phase is Phase.STOPPING)
+                    self.outbox.hurry()
                     work.cancel_scope.cancel()
                 await self._finish(backend)
                 root.cancel_scope.cancel()

@@ -150,7 +150,9 @@ class _Reader:
             )
         return value
 
-    def number(self, name: str, default: float, *, minimum: float, exclusive: bool = False) -> float:
+    def number(
+        self, name: str, default: float, *, minimum: float, exclusive: bool = False, maximum: float | None = None
+    ) -> float:
         text = self.raw(name)
         if text is None:
             return default
@@ -163,6 +165,8 @@ class _Reader:
         if value < minimum or (exclusive and value == minimum):
             relation = "greater than" if exclusive else "at least"
             raise ConfigError(name, f"must be {relation} {minimum:g}, got {text!r}")
+        if maximum is not None and value > maximum:
+            raise ConfigError(name, f"must be at most {maximum:g}, got {text!r}")
         return value
 
     def integer(self, name: str, default: int, *, minimum: int, maximum: int) -> int:
@@ -330,7 +334,7 @@ def load_config(env: Mapping[str, str] | None = None) -> Config:
         ack_timeout=reader.number("MIGLET_ACK_TIMEOUT", 0.0, minimum=0),
         registration_timeout=reader.number("MIGLET_REGISTRATION_TIMEOUT", 0.0, minimum=0),
         idle_timeout=reader.number("MIGLET_IDLE_TIMEOUT", 0.0, minimum=0),
-        clock_skew=reader.number("MIGLET_CLOCK_SKEW", 30.0, minimum=0),
+        clock_skew=reader.number("MIGLET_CLOCK_SKEW", 30.0, minimum=0, maximum=3600),
         retry_base=reader.number("MIGLET_RETRY_BASE", 0.5, minimum=0, exclusive=True),
         retry_cap=reader.number("MIGLET_RETRY_CAP", 30.0, minimum=0, exclusive=True),
         outbox_capacity=reader.integer("MIGLET_OUTBOX_CAPACITY", 1000, minimum=10, maximum=1_000_000),

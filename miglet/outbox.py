@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
+from typing import Final
 
 import trio
 from trio_util import AsyncValue
@@ -21,6 +22,9 @@ from miglet.stamp import Stamper
 
 log = logging.getLogger(__name__)
 
+# While the agent stops, a failed delivery is retried at least this often, to fit the bounded flush.
+MAX_RETRY_WHILE_STOPPING: Final = 1.0
+
 
 class Outbox:
     """An ordered queue of stamped events and the task that delivers them."""
@@ -31,6 +35,7 @@ class Outbox:
         self._policy = policy or RetryPolicy()
         self._queue: deque[protocol.AnyEvent] = deque()
         self._length = AsyncValue(0)
+        self._hurry = trio.Event()
         # Every event put is, at any time, exactly one of: delivered, dropped, or still queued.
         self.stamped = 0
         self.delivered = 0
@@ -71,6 +76,19 @@ class Outbox:
         self.dropped += 1
         log.warning("Outbox full: dropped a heartbeat", extra={"event_id": event.event_id})
 
+    def hurry(self) -> None:
+        """The agent is stopping: what is owed must go out in the little time left.
+
+        Queued heartbeats are dropped (they say nothing any more), and a retry waiting out a long backoff tries
+        again now; further retries wait at most MAX_RETRY_WHILE_STOPPING.
+        """
+        for queued in list(self._queue)[1:]:
+            if isinstance(queued, protocol.Heartbeat):
+                self._queue.remove(queued)
+                self.dropped += 1
+        self._length.value = len(self._queue)
+        self._hurry.set()
+
     async def wait_empty(self) -> None:
         await self._length.wait_value(0)
 
@@ -92,12 +110,19 @@ class Outbox:
             except (ControllerUnavailable, protocol.ProtocolError) as exc:
                 retry_after = exc.retry_after if isinstance(exc, ControllerUnavailable) else None
                 delay = self._policy.delay(attempt, retry_after=retry_after)
+                stopping = self._hurry.is_set()
+                if stopping:
+                    delay = min(delay, MAX_RETRY_WHILE_STOPPING)
                 log.warning(
                     "Event not delivered; will retry",
                     extra={"event": kind, "event_id": event.event_id, "error": str(exc), "retry_in_s": round(delay, 3)},
                 )
                 attempt += 1
-                await trio.sleep(delay)
+                if stopping:
+                    await trio.sleep(delay)
+                else:
+                    with trio.move_on_after(delay):
+                        await self._hurry.wait()  # a stop cuts a long backoff short
                 continue
             except ControllerRejected as exc:
                 log.error(

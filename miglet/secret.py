@@ -89,7 +89,10 @@ def redact(text: str) -> str:
 def dec_hook(type_: type, obj: Any) -> Any:
     """msgspec decoding hook: a JSON string becomes a `Secret` where a wire type asks for one."""
     if type_ is Secret:
-        if isinstance(obj, str):
-            return Secret(obj)
-        raise TypeError(f"expected a string, got {type(obj).__name__}")
+        if not isinstance(obj, str):
+            raise TypeError(f"expected a string, got {type(obj).__name__}")
+        if "\x00" in obj:
+            # It could not be passed to a process's environment anyway.
+            raise ValueError("contains a NUL character")
+        return Secret(obj)
     raise NotImplementedError(f"cannot decode {type_!r}")

@@ -88,6 +88,7 @@ def test_every_value_is_read() -> None:
         ("MIGLET_COMMAND_WAIT", "1.5", "whole number"),
         ("MIGLET_COMMAND_WAIT", "-1", "between 0 and 600"),
         ("MIGLET_SHUTDOWN_GRACE", "-3", "at least 0"),
+        ("MIGLET_CLOCK_SKEW", "1e12", "at most 3600"),
         ("MIGLET_EPHEMERAL", "maybe", "true or false"),
         ("MIGLET_LOG_FORMAT", "xml", "one of auto, json, text"),
         ("MIGLET_LOG_LEVEL", "loud", "one of debug"),

@@ -110,8 +110,10 @@ async def miglet_against(
             await process.wait()
         finally:
             if process.returncode is None:
-                process.kill()
-                await process.wait()
+                # Shielded: this also runs when the test's deadline has cancelled everything.
+                with trio.CancelScope(shield=True):
+                    process.kill()
+                    await process.wait()
                 # A killed MIGlet cannot stop its runner: do it here, so no failed test leaves one behind.
                 for call in read_calls(runner_dir):
                     kill_session(call["sid"])
@@ -409,6 +411,7 @@ async def test_a_runner_left_by_an_earlier_miglet_is_stopped(tmp_path: Path) -> 
         assert "Killed a runner left running by an earlier MIGlet" in miglet.messages()
         assert bystander.poll() is None  # not working in the runner directory: left alone
     finally:
-        for process in (leftover, bystander):
-            process.kill()
-            await process.wait()
+        with trio.CancelScope(shield=True):
+            for process in (leftover, bystander):
+                process.kill()
+                await process.wait()

@@ -17,6 +17,7 @@ import subprocess
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -131,9 +132,24 @@ def configure(runner: Path, *extra: str, token: str = "reg-token-1") -> subproce
     return run_sync(["./config.sh", *CONFIG_ARGS, *extra], runner, env)
 
 
+_started: list[Proc] = []
+
+
+@pytest.fixture(autouse=True)
+def _no_runner_left_behind() -> Iterator[None]:
+    """Whatever a test started, passed or failed, is gone when it ends."""
+    yield
+    while _started:
+        proc = _started.pop()
+        if proc.popen.poll() is None or session_pids(proc.popen.pid):
+            proc.kill()
+
+
 def start_run(runner: Path, **extra: str) -> Proc:
     env = clean_env(RUNNER_ALLOW_RUNASROOT="1", RUNNER_MANUALLY_TRAP_SIG="1", **extra)
-    return Proc(["./run.sh"], runner, env)
+    proc = Proc(["./run.sh"], runner, env)
+    _started.append(proc)
+    return proc
 
 
 def test_install_lays_out_executable_scripts(runner: Path) -> None:

@@ -140,7 +140,7 @@ inputs = st.one_of(
 )
 
 
-@settings(max_examples=400)
+@settings(max_examples=400, deadline=None)
 @given(st.lists(inputs, max_size=40))
 def test_any_input_sequence_makes_only_legal_transitions(sequence: list[Input]) -> None:
     state = AgentState()
@@ -172,7 +172,7 @@ def test_any_input_sequence_makes_only_legal_transitions(sequence: list[Input]) 
         assert set(visited[visited.index(Phase.STOPPING) :]) <= {Phase.STOPPING, Phase.STOPPED}
 
 
-@settings(max_examples=300)
+@settings(max_examples=300, deadline=None)
 @given(st.lists(inputs, max_size=40))
 def test_every_job_start_is_reported_and_completion_matches(sequence: list[Input]) -> None:
     state, events = run(sequence)

@@ -125,3 +125,34 @@ async def test_a_refused_event_is_logged_without_a_traceback(
     assert record.levelname == "ERROR"
     assert record.exc_info is None
     assert "HTTP 422" in record.__dict__["error"]
+
+
+async def test_a_stop_cuts_a_long_backoff_short_and_drops_heartbeats(
+    make_config: ConfigFactory, autojump_clock: trio.testing.MockClock
+) -> None:
+    up_at = trio.current_time() + 300
+    delivered: list[tuple[str, float]] = []
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        if trio.current_time() < up_at:
+            return httpx.Response(503)
+        delivered.append((msgspec.json.decode(request.content)["type"], trio.current_time()))
+        return httpx.Response(200, json={})
+
+    outbox = Outbox(stamper(), policy=RetryPolicy(base=0.5, cap=30))
+    outbox.put(protocol.JobStarted(job_name="a"))
+    outbox.put(protocol.Heartbeat(state="Busy", uptime_s=1))
+    async with (
+        open_controller_client(make_config(), httpx.MockTransport(handler)) as client,
+        trio.open_nursery() as nursery,
+    ):
+        nursery.start_soon(outbox.serve, client)
+        await trio.sleep_until(up_at + 1)  # the controller is back, but the outbox sleeps out a long backoff
+        outbox.put(protocol.VmStopping(reason="signal", runner_name="r"))
+        outbox.hurry()
+        stop_began = trio.current_time()
+        await outbox.wait_empty()
+        nursery.cancel_scope.cancel()
+    assert [kind for kind, _ in delivered] == ["job_started", "vm_stopping"]
+    assert delivered[-1][1] - stop_began < 1
+    assert outbox.dropped == 1

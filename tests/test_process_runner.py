@@ -17,6 +17,7 @@ import pytest
 import trio
 
 from fake_controller.fake_runner import Behaviour, enqueue_job, install, read_calls
+from miglet.runner import process
 from miglet.runner.backend import ConfigureFailed, Grace, Registration
 from miglet.runner.process import ProcessRunner, _session_members, config_arguments
 from miglet.secret import Secret
@@ -242,3 +243,17 @@ async def test_runs_as_the_runner_user() -> None:
 def test_session_members_lists_only_that_session() -> None:
     assert os.getpid() in _session_members(os.getsid(0))
     assert _session_members(2**22 + 12345) == []
+
+
+async def test_config_sh_gets_a_short_grace_of_its_own(runner_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (runner_dir / "config.sh").write_text("#!/bin/bash\ntrap '' INT\necho configuring\nsleep 600\n")
+    monkeypatch.setattr(process, "CONFIG_SH_GRACE_S", 0.3)
+    runner = make_runner(runner_dir, grace=600)  # the runner's own grace does not apply to config.sh
+    lines = Lines()
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(runner.remove, Secret("AHTREMOVETOKEN000001"), lines)
+            await lines.wait_for(lambda line: line == "configuring")
+            cancelled_at = trio.current_time()
+            nursery.cancel_scope.cancel()
+    assert 0.3 <= trio.current_time() - cancelled_at < 5

@@ -116,6 +116,25 @@ def test_malformed_command_is_rejected_alone() -> None:
     assert (None, None) in rejected
 
 
+def test_a_secret_with_a_nul_character_makes_the_command_malformed() -> None:
+    body = msgspec.json.encode(
+        {
+            "commands": [
+                {
+                    "id": "a",
+                    "type": "register_runner",
+                    "parameters": {"runner_url": "https://github.com/o", "registration_token": "sec\u0000ret1234"},
+                }
+            ]
+        }
+    )
+    batch = protocol.decode_commands(body)
+    assert batch.commands == []
+    [rejected] = batch.rejected
+    assert "NUL" in rejected.error
+    assert "sec" not in rejected.error
+
+
 def test_rejection_reason_never_includes_a_secret_value() -> None:
     body = (
         b'{"commands": [{"id": "a", "type": "register_runner", "parameters": {"registration_token": 12345678,'

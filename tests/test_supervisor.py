@@ -132,6 +132,11 @@ def test_any_command_is_accepted_or_refused_with_a_reason(make_config: ConfigFac
             assert all(label and "," not in label for label in registration.labels)
 
 
+def test_a_token_that_never_expires(make_config: ConfigFactory) -> None:
+    forever = command(expires_at="9999-12-31T23:59:59Z")
+    assert registration_from_command(forever, make_config(), NOW).command_id == "register-vm-123-1"
+
+
 def test_clock_skew_is_allowed_on_expiry(make_config: ConfigFactory) -> None:
     just_expired = command(expires_at="2024-01-15T10:29:45Z")
     assert registration_from_command(just_expired, make_config(), NOW).command_id == "register-vm-123-1"

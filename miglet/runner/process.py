@@ -31,6 +31,7 @@ MAX_LINE: Final = 16 * 1024
 # A failure is reported with the last lines the runner wrote to stderr (its errors span several lines).
 ERROR_LINES_KEPT: Final = 3
 MAX_ERROR: Final = 1000
+CONFIG_SH_GRACE_S: Final = 5.0
 # Once the runner has exited, how long its output pipes may stay open before they are abandoned.
 DRAIN_SECONDS: Final = 2.0
 _DROPPED_ENV_PREFIXES: Final = ("MIGLET_", "ACTIONS_RUNNER_INPUT_")
@@ -120,7 +121,7 @@ class ProcessRunner:
         if registration.token is None:
             raise ConfigureFailed("no registration token to configure the runner with")
         env = {**self._env, "ACTIONS_RUNNER_INPUT_TOKEN": registration.token.reveal()}
-        code, error = await self._run(config_arguments(registration), env, on_line)
+        code, error = await self._run(config_arguments(registration), env, on_line, grace=_config_grace)
         if code != 0:
             raise ConfigureFailed(error or f"config.sh exited with code {code}")
 
@@ -128,12 +129,12 @@ class ProcessRunner:
         env = {**self._env, "RUNNER_MANUALLY_TRAP_SIG": "1"}
         if registration.jit_config is not None:
             env["ACTIONS_RUNNER_INPUT_JITCONFIG"] = registration.jit_config.reveal()
-        code, _ = await self._run(["./run.sh"], env, observer.line, observer)
+        code, _ = await self._run(["./run.sh"], env, observer.line, self._grace, observer)
         return code
 
     async def remove(self, token: Secret, on_line: LineSink) -> None:
         env = {**self._env, "ACTIONS_RUNNER_INPUT_TOKEN": token.reveal()}
-        code, error = await self._run(["./config.sh", "remove"], env, on_line)
+        code, error = await self._run(["./config.sh", "remove"], env, on_line, grace=_config_grace)
         if code != 0:
             raise ConfigureFailed(error or f"config.sh remove exited with code {code}")
 
@@ -150,6 +151,7 @@ class ProcessRunner:
         argv: list[str],
         env: dict[str, str],
         on_line: LineSink,
+        grace: Callable[[], Grace],
         observer: RunObserver | None = None,
     ) -> tuple[int, str | None]:
         """Run `argv` to completion, relaying its output; returns its exit code and its last error lines."""
@@ -162,12 +164,12 @@ class ProcessRunner:
             on_line(stream, line)
 
         process: trio.Process | None = None
-        start_error: OSError | None = None
+        start_error: OSError | ValueError | None = None
         try:
             async with trio.open_nursery() as nursery:
                 try:
-                    process = await nursery.start(partial(self._process_task, argv, env, exited))
-                except OSError as exc:
+                    process = await nursery.start(partial(self._process_task, argv, env, exited, grace))
+                except (OSError, ValueError) as exc:
                     # Raised from here, it would leave the nursery wrapped in an exception group.
                     start_error = exc
                 else:
@@ -179,14 +181,20 @@ class ProcessRunner:
             if observer is not None and process is not None and process.returncode is not None:
                 observer.exited(process.returncode)
         if process is None:
-            reason = start_error.strerror if start_error is not None and start_error.strerror else start_error
+            reason = start_error.strerror if isinstance(start_error, OSError) and start_error.strerror else start_error
             raise ConfigureFailed(f"cannot start {argv[0]} in {self._dir}: {reason}")
         assert process.returncode is not None
         error = redact(" ".join(errors))[:MAX_ERROR] if errors else None
         return process.returncode, error
 
     async def _process_task(
-        self, argv: list[str], env: dict[str, str], exited: trio.Event, *, task_status: trio.TaskStatus[trio.Process]
+        self,
+        argv: list[str],
+        env: dict[str, str],
+        exited: trio.Event,
+        grace: Callable[[], Grace],
+        *,
+        task_status: trio.TaskStatus[trio.Process],
     ) -> None:
         try:
             await trio.run_process(
@@ -198,21 +206,28 @@ class ProcessRunner:
                 stderr=subprocess.PIPE,
                 check=False,
                 start_new_session=True,
-                deliver_cancel=self._deliver_cancel,
+                deliver_cancel=partial(_deliver_cancel, grace),
                 task_status=task_status,
                 **self._spawn_options,
             )
         finally:
             exited.set()
 
-    async def _deliver_cancel(self, process: trio.Process) -> None:
-        """Graceful stop: SIGINT to the runner's process group; SIGKILL to all of it after the grace period."""
-        grace = self._grace()
-        log.info("Stopping the runner", extra={"pid": process.pid, "grace_s": grace.seconds})
-        signal_group(process.pid, signal.SIGINT)
-        await grace.wait()
-        log.warning("The runner did not stop within its grace period; killing it", extra={"pid": process.pid})
-        kill_session(process.pid)
+
+async def _deliver_cancel(grace: Callable[[], Grace], process: trio.Process) -> None:
+    """Graceful stop: SIGINT to the process group; SIGKILL to all of its session after the grace period."""
+    period = grace()
+    log.info("Stopping the runner", extra={"pid": process.pid, "grace_s": period.seconds})
+    signal_group(process.pid, signal.SIGINT)
+    await period.wait()
+    log.warning("The runner did not stop within its grace period; killing it", extra={"pid": process.pid})
+    kill_session(process.pid)
+
+
+def _config_grace() -> Grace:
+    """`config.sh` (configure or remove) stops at once on SIGINT; it gets a short grace of its own, so that
+    neither a stop during configuration nor a bounded removal waits for the runner's grace."""
+    return Grace(CONFIG_SH_GRACE_S)
 
 
 def signal_group(pgid: int, signum: signal.Signals) -> None:

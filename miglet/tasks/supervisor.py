@@ -48,7 +48,7 @@ def registration_from_command(
     params = command.parameters
     if params.registration_token is None and params.jit_config is None:
         raise InvalidRegistration("invalid_command", "neither registration_token nor jit_config is given")
-    if params.expires_at is not None and params.expires_at + clock_skew <= now:
+    if params.expires_at is not None and params.expires_at <= now - clock_skew:
         raise InvalidRegistration("token_expired", f"registration token expired at {params.expires_at.isoformat()}")
     _check_runner_url(params.runner_url, config.allow_http_runner_url)
     if not params.labels and params.jit_config is None:
