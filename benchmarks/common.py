@@ -17,6 +17,7 @@ import trio
 from fake_controller import FakeController
 from fake_controller.server import serve
 from miglet.config import Config
+from miglet.procfs import clock_ticks_per_second, read_stat
 
 
 def percentile(values: list[float], fraction: float) -> float:
@@ -104,9 +105,7 @@ def rss_bytes(pid: int) -> int:
 
 def cpu_seconds(pid: int) -> float:
     """User plus system CPU time the process has used so far."""
-    with open(f"/proc/{pid}/stat", "rb") as handle:
-        fields = handle.read().rsplit(b")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return read_stat(pid).cpu_ticks / clock_ticks_per_second()
 
 
 def machine_description() -> dict[str, str]:

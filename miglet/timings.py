@@ -6,12 +6,12 @@ listening and sent to the controller in `runner_registered` as `timings`.
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable
 from typing import Final
 
 from miglet.machine import AgentState, Phase
+from miglet.procfs import clock_ticks_per_second, read_stat
 
 # Phase changes that mark a milestone, and the name under which it is reported.
 _MILESTONES: Final = {
@@ -24,15 +24,12 @@ def process_start() -> float:
     """The `time.monotonic()` reading at which this process started (now, where /proc cannot tell)."""
     now = time.monotonic()
     try:
-        with open("/proc/self/stat", "rb") as handle:
-            stat = handle.read()
+        started = read_stat().start_ticks / clock_ticks_per_second()
         with open("/proc/uptime", "rb") as handle:
             uptime = float(handle.read().split()[0])
-        # Field 22 (starttime, in clock ticks since boot) is the 20th after the parenthesised command name.
-        ticks = int(stat[stat.rfind(b")") + 2 :].split()[19])
-        age = uptime - ticks / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, IndexError):
         return now
+    age = uptime - started
     return now - max(0.0, age)
 
 

@@ -21,6 +21,7 @@ from typing import Any, Final
 
 import trio
 
+from miglet.procfs import read_stat
 from miglet.runner.backend import ConfigureFailed, Grace, LineSink, Registration, RunObserver
 from miglet.runner.output import clean
 from miglet.secret import Secret, redact
@@ -253,12 +254,11 @@ def kill_leftover_runner(pid: int, runner_dir: Path) -> bool:
     Only a session leader working in `runner_dir` qualifies, so that a reused pid is never mistaken for one.
     """
     try:
-        with open(f"/proc/{pid}/stat", "rb") as handle:
-            fields = handle.read().rsplit(b")", 1)[1].split()
+        stat = read_stat(pid)
         cwd = os.readlink(f"/proc/{pid}/cwd")
-    except (OSError, IndexError):
+    except (OSError, ValueError):
         return False
-    if int(fields[3]) != pid or fields[0] == b"Z" or Path(cwd) != runner_dir.resolve():
+    if stat.session != pid or not stat.alive or Path(cwd) != runner_dir.resolve():
         return False
     kill_session(pid)
     return True
@@ -274,13 +274,10 @@ def _session_members(sid: int) -> list[int]:
         if not entry.isdigit():
             continue
         try:
-            with open(f"/proc/{entry}/stat", "rb") as handle:
-                stat = handle.read()
-        except OSError:
+            stat = read_stat(entry)
+        except (OSError, ValueError):
             continue
-        # Fields after the parenthesised command name: state ppid pgrp session ...; zombies are already dead.
-        fields = stat[stat.rfind(b")") + 2 :].split()
-        if len(fields) > 3 and int(fields[3]) == sid and fields[0] != b"Z":
+        if stat.session == sid and stat.alive:  # a zombie is already dead
             members.append(int(entry))
     return members
 
