@@ -122,6 +122,10 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
         return self.runner_name or self.vm_id
 
 
+# The defaults, stated once: in `Config`'s fields.
+_DEFAULTS: Final = Config(vm_id="", pool_id="", controller_endpoint="")
+
+
 class _Reader:
     """Reads and checks one variable at a time, so every error names its variable."""
 
@@ -305,12 +309,13 @@ def load_config(env: Mapping[str, str] | None = None) -> Config:
     reader = _Reader(os.environ if env is None else env)
     vm_id = reader.identifier("MIGLET_VM_ID")
     pool_id = reader.identifier("MIGLET_POOL_ID")
-    allow_insecure = reader.boolean("MIGLET_ALLOW_INSECURE", False)
+    allow_insecure = reader.boolean("MIGLET_ALLOW_INSECURE", _DEFAULTS.allow_insecure)
     endpoint = _endpoint(reader, allow_insecure)
     ca_bundle = _ca_bundle(reader)
     assert vm_id is not None
     assert pool_id is not None
-    runner_dir = reader.path("MIGLET_RUNNER_DIR", Path("/opt/actions-runner")) or Path()
+    d = _DEFAULTS
+    runner_dir = reader.path("MIGLET_RUNNER_DIR", d.runner_dir) or d.runner_dir
     return Config(
         vm_id=vm_id,
         pool_id=pool_id,
@@ -319,25 +324,25 @@ def load_config(env: Mapping[str, str] | None = None) -> Config:
         controller_token=_controller_token(reader),
         ca_bundle=ca_bundle,
         allow_insecure=allow_insecure,
-        poll_interval=reader.number("MIGLET_POLL_INTERVAL", 5.0, minimum=0, exclusive=True),
-        command_wait=reader.integer("MIGLET_COMMAND_WAIT", 20, minimum=0, maximum=600),
-        heartbeat_interval=reader.number("MIGLET_HEARTBEAT_INTERVAL", 30.0, minimum=0),
+        poll_interval=reader.number("MIGLET_POLL_INTERVAL", d.poll_interval, minimum=0, exclusive=True),
+        command_wait=reader.integer("MIGLET_COMMAND_WAIT", d.command_wait, minimum=0, maximum=600),
+        heartbeat_interval=reader.number("MIGLET_HEARTBEAT_INTERVAL", d.heartbeat_interval, minimum=0),
         runner_dir=runner_dir,
         runner_name=reader.identifier("MIGLET_RUNNER_NAME", required=False) or "",
         runner_user=_runner_user(reader, runner_dir),
-        runner_disable_update=reader.boolean("MIGLET_RUNNER_DISABLE_UPDATE", False),
-        allow_http_runner_url=reader.boolean("MIGLET_ALLOW_HTTP_RUNNER_URL", False),
-        ephemeral=reader.boolean("MIGLET_EPHEMERAL", True),
-        shutdown_grace=reader.number("MIGLET_SHUTDOWN_GRACE", 30.0, minimum=0),
-        state_file=reader.path("MIGLET_STATE_FILE", Path("/run/miglet/state.json")) or Path(),
-        listen_timeout=reader.number("MIGLET_LISTEN_TIMEOUT", 300.0, minimum=0, exclusive=True),
-        ack_timeout=reader.number("MIGLET_ACK_TIMEOUT", 0.0, minimum=0),
-        registration_timeout=reader.number("MIGLET_REGISTRATION_TIMEOUT", 0.0, minimum=0),
-        idle_timeout=reader.number("MIGLET_IDLE_TIMEOUT", 0.0, minimum=0),
-        clock_skew=reader.number("MIGLET_CLOCK_SKEW", 30.0, minimum=0, maximum=3600),
-        retry_base=reader.number("MIGLET_RETRY_BASE", 0.5, minimum=0, exclusive=True),
-        retry_cap=reader.number("MIGLET_RETRY_CAP", 30.0, minimum=0, exclusive=True),
-        outbox_capacity=reader.integer("MIGLET_OUTBOX_CAPACITY", 1000, minimum=10, maximum=1_000_000),
-        log_format=reader.choice("MIGLET_LOG_FORMAT", "auto", ("auto", "json", "text")),  # type: ignore[arg-type]
-        log_level=reader.choice("MIGLET_LOG_LEVEL", "info", ("debug", "info", "warning", "error")),  # type: ignore[arg-type]
+        runner_disable_update=reader.boolean("MIGLET_RUNNER_DISABLE_UPDATE", d.runner_disable_update),
+        allow_http_runner_url=reader.boolean("MIGLET_ALLOW_HTTP_RUNNER_URL", d.allow_http_runner_url),
+        ephemeral=reader.boolean("MIGLET_EPHEMERAL", d.ephemeral),
+        shutdown_grace=reader.number("MIGLET_SHUTDOWN_GRACE", d.shutdown_grace, minimum=0),
+        state_file=reader.path("MIGLET_STATE_FILE", d.state_file) or d.state_file,
+        listen_timeout=reader.number("MIGLET_LISTEN_TIMEOUT", d.listen_timeout, minimum=0, exclusive=True),
+        ack_timeout=reader.number("MIGLET_ACK_TIMEOUT", d.ack_timeout, minimum=0),
+        registration_timeout=reader.number("MIGLET_REGISTRATION_TIMEOUT", d.registration_timeout, minimum=0),
+        idle_timeout=reader.number("MIGLET_IDLE_TIMEOUT", d.idle_timeout, minimum=0),
+        clock_skew=reader.number("MIGLET_CLOCK_SKEW", d.clock_skew, minimum=0, maximum=3600),
+        retry_base=reader.number("MIGLET_RETRY_BASE", d.retry_base, minimum=0, exclusive=True),
+        retry_cap=reader.number("MIGLET_RETRY_CAP", d.retry_cap, minimum=0, exclusive=True),
+        outbox_capacity=reader.integer("MIGLET_OUTBOX_CAPACITY", d.outbox_capacity, minimum=10, maximum=1_000_000),
+        log_format=reader.choice("MIGLET_LOG_FORMAT", d.log_format, ("auto", "json", "text")),  # type: ignore[arg-type]
+        log_level=reader.choice("MIGLET_LOG_LEVEL", d.log_level, ("debug", "info", "warning", "error")),  # type: ignore[arg-type]
     )
