@@ -4,7 +4,9 @@ Start-up is ordered by the machine: the handshake moves the agent to Ready, whic
 poller hands accepted registrations to the supervisor through a channel. Stopping is one path whatever asks for
 it (a signal, a `shutdown` command, an ephemeral runner's end): the machine enters Stopping, the work nursery is
 cancelled (which stops the runner gracefully), the runner is deregistered if asked, the outbox gets a bounded
-time to flush, and the machine ends in Stopped.
+time to flush, and the machine ends in Stopped. A second signal cuts every wait in that path short. A task that
+fails with an unexpected error stops the agent the same way (exit code 1), so the runner is still stopped and
+the events owed are still delivered.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import trio
 
 from miglet import machine, protocol
 from miglet.config import Config
-from miglet.controller import open_controller_client
+from miglet.controller import ControllerClient, open_controller_client
 from miglet.logs import AgentContext, agent_context
 from miglet.machine import Phase
 from miglet.outbox import Outbox
@@ -56,6 +58,13 @@ class StopPlan:
         self.grace = Grace(grace)
         self.remove_token: Secret | None = None
         self.exit_code = 0
+        # Around the last steps of a stop (removing the runner, delivering what is owed).
+        self.finishing = trio.CancelScope()
+
+    def cut_short(self) -> None:
+        """Stop now: kill the runner without waiting out its grace, skip what is left of the stop."""
+        self.grace.cut_short()
+        self.finishing.cancel()
 
 
 class Agent:
@@ -138,33 +147,43 @@ class Agent:
                 root.start_soon(state_refresh_task, self.holder, STATE_REFRESH_S)
                 self.holder.apply(machine.Start(runner_name=config.effective_runner_name, ephemeral=config.ephemeral))
                 task_status.started()
-                async with trio.open_nursery() as work:
-                    send, receive = trio.open_memory_channel[protocol.RegisterRunner](0)
-                    work.start_soon(handshake_task, client, self.holder, self.stamper, self.policy, self._rng)
-                    work.start_soon(
-                        poller_task,
-                        config,
-                        client,
-                        self.holder,
-                        self.outbox,
-                        send,
-                        self._on_shutdown_command,
-                        self.policy,
-                        self._rng,
-                    )
-                    work.start_soon(supervisor_task, config, self.holder, backend, receive, self.timings)
-                    work.start_soon(
-                        heartbeat_task, self.holder, self.outbox, config.heartbeat_interval, self._started_at
-                    )
-                    self._start_deadlines(work)
-                    await self.holder.value.wait_value(lambda state: state.phase is Phase.STOPPING)
+                try:
+                    await self._work(config, client, backend)
+                except Exception:
+                    # A bug, not a fault of the controller or the runner (those are handled where they occur):
+                    # the runner has been stopped with the other tasks; still report and deliver what is owed.
+                    log.critical("A task of the agent failed; stopping", exc_info=True)
+                    self.request_stop("internal_error")
+                    self.stop_plan.exit_code = 1
                     self.outbox.hurry()
-                    work.cancel_scope.cancel()
                 await self._finish(backend)
                 root.cancel_scope.cancel()
         finally:
             agent_context.reset(token)
         return self.stop_plan.exit_code
+
+    async def _work(self, config: Config, client: ControllerClient, backend: RunnerBackend) -> None:
+        """The handshake, the poller, the supervisor, heartbeats and deadlines, until the agent is stopping."""
+        async with trio.open_nursery() as work:
+            send, receive = trio.open_memory_channel[protocol.RegisterRunner](0)
+            work.start_soon(handshake_task, client, self.holder, self.stamper, self.policy, self._rng)
+            work.start_soon(
+                poller_task,
+                config,
+                client,
+                self.holder,
+                self.outbox,
+                send,
+                self._on_shutdown_command,
+                self.policy,
+                self._rng,
+            )
+            work.start_soon(supervisor_task, config, self.holder, backend, receive, self.timings)
+            work.start_soon(heartbeat_task, self.holder, self.outbox, config.heartbeat_interval, self._started_at)
+            self._start_deadlines(work)
+            await self.holder.value.wait_value(lambda state: state.phase is Phase.STOPPING)
+            self.outbox.hurry()
+            work.cancel_scope.cancel()
 
     def _clear_leftovers(self) -> None:
         """A runner still running from an earlier MIGlet (its state file says which) would hold the runner
@@ -195,18 +214,21 @@ class Agent:
 
     async def _finish(self, backend: RunnerBackend) -> None:
         """After the runner has stopped: deregister if asked, flush owed events, and record Stopped."""
-        remove_token = self.stop_plan.remove_token
-        if remove_token is not None:
-            with trio.move_on_after(REMOVE_TIMEOUT) as scope:
-                try:
-                    await backend.remove(remove_token, relay_line)
-                    log.info("Runner removed")
-                except ConfigureFailed as exc:
-                    log.error("Runner removal failed", extra={"error": str(exc)})
-            if scope.cancelled_caught:
-                log.error("Runner removal timed out", extra={"timeout_s": REMOVE_TIMEOUT})
-        with trio.move_on_after(FLUSH_TIMEOUT):
-            await self.outbox.wait_empty()
+        with self.stop_plan.finishing:
+            remove_token = self.stop_plan.remove_token
+            if remove_token is not None:
+                with trio.move_on_after(REMOVE_TIMEOUT) as scope:
+                    try:
+                        await backend.remove(remove_token, relay_line)
+                        log.info("Runner removed")
+                    except ConfigureFailed as exc:
+                        log.error("Runner removal failed", extra={"error": str(exc)})
+                if scope.cancelled_caught:
+                    log.error("Runner removal timed out", extra={"timeout_s": REMOVE_TIMEOUT})
+            with trio.move_on_after(FLUSH_TIMEOUT):
+                await self.outbox.wait_empty()
+        if self.stop_plan.finishing.cancelled_caught:
+            log.warning("Second signal: not waiting any longer to remove the runner or deliver events")
         if len(self.outbox):
             log.error("Stopping with undelivered events", extra={"undelivered": len(self.outbox)})
         self.holder.apply(machine.Finished())
@@ -219,7 +241,7 @@ class Agent:
                 if self.holder.phase in (Phase.STOPPING, Phase.STOPPED):
                     # Asked again: the operator is not prepared to wait for the runner's grace period.
                     log.warning("Second signal: killing the runner now", extra={"signal": name})
-                    self.stop_plan.grace.cut_short()
+                    self.stop_plan.cut_short()
                     continue
                 log.info("Received signal", extra={"signal": name})
                 self.request_stop("signal")

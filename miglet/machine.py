@@ -52,6 +52,7 @@ class AgentState(msgspec.Struct, frozen=True, kw_only=True):
     ephemeral: bool = True
     command_id: str | None = None  # the register_runner command being or last acted on
     handled_commands: frozenset[str] = frozenset()
+    listening: bool = False  # a runner printed "Listening for Jobs" and has not exited since
     job: str | None = None
     jobs_completed: int = 0
     stop_reason: str | None = None
@@ -151,9 +152,12 @@ def transition(state: AgentState, event: Input) -> Step:
             registered = protocol.RunnerRegistered(
                 runner_name=state.runner_name, command_id=state.command_id or "", timings=timings
             )
-            return Step(replace(state, phase=_P.IDLE), (registered,))
+            return Step(replace(state, phase=_P.IDLE, listening=True), (registered,))
         case JobStarted(name=name) if phase is _P.IDLE:
             return Step(replace(state, phase=_P.BUSY, job=name), (protocol.JobStarted(job_name=name),))
+        case JobStarted(name=name) if phase is _P.STOPPING and state.listening and state.job is None:
+            # GitHub handed the runner a job just as the stop began: the controller still hears of it.
+            return Step(replace(state, job=name), (protocol.JobStarted(job_name=name),))
         case JobCompleted(name=name, result=result) if phase is _P.BUSY or (
             phase is _P.STOPPING and state.job is not None
         ):
@@ -167,15 +171,17 @@ def transition(state: AgentState, event: Input) -> Step:
             stopping = protocol.VmStopping(reason=reason, runner_name=state.runner_name)
             return Step(replace(state, phase=_P.STOPPING, stop_reason=reason), (stopping,))
         case Finished() if phase is _P.STOPPING:
-            return Step(replace(state, phase=_P.STOPPED, job=None))
+            return Step(replace(state, phase=_P.STOPPED, listening=False, job=None), _abandoned(state))
     return Step(state, accepted=False)
 
 
 def _runner_exited(state: AgentState, code: int) -> Step:
     replace = msgspec.structs.replace
+    state = replace(state, listening=False)
+    abandoned = _abandoned(state)
     if state.phase is _P.STOPPING:
         exited = protocol.RunnerExited(exit_code=code, reason="stopped")
-        return Step(replace(state, job=None), (exited,))
+        return Step(replace(state, job=None), (*abandoned, exited))
     if state.ephemeral and state.jobs_completed > 0 and state.phase is _P.IDLE:
         # An ephemeral runner leaves after its one job: the VM's work is done.
         reason = "ephemeral runner finished its job"
@@ -183,4 +189,11 @@ def _runner_exited(state: AgentState, code: int) -> Step:
         stopping = protocol.VmStopping(reason=reason, runner_name=state.runner_name)
         return Step(replace(state, phase=_P.STOPPING, stop_reason=reason), (exited, stopping))
     exited = protocol.RunnerExited(exit_code=code, reason="unexpected")
-    return Step(replace(state, phase=_P.READY, job=None), (exited,))
+    return Step(replace(state, phase=_P.READY, job=None), (*abandoned, exited))
+
+
+def _abandoned(state: AgentState) -> tuple[protocol.AnyEvent, ...]:
+    """A job the runner never reported finished (it crashed, or was killed at the end of its grace) is over."""
+    if state.job is None:
+        return ()
+    return (protocol.JobCompleted(job_name=state.job, result="Abandoned"),)

@@ -16,6 +16,7 @@ import pytest
 import trio
 
 from fake_controller import FakeController, Settings
+from fake_controller.faults import FaultPlan
 from fake_controller.simulated_runner import Job, SimulatedRunner
 from miglet.app import Agent
 from miglet.config import Config
@@ -294,3 +295,57 @@ async def test_a_runner_listening_after_its_deadline_is_not_taken_for_registered
         running.agent.request_stop("test over")
     [failed] = controller.events_of("vm-123", "registration_failed")
     assert failed["reason"] == "runner_start_failed"
+
+
+async def test_a_failing_task_still_stops_the_runner_and_delivers_what_is_owed(
+    make_config: ConfigFactory,
+    controller: FakeController,
+    autojump_clock: trio.testing.MockClock,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    class Broken(SimulatedRunner):
+        async def run(self, registration: Registration, observer: RunObserver) -> int:
+            class Failing:
+                def line(self, stream: str, text: str) -> object:
+                    if "Running job" in text:
+                        raise RuntimeError("a bug in reading the runner's output")
+                    return observer.line(stream, text)
+
+                def started(self, pid: int | None) -> object:
+                    return observer.started(pid)
+
+                def exited(self, exit_code: int) -> object:
+                    return observer.exited(exit_code)
+
+            return await super().run(registration, Failing())
+
+    runner = Broken()
+    async with running_agent(make_config(), controller, runner) as running:
+        await running.reach(Phase.IDLE)
+        runner.submit_job(Job("build", duration_s=600))
+    assert running.exit_code == 1
+    assert running.agent.phase is Phase.STOPPED
+    assert not runner.running
+    # The runner went down with the failing supervisor; then the agent stopped.
+    assert running.event_types() == ["vm_started", "runner_registered", "runner_exited", "vm_stopping"]
+    assert controller.events_of("vm-123", "vm_stopping")[0]["reason"] == "internal_error"
+    assert "A task of the agent failed; stopping" in [record.getMessage() for record in caplog.records]
+
+
+async def test_a_second_stop_request_does_not_wait_for_the_controller(
+    make_config: ConfigFactory,
+    controller: FakeController,
+    runner: SimulatedRunner,
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with running_agent(make_config(), controller, runner) as running:
+        await running.reach(Phase.IDLE)
+        controller.faults.set_plan(FaultPlan(error_rate=1.0, error_statuses=[503]))
+        running.agent.request_stop("signal")
+        await running.reach(Phase.STOPPING)
+        await trio.testing.wait_all_tasks_blocked()
+        start = trio.current_time()
+        running.agent.stop_plan.cut_short()
+        await running.reach(Phase.STOPPED)
+        assert trio.current_time() - start < 1
+    assert running.exit_code == 0

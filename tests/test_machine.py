@@ -5,6 +5,7 @@ Rules: no trio, no clock; inputs are fed to `transition` directly.
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -118,6 +119,40 @@ def test_non_ephemeral_runner_exit_is_unexpected_even_after_jobs() -> None:
     assert state.phase is Phase.READY
 
 
+def test_a_job_that_starts_as_the_stop_begins_is_reported() -> None:
+    idle: list[Input] = [START, Acknowledged(), RegistrationReceived("c1"), RunnerListening()]
+    state, events = run(
+        [
+            *idle,
+            StopRequested("signal"),
+            JobStarted("build"),
+            JobCompleted("build", "Canceled"),
+            RunnerExited(0),
+            Finished(),
+        ]
+    )
+    assert state.phase is Phase.STOPPED
+    assert events[1:] == [
+        protocol.VmStopping(reason="signal", runner_name="vm-123"),
+        protocol.JobStarted(job_name="build"),
+        protocol.JobCompleted(job_name="build", result="Canceled"),
+        protocol.RunnerExited(exit_code=0, reason="stopped"),
+    ]
+
+
+@pytest.mark.parametrize("stop_first", [False, True])
+def test_a_job_the_runner_never_finished_is_reported_abandoned(stop_first: bool) -> None:
+    # The runner crashed mid-job, or was killed at the end of its grace with the job still running.
+    inputs: list[Input] = [START, Acknowledged(), RegistrationReceived("c1"), RunnerListening(), JobStarted("b")]
+    inputs += [StopRequested("signal")] if stop_first else []
+    state, events = run([*inputs, RunnerExited(137)])
+    assert state.job is None
+    assert events[-2:] == [
+        protocol.JobCompleted(job_name="b", result="Abandoned"),
+        protocol.RunnerExited(exit_code=137, reason="stopped" if stop_first else "unexpected"),
+    ]
+
+
 def test_stop_from_any_live_phase_then_stopped_is_terminal() -> None:
     state, events = run([START, Acknowledged(), StopRequested("signal"), Finished()])
     assert state.phase is Phase.STOPPED
@@ -178,7 +213,8 @@ def test_every_job_start_is_reported_and_completion_matches(sequence: list[Input
     state, events = run(sequence)
     started = sum(isinstance(event, protocol.JobStarted) for event in events)
     completed = sum(isinstance(event, protocol.JobCompleted) for event in events)
-    assert completed <= started <= completed + 1
+    # Every job the controller heard start, it hears end, unless it is still running.
+    assert started == completed + (state.job is not None)
     if state.phase is Phase.BUSY:
         assert state.job is not None
     if state.job is not None:

@@ -9,6 +9,8 @@ import random
 from datetime import UTC, datetime
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from miglet.retry import MAX_RETRY_AFTER, RetryPolicy, is_retryable_status, parse_retry_after
 
@@ -40,11 +42,19 @@ def test_retry_after_is_honoured_within_bounds() -> None:
         ("Wed, 15 Jan 2024 10:29:00 GMT", 0.0),
         ("soon", None),
         ("-5", None),
+        ("\u00b2", None),  # what a 0xB2 header byte decodes to: a digit to str.isdigit(), not to float()
     ],
 )
 def test_parse_retry_after(header: str | None, expected: float | None) -> None:
     now = datetime(2024, 1, 15, 10, 30, tzinfo=UTC)
     assert parse_retry_after(header, now) == expected
+
+
+@given(st.text())
+def test_parse_retry_after_takes_any_header_text(header: str) -> None:
+    # A controller (or a proxy in front of it) can send anything; a bad header means "no hint", never a crash.
+    seconds = parse_retry_after(header)
+    assert seconds is None or seconds >= 0
 
 
 @pytest.mark.parametrize(
