@@ -28,6 +28,9 @@ MIN_TOKEN_LENGTH: Final = 8
 _BEARER_TOKEN: Final = re.compile(rf"[A-Za-z0-9\-._~+/]{{{MIN_TOKEN_LENGTH},}}=*")
 _TRUE: Final = frozenset({"1", "true", "yes", "on"})
 _FALSE: Final = frozenset({"0", "false", "no", "off"})
+# Polling, heartbeats and retries faster than this would be request storms, not a configuration.
+MIN_INTERVAL: Final = 0.1
+MIN_RETRY_BASE: Final = 0.01
 
 
 class Variable(msgspec.Struct, frozen=True):
@@ -155,7 +158,14 @@ class _Reader:
         return value
 
     def number(
-        self, name: str, default: float, *, minimum: float, exclusive: bool = False, maximum: float | None = None
+        self,
+        name: str,
+        default: float,
+        *,
+        minimum: float,
+        exclusive: bool = False,
+        maximum: float | None = None,
+        zero_is_off: bool = False,
     ) -> float:
         text = self.raw(name)
         if text is None:
@@ -166,9 +176,12 @@ class _Reader:
             raise ConfigError(name, f"must be a number of seconds, got {text!r}") from None
         if value != value or value in (float("inf"), float("-inf")):
             raise ConfigError(name, f"must be a finite number, got {text!r}")
+        if zero_is_off and value == 0:
+            return 0.0
         if value < minimum or (exclusive and value == minimum):
             relation = "greater than" if exclusive else "at least"
-            raise ConfigError(name, f"must be {relation} {minimum:g}, got {text!r}")
+            off = "0 (off) or " if zero_is_off else ""
+            raise ConfigError(name, f"must be {off}{relation} {minimum:g}, got {text!r}")
         if maximum is not None and value > maximum:
             raise ConfigError(name, f"must be at most {maximum:g}, got {text!r}")
         return value
@@ -324,9 +337,11 @@ def load_config(env: Mapping[str, str] | None = None) -> Config:
         controller_token=_controller_token(reader),
         ca_bundle=ca_bundle,
         allow_insecure=allow_insecure,
-        poll_interval=reader.number("MIGLET_POLL_INTERVAL", d.poll_interval, minimum=0, exclusive=True),
+        poll_interval=reader.number("MIGLET_POLL_INTERVAL", d.poll_interval, minimum=MIN_INTERVAL),
         command_wait=reader.integer("MIGLET_COMMAND_WAIT", d.command_wait, minimum=0, maximum=600),
-        heartbeat_interval=reader.number("MIGLET_HEARTBEAT_INTERVAL", d.heartbeat_interval, minimum=0),
+        heartbeat_interval=reader.number(
+            "MIGLET_HEARTBEAT_INTERVAL", d.heartbeat_interval, minimum=MIN_INTERVAL, zero_is_off=True
+        ),
         runner_dir=runner_dir,
         runner_name=reader.identifier("MIGLET_RUNNER_NAME", required=False) or "",
         runner_user=_runner_user(reader, runner_dir),
@@ -340,7 +355,7 @@ def load_config(env: Mapping[str, str] | None = None) -> Config:
         registration_timeout=reader.number("MIGLET_REGISTRATION_TIMEOUT", d.registration_timeout, minimum=0),
         idle_timeout=reader.number("MIGLET_IDLE_TIMEOUT", d.idle_timeout, minimum=0),
         clock_skew=reader.number("MIGLET_CLOCK_SKEW", d.clock_skew, minimum=0, maximum=3600),
-        retry_base=reader.number("MIGLET_RETRY_BASE", d.retry_base, minimum=0, exclusive=True),
+        retry_base=reader.number("MIGLET_RETRY_BASE", d.retry_base, minimum=MIN_RETRY_BASE),
         retry_cap=reader.number("MIGLET_RETRY_CAP", d.retry_cap, minimum=0, exclusive=True),
         outbox_capacity=reader.integer("MIGLET_OUTBOX_CAPACITY", d.outbox_capacity, minimum=10, maximum=1_000_000),
         log_format=reader.choice("MIGLET_LOG_FORMAT", d.log_format, ("auto", "json", "text")),  # type: ignore[arg-type]

@@ -72,6 +72,8 @@ def test_a_good_command_becomes_a_registration(make_config: ConfigFactory) -> No
         ({"labels": [""]}, "invalid_command", "commas or white space"),
         ({"labels": [f"l{i}" for i in range(101)]}, "invalid_command", "at most 100 labels"),
         ({"runner_group": "bad\ngroup"}, "invalid_command", "runner_group"),
+        ({"labels": ["--replace"]}, "invalid_command", "starts with '-'"),
+        ({"runner_group": "--ephemeral"}, "invalid_command", "not starting with '-'"),
     ],
 )
 def test_bad_commands_are_refused_with_a_reason(
@@ -129,7 +131,8 @@ def test_any_command_is_accepted_or_refused_with_a_reason(make_config: ConfigFac
             assert str(exc)
         else:
             assert registration.url.startswith("https://")
-            assert all(label and "," not in label for label in registration.labels)
+            assert all(label and "," not in label and not label.startswith("-") for label in registration.labels)
+            assert not registration.group.startswith("-")
 
 
 def test_a_token_that_never_expires(make_config: ConfigFactory) -> None:

@@ -31,8 +31,9 @@ log = logging.getLogger(__name__)
 
 MAX_LABELS: Final = 100
 MAX_URL: Final = 2048
-_LABEL: Final = re.compile(r"[^\s,\x00-\x1f\x7f]{1,256}")
-_GROUP: Final = re.compile(r"[^\x00-\x1f\x7f]{1,256}")
+# Neither may start with "-": config.sh would read a value starting with "--" as a flag of its own.
+_LABEL: Final = re.compile(r"(?!-)[^\s,\x00-\x1f\x7f]{1,256}")
+_GROUP: Final = re.compile(r"(?!-)[^\x00-\x1f\x7f]{1,256}")
 
 
 class InvalidRegistration(Exception):
@@ -57,9 +58,13 @@ def registration_from_command(
         raise InvalidRegistration("invalid_command", f"at most {MAX_LABELS} labels are allowed")
     for label in params.labels:
         if not _LABEL.fullmatch(label):
-            raise InvalidRegistration("invalid_command", f"label {label!r} is empty or has commas or white space")
+            raise InvalidRegistration(
+                "invalid_command", f"label {label!r} is empty, has commas or white space, or starts with '-'"
+            )
     if not _GROUP.fullmatch(params.runner_group):
-        raise InvalidRegistration("invalid_command", "runner_group must be 1-256 printable characters")
+        raise InvalidRegistration(
+            "invalid_command", "runner_group must be 1-256 printable characters, not starting with '-'"
+        )
     return Registration(
         command_id=command.id,
         url=params.runner_url,
