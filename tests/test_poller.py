@@ -203,6 +203,23 @@ async def test_a_later_registration_waits_for_the_outcome_of_the_current_one(
     assert harness.queued(protocol.CommandFailed) == []
 
 
+async def test_registrations_still_waiting_when_the_agent_stops_are_refused(
+    make_config: ConfigFactory, autojump_clock: trio.testing.MockClock
+) -> None:
+    controller = FakeController(Settings(send_registration=False))
+    for command_id in ("r-1", "r-2", "r-3"):
+        controller.enqueue("vm-123", controller.registration_command("vm-123") | {"id": command_id})
+    async with polling(make_config(), httpx.ASGITransport(app=controller)) as harness:
+        await harness.holder.value.wait_value(lambda state: state.phase is Phase.REGISTERING_RUNNER)
+        await trio.testing.wait_all_tasks_blocked()
+    assert [command.id for command in harness.registrations] == ["r-1"]
+    refused = harness.queued(protocol.CommandFailed)
+    assert [(event.command_id, event.error) for event in refused] == [
+        ("r-2", "the agent is stopping"),
+        ("r-3", "the agent is stopping"),
+    ]
+
+
 async def test_shutdown_command_is_handed_over(
     make_config: ConfigFactory, autojump_clock: trio.testing.MockClock
 ) -> None:

@@ -116,12 +116,26 @@ async def _dispatch_registrations(
     `shutdown` is never held up behind a slow `config.sh`.
     """
     async with pending, registrations:
-        async for command in pending:
-            await holder.value.wait_value(lambda state: state.phase is not Phase.REGISTERING_RUNNER)
-            if holder.apply(machine.RegistrationReceived(command.id)):
-                await registrations.send(command)
-            else:
-                _refuse(outbox, command.id, f"cannot register a runner while {holder.phase.value}")
+        waiting: protocol.RegisterRunner | None = None
+        try:
+            async for command in pending:
+                waiting = command
+                await holder.value.wait_value(lambda state: state.phase is not Phase.REGISTERING_RUNNER)
+                waiting = None
+                if holder.apply(machine.RegistrationReceived(command.id)):
+                    await registrations.send(command)
+                else:
+                    _refuse(outbox, command.id, f"cannot register a runner while {holder.phase.value}")
+        finally:
+            # The agent is stopping: the controller still hears that these will not be carried out.
+            unserved = [] if waiting is None else [waiting]
+            while True:
+                try:
+                    unserved.append(pending.receive_nowait())
+                except (trio.WouldBlock, trio.EndOfChannel):
+                    break
+            for command in unserved:
+                _refuse(outbox, command.id, "the agent is stopping")
 
 
 def _refuse(outbox: Outbox, command_id: str, error: str) -> None:
