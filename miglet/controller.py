@@ -113,6 +113,14 @@ class ControllerClient:
         if 200 <= status < 300:
             return body
         summary = _summarise(body)
+        if 300 <= status < 400:
+            # Most likely a wrong MIGLET_CONTROLLER_ENDPOINT (http:// answered with a redirect to https://): the
+            # events stay queued and are retried, so that they are delivered once the endpoint is put right.
+            location = redact(response.headers.get("Location", "")[:200])
+            raise ControllerUnavailable(
+                f"{what}: HTTP {status} redirect to {location!r}, which MIGlet does not follow;"
+                " check MIGLET_CONTROLLER_ENDPOINT"
+            )
         if is_retryable_status(status):
             retry_after = parse_retry_after(response.headers.get("Retry-After"))
             raise ControllerUnavailable(f"{what}: HTTP {status}{summary}", retry_after)
@@ -134,7 +142,7 @@ def _describe(exc: BaseException) -> str:
 
 async def _read_capped(response: httpx.Response, what: str) -> bytes:
     declared = response.headers.get("Content-Length")
-    if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+    if declared is not None and declared.isascii() and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
         raise protocol.ProtocolError(f"{what}: response body of {declared} bytes exceeds {MAX_BODY_BYTES}")
     chunks: list[bytes] = []
     size = 0
