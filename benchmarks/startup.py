@@ -25,7 +25,7 @@ from benchmarks.common import registered_miglet, served_controller
 from fake_controller import FakeController
 from fake_controller.fake_runner import install
 from miglet.runner.backend import Registration
-from miglet.runner.process import config_arguments, kill_session, runner_environment
+from miglet.runner.process import RUNNER_CONFIG_FILES, config_arguments, kill_session, runner_environment
 
 REGISTRATION = Registration(
     command_id="bench",
@@ -46,7 +46,7 @@ def _env() -> dict[str, str]:
 
 async def runner_alone(runner_dir: Path) -> float:
     """Seconds the fake runner takes by itself: config.sh, then run.sh until it listens."""
-    for name in (".runner", ".credentials", ".credentials_rsaparams"):
+    for name in RUNNER_CONFIG_FILES:
         (runner_dir / name).unlink(missing_ok=True)
     env = {**_env(), "ACTIONS_RUNNER_INPUT_TOKEN": "AHTBENCHMARKTOKEN00000000001"}
     start = time.monotonic()

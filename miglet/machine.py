@@ -155,6 +155,12 @@ def transition(state: AgentState, event: Input) -> Step:
             return Step(replace(state, phase=_P.IDLE, listening=True), (registered,))
         case JobStarted(name=name) if phase is _P.IDLE:
             return Step(replace(state, phase=_P.BUSY, job=name), (protocol.JobStarted(job_name=name),))
+        case JobStarted(name=name) if phase is _P.BUSY:
+            # The runner never said how the job before ended (it can drop one it could not renew): that one is over.
+            started = protocol.JobStarted(job_name=name)
+            return Step(
+                replace(state, job=name, jobs_completed=state.jobs_completed + 1), (*_abandoned(state), started)
+            )
         case JobStarted(name=name) if phase is _P.STOPPING and state.listening and state.job is None:
             # GitHub handed the runner a job just as the stop began: the controller still hears of it.
             return Step(replace(state, job=name), (protocol.JobStarted(job_name=name),))
@@ -182,12 +188,15 @@ def _runner_exited(state: AgentState, code: int) -> Step:
     if state.phase is _P.STOPPING:
         exited = protocol.RunnerExited(exit_code=code, reason="stopped")
         return Step(replace(state, job=None), (*abandoned, exited))
-    if state.ephemeral and state.jobs_completed > 0 and state.phase is _P.IDLE:
-        # An ephemeral runner leaves after its one job: the VM's work is done.
+    took_a_job = state.jobs_completed > 0 or state.job is not None
+    if state.ephemeral and took_a_job:
+        # An ephemeral runner leaves after its one job, whether or not it said how the job ended: the VM's work
+        # is done, and a VM that ran a job is not given another.
         reason = "ephemeral runner finished its job"
         exited = protocol.RunnerExited(exit_code=code, reason="job_done")
         stopping = protocol.VmStopping(reason=reason, runner_name=state.runner_name)
-        return Step(replace(state, phase=_P.STOPPING, stop_reason=reason), (exited, stopping))
+        after = replace(state, phase=_P.STOPPING, stop_reason=reason, job=None)
+        return Step(after, (*abandoned, exited, stopping))
     exited = protocol.RunnerExited(exit_code=code, reason="unexpected")
     return Step(replace(state, phase=_P.READY, job=None), (*abandoned, exited))
 

@@ -97,12 +97,32 @@ def test_job_cycle_and_ephemeral_end() -> None:
 
 
 def test_unexpected_runner_exit_returns_to_ready() -> None:
-    state, events = run(
-        [START, Acknowledged(), RegistrationReceived("c1"), RunnerListening(), JobStarted("b"), RunnerExited(1)]
-    )
+    state, events = run([START, Acknowledged(), RegistrationReceived("c1"), RunnerListening(), RunnerExited(1)])
     assert state.phase is Phase.READY
-    assert state.job is None
     assert events[-1] == protocol.RunnerExited(exit_code=1, reason="unexpected")
+
+
+def test_an_ephemeral_runner_that_took_a_job_is_done_however_it_ends() -> None:
+    # The runner can drop a job it could not renew without a "completed" line, then leave as after any job.
+    state, events = run(
+        [START, Acknowledged(), RegistrationReceived("c1"), RunnerListening(), JobStarted("b"), RunnerExited(0)]
+    )
+    assert state.phase is Phase.STOPPING
+    assert state.job is None
+    assert events[-3:] == [
+        protocol.JobCompleted(job_name="b", result="Abandoned"),
+        protocol.RunnerExited(exit_code=0, reason="job_done"),
+        protocol.VmStopping(reason="ephemeral runner finished its job", runner_name="vm-123"),
+    ]
+
+
+def test_a_new_job_while_busy_ends_the_one_never_reported_finished() -> None:
+    persistent = Start(runner_name="r", ephemeral=False)
+    state, events = run(
+        [persistent, Acknowledged(), RegistrationReceived("c1"), RunnerListening(), JobStarted("a"), JobStarted("b")]
+    )
+    assert (state.phase, state.job) == (Phase.BUSY, "b")
+    assert events[-2:] == [protocol.JobCompleted(job_name="a", result="Abandoned"), protocol.JobStarted(job_name="b")]
 
 
 def test_non_ephemeral_runner_exit_is_unexpected_even_after_jobs() -> None:
@@ -143,7 +163,8 @@ def test_a_job_that_starts_as_the_stop_begins_is_reported() -> None:
 @pytest.mark.parametrize("stop_first", [False, True])
 def test_a_job_the_runner_never_finished_is_reported_abandoned(stop_first: bool) -> None:
     # The runner crashed mid-job, or was killed at the end of its grace with the job still running.
-    inputs: list[Input] = [START, Acknowledged(), RegistrationReceived("c1"), RunnerListening(), JobStarted("b")]
+    persistent = Start(runner_name="vm-123", ephemeral=False)
+    inputs: list[Input] = [persistent, Acknowledged(), RegistrationReceived("c1"), RunnerListening(), JobStarted("b")]
     inputs += [StopRequested("signal")] if stop_first else []
     state, events = run([*inputs, RunnerExited(137)])
     assert state.job is None

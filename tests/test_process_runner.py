@@ -19,7 +19,7 @@ import trio
 from fake_controller.fake_runner import Behaviour, enqueue_job, install, read_calls
 from miglet.runner import process
 from miglet.runner.backend import ConfigureFailed, Grace, Registration
-from miglet.runner.process import ProcessRunner, _session_members, config_arguments
+from miglet.runner.process import RUNNER_CONFIG_FILES, ProcessRunner, _session_members, config_arguments
 from miglet.secret import Secret
 
 TIMEOUT = 20
@@ -151,9 +151,18 @@ async def test_root_refusal_without_allow_runasroot(runner_dir: Path) -> None:
     runner = make_runner(runner_dir)
     runner._env.pop("RUNNER_ALLOW_RUNASROOT")
     lines = Lines()
-    with trio.fail_after(TIMEOUT), pytest.raises(ConfigureFailed, match=r"config\.sh exited with code 1"):
+    # config.sh says why on stdout only; that is what the failure reports.
+    with trio.fail_after(TIMEOUT), pytest.raises(ConfigureFailed, match="Must not run with sudo"):
         await runner.configure(registration(), lines)
     assert "Must not run with sudo" in lines.text()
+
+
+async def test_clean_removes_every_configuration_file(runner_dir: Path) -> None:
+    for name in RUNNER_CONFIG_FILES:
+        (runner_dir / name).write_text("{}")
+    await make_runner(runner_dir).clean()
+    assert [name for name in RUNNER_CONFIG_FILES if (runner_dir / name).exists()] == []
+    assert (runner_dir / "config.sh").exists()
 
 
 async def test_missing_runner_directory_is_a_clear_failure(tmp_path: Path) -> None:

@@ -31,6 +31,15 @@ log = logging.getLogger(__name__)
 MAX_LINE: Final = 16 * 1024
 # A failure is reported with the last lines the runner wrote to stderr (its errors span several lines).
 ERROR_LINES_KEPT: Final = 3
+# What config.sh writes; a new configuration must not find any of it. The "_migrated" pair is written when GitHub
+# moves a runner to new credentials, and the runner prefers it over the files config.sh writes.
+RUNNER_CONFIG_FILES: Final = (
+    ".runner",
+    ".credentials",
+    ".credentials_rsaparams",
+    ".runner_migrated",
+    ".credentials_migrated",
+)
 MAX_ERROR: Final = 1000
 CONFIG_SH_GRACE_S: Final = 5.0
 # Once the runner has exited, how long its output pipes may stay open before they are abandoned.
@@ -140,7 +149,7 @@ class ProcessRunner:
             raise ConfigureFailed(error or f"config.sh remove exited with code {code}")
 
     async def clean(self) -> None:
-        for name in (".runner", ".credentials", ".credentials_rsaparams"):
+        for name in RUNNER_CONFIG_FILES:
             path = self._dir / name
             try:
                 path.unlink(missing_ok=True)
@@ -158,10 +167,13 @@ class ProcessRunner:
         """Run `argv` to completion, relaying its output; returns its exit code and its last error lines."""
         exited = trio.Event()
         errors: deque[str] = deque(maxlen=ERROR_LINES_KEPT)
+        # Some failures are told on stdout only: config.sh's own checks ("Must not run with sudo", a missing
+        # .NET dependency) print there before exiting 1.
+        said: deque[str] = deque(maxlen=ERROR_LINES_KEPT)
 
         def sink(stream: str, line: str) -> None:
-            if stream == "stderr" and (cleaned := clean(line)):
-                errors.append(cleaned)
+            if cleaned := clean(line):
+                (errors if stream == "stderr" else said).append(cleaned)
             on_line(stream, line)
 
         process: trio.Process | None = None
@@ -185,7 +197,8 @@ class ProcessRunner:
             reason = start_error.strerror if isinstance(start_error, OSError) and start_error.strerror else start_error
             raise ConfigureFailed(f"cannot start {argv[0]} in {self._dir}: {reason}")
         assert process.returncode is not None
-        error = redact(" ".join(errors))[:MAX_ERROR] if errors else None
+        last_words = errors or said
+        error = redact(" ".join(last_words))[:MAX_ERROR] if last_words else None
         return process.returncode, error
 
     async def _process_task(
