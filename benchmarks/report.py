@@ -93,8 +93,14 @@ for comparing machines (on a typical cloud VM it is 30-50 ms).
   need.
 - Python's cyclic garbage collector ran dozens of times while trio and httpx were being imported, each time
   scanning objects of which none is garbage. `miglet run` turns the collector off for its imports, then
-  freezes what they created (`gc.freeze()`) so that later collections skip it too: the imports took 14% less
-  time (297 ms to 254 ms, medians of 25 paired runs). The "of which" floor is measured the same way.
+  freezes what they created (`gc.freeze()`) so that later collections skip it too: the imports took 9-14%
+  less time (297 ms to 254 ms, and 347 ms to 316 ms, medians of 25 paired runs at two moments). The "of
+  which" floor is measured the same way.
+- httpx imports its transport, httpcore, only when the first client is made: profiling the first request
+  (cProfile) found 45 ms of imports there, on the way to the handshake. `miglet run` now imports httpcore
+  with the rest, under the same switched-off collector, and the floor includes it. In this benchmark's
+  environment httpcore also imports `h2` (about 10 ms), which hypercorn, the fake controller's server, brings
+  in; an installation of MIGlet alone does not have it.
 - The interpreter matters as much: this machine's Python (pyenv's 3.11.7) is built without profile-guided
   optimisation or link-time optimisation. Debian's `python3.11` on the same machine imports MIGlet's whole
   stack 22% faster (255 ms against 328 ms, medians of 20 paired runs); distribution packages and the official
@@ -103,11 +109,14 @@ for comparing machines (on a typical cloud VM it is 30-50 ms).
   once per process and shared, and only for an `https://` controller. The benchmark's controller is plain
   http on loopback, so a production start-up over https pays that once more.
 - This machine (a 2-core Firecracker VM) runs Python three to four times slower than a typical cloud VM and
-  its speed drifts from minute to minute: the start-up overhead measured between 214 ms and 430 ms in runs on
-  the same day, the whole difference being in the imports. The start-up benchmark therefore pairs each
-  MIGlet run with a run of the fake runner alone, so that drift cancels out as far as it can.
+  its speed drifts from minute to minute: over one day the start-up overhead's median measured between
+  264 ms and 456 ms from run to run, the library floor moving with it (237 ms to 389 ms) while MIGlet's own
+  share stayed between 12 ms and 50 ms. The start-up benchmark therefore pairs each MIGlet run with a run of
+  the fake runner alone and with a bare import of the libraries, so that drift cancels out as far as it can.
 - Idle, MIGlet sleeps in one long-poll at a time: one request per 20 s plus a heartbeat per 30 s.
 - With many agents in one process, the cost is httpx/httpcore/h11 and trio per request (profiled with
   cProfile: no MIGlet function among the top self-time entries); the fake controller needed a listen backlog
-  larger than hypercorn's default of 100 so that 1,000 agents connecting at once are not reset.
+  larger than hypercorn's default of 100 so that 1,000 agents connecting at once are not reset. Both sides
+  keep a core busy: in a 7.7 s run to 1,000 Idle agents, the agents used 14.8 CPU seconds (their stop
+  included) and the fake controller 11, so on two cores the controller bounds the figure as much as MIGlet.
 """
