@@ -10,9 +10,12 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from importlib import metadata
 from pathlib import Path
+from typing import Final
 
 import trio
+from packaging.requirements import Requirement
 
 from fake_controller import FakeController
 from fake_controller.server import serve
@@ -60,12 +63,60 @@ def agent_config(vm_id: str, url: str, workdir: Path, **overrides: object) -> Co
     return Config(**values)  # type: ignore[arg-type]
 
 
+ROOT: Final = Path(__file__).resolve().parent.parent
+
+
+def runtime_python(workdir: Path) -> Path:
+    """An interpreter that can import MIGlet and its runtime dependencies and nothing else, as on a VM.
+
+    The development environment holds more, and more changes what MIGlet's libraries import: hypercorn (the
+    fake controller's server) brings in h2, and httpcore then imports its HTTP/2 support. This makes a venv
+    without pip whose site-packages names, in a .pth file, a directory of links to the distributions MIGlet
+    needs (read from its metadata) and the source tree.
+    """
+    venv = workdir / "runtime-venv"
+    if not venv.exists():
+        subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+        python = venv / "bin" / "python"
+        purelib = subprocess.run(
+            [python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        links = workdir / "runtime-site"
+        links.mkdir()
+        # Each distribution's top-level entries (a single-module one's bytecode is in the shared __pycache__).
+        for dist in _runtime_distributions("miglet"):
+            for top in {Path(str(file)).parts[0] for file in dist.files or ()}:
+                target = Path(str(dist.locate_file(top)))
+                if top != ".." and not (links / top).exists() and target.exists():
+                    (links / top).symlink_to(target)
+        (Path(purelib) / "miglet-runtime.pth").write_text(f"{links}\n{ROOT}\n")
+    return venv / "bin" / "python"
+
+
+def _runtime_distributions(name: str) -> list[metadata.Distribution]:
+    """The distributions `name` needs to run, itself excluded, without extras."""
+    found: dict[str, metadata.Distribution] = {}
+    pending = [name]
+    while pending:
+        for line in metadata.distribution(pending.pop()).requires or ():
+            requirement = Requirement(line)
+            key = requirement.name.lower().replace("_", "-")
+            if key in found or (requirement.marker and not requirement.marker.evaluate({"extra": ""})):
+                continue
+            found[key] = metadata.distribution(requirement.name)
+            pending.append(requirement.name)
+    return list(found.values())
+
+
 @asynccontextmanager
 async def registered_miglet(
     controller: FakeController, url: str, runner_dir: Path, workdir: Path, vm_id: str
 ) -> AsyncIterator[trio.Process]:
     """`python -m miglet` against `controller`, from the moment its runner is registered until the block ends;
-    then it is stopped with SIGTERM (and killed if it does not stop within 30 s)."""
+    then it is stopped with SIGTERM (and killed if it does not stop within 30 s). It runs on `runtime_python`."""
     env = {
         **os.environ,
         "MIGLET_VM_ID": vm_id,
@@ -75,7 +126,9 @@ async def registered_miglet(
         "MIGLET_STATE_FILE": str(workdir / f"{vm_id}.json"),
         "MIGLET_LOG_LEVEL": "warning",
     }
-    process = await trio.lowlevel.open_process([sys.executable, "-m", "miglet"], env=env, stderr=subprocess.DEVNULL)
+    process = await trio.lowlevel.open_process(
+        [runtime_python(workdir), "-m", "miglet"], env=env, stderr=subprocess.DEVNULL
+    )
     try:
         while not controller.events_of(vm_id, "runner_registered"):
             await controller.request_arrived.wait()

@@ -70,13 +70,16 @@ for comparing machines (on a typical cloud VM it is 30-50 ms).
   random moment; latency is from the moment the command exists at the controller to the moment the agent asks
   its runner backend to configure (the `config.sh` call).
 - **Start-up overhead** (`benchmarks/startup.py`): `python -m miglet` as a real process against an instant
-  fake controller and the fake runner, {trials} times. MIGlet reports phase timings from process start in
-  `runner_registered`; the fake runner's own time (its `config.sh`, then `run.sh` until `Listening for Jobs`,
-  run alone the same way) is subtracted. What is left is MIGlet's cost: interpreter start, imports, the
-  handshake, the first poll, and spawning the runner.
-- **Idle footprint** (`benchmarks/footprint.py`): `python -m miglet` with default settings (long-poll 20 s,
-  5 s interval, 30 s heartbeats) idles for 60 s with its runner listening; RSS is read from `/proc`, CPU is
-  user + system time over the window, per minute.
+  fake controller and the fake runner, {trials} times. MIGlet runs in a venv that holds only its runtime
+  dependencies, as on a VM (the development environment has more, which changes what gets imported).
+  MIGlet reports phase timings from process start in `runner_registered`; the fake runner's own time (its
+  `config.sh`, then `run.sh` until `Listening for Jobs`, run alone the same way) is subtracted. What is left
+  is MIGlet's cost: interpreter start, imports, the handshake, the first poll, and spawning the runner. Each
+  trial also times a bare import of the libraries (the "of which" floor); the last row is the median of the
+  per-trial differences, so noise can make it come out near zero or slightly negative.
+- **Idle footprint** (`benchmarks/footprint.py`): `python -m miglet`, in the same venv, with default settings
+  (long-poll 20 s, 5 s interval, 30 s heartbeats) idles for 60 s with its runner listening; RSS is read from
+  `/proc`, CPU is user + system time over the window, per minute.
 - **Fleet** (`benchmarks/fleet.py`): N agents in one process with the in-process simulated runner, against
   one `python -m fake_controller` process, over loopback; time from start until every agent is Idle, and the
   requests the controller served per second over that time.
@@ -98,9 +101,9 @@ for comparing machines (on a typical cloud VM it is 30-50 ms).
   which" floor is measured the same way.
 - httpx imports its transport, httpcore, only when the first client is made: profiling the first request
   (cProfile) found 45 ms of imports there, on the way to the handshake. `miglet run` now imports httpcore
-  with the rest, under the same switched-off collector, and the floor includes it. In this benchmark's
-  environment httpcore also imports `h2` (about 10 ms), which hypercorn, the fake controller's server, brings
-  in; an installation of MIGlet alone does not have it.
+  with the rest, under the same switched-off collector, and the floor includes it. In the development
+  environment httpcore also imports `h2` (about 25 ms), which hypercorn, the fake controller's server, brings
+  in; an installation of MIGlet alone does not have it, and neither has the venv the benchmark runs it in.
 - The interpreter matters as much: this machine's Python (pyenv's 3.11.7) is built without profile-guided
   optimisation or link-time optimisation. Debian's `python3.11` on the same machine imports MIGlet's whole
   stack 22% faster (255 ms against 328 ms, medians of 20 paired runs); distribution packages and the official
@@ -110,8 +113,8 @@ for comparing machines (on a typical cloud VM it is 30-50 ms).
   http on loopback, so a production start-up over https pays that once more.
 - This machine (a 2-core Firecracker VM) runs Python three to four times slower than a typical cloud VM and
   its speed drifts from minute to minute: over one day the start-up overhead's median measured between
-  264 ms and 456 ms from run to run, the library floor moving with it (237 ms to 389 ms) while MIGlet's own
-  share stayed between 12 ms and 50 ms. The start-up benchmark therefore pairs each MIGlet run with a run of
+  254 ms and 456 ms from run to run, the library floor moving with it (222 ms to 389 ms) while MIGlet's own
+  share stayed under 60 ms. The start-up benchmark therefore pairs each MIGlet run with a run of
   the fake runner alone and with a bare import of the libraries, so that drift cancels out as far as it can.
 - Idle, MIGlet sleeps in one long-poll at a time: one request per 20 s plus a heartbeat per 30 s.
 - With many agents in one process, the cost is httpx/httpcore/h11 and trio per request (profiled with

@@ -14,14 +14,13 @@ import os
 import signal
 import statistics
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import trio
 
-from benchmarks.common import registered_miglet, served_controller
+from benchmarks.common import registered_miglet, runtime_python, served_controller
 from fake_controller import FakeController
 from fake_controller.fake_runner import install
 from miglet.runner.backend import Registration
@@ -72,14 +71,14 @@ async def runner_alone(runner_dir: Path) -> float:
     return elapsed
 
 
-async def libraries_alone() -> float:
+async def libraries_alone(python: Path) -> float:
     """Seconds a bare interpreter takes to import the libraries MIGlet is built on: the floor under its start-up.
 
     The collector is off during the imports, as `miglet run` has it.
     """
     start = time.monotonic()
     code = "import gc; gc.disable(); import trio, httpx, httpcore, msgspec, trio_util; gc.freeze(); gc.enable()"
-    await trio.run_process([sys.executable, "-c", code])
+    await trio.run_process([python, "-c", code])
     return time.monotonic() - start
 
 
@@ -103,7 +102,7 @@ async def run(workdir: Path, trials: int = 15) -> dict[str, Any]:
         for index in range(trials):
             # Paired: the runner alone, then MIGlet with it, so that drift in the machine's speed cancels out.
             alone.append(await runner_alone(runner_dir))
-            floor.append(await libraries_alone())
+            floor.append(await libraries_alone(runtime_python(workdir)))
             phases.append(await miglet_once(url, runner_dir, workdir, f"start-{index}", controller))
     listening = [phase["listening_s"] for phase in phases]
     overhead = [total - runner for total, runner in zip(listening, alone, strict=True)]
