@@ -1,11 +1,12 @@
 """Agent overhead from process start to a listening runner, with an instant controller and runner.
 
-`python -m miglet` runs as a real process against the fake controller (in this process, over loopback) and
-the fake runner. MIGlet reports its phase timings from process start in `runner_registered`; the fake
-runner's own time (its `config.sh`, and `run.sh` until `Listening for Jobs`, measured alone the same way) is
-subtracted, leaving what MIGlet itself costs: interpreter start, imports, handshake, poll and spawning. The
-time a bare interpreter takes to import trio, httpx (with httpcore), msgspec and trio-util is measured
-alongside, as the floor under that cost.
+`python -m miglet` runs as a real process, on an interpreter that sees only MIGlet's runtime dependencies
+(`runtime_python`), against the fake controller (in this process, over loopback) and the fake runner. MIGlet
+reports its phase timings from process start in `runner_registered`; the fake runner's own time (its
+`config.sh`, and `run.sh` until `Listening for Jobs`, measured alone the same way) is subtracted, leaving what
+MIGlet itself costs: interpreter start, imports, handshake, poll and spawning. The time a bare interpreter
+takes to import trio, httpx (with httpcore), msgspec and trio-util is measured alongside, as the floor under
+that cost.
 """
 
 from __future__ import annotations
