@@ -106,7 +106,7 @@ class VmStopping(Event, tag="vm_stopping"):
         str,
         msgspec.Meta(
             description="Why: a shutdown command's reason, signal, ack_timeout, registration_timeout, idle_timeout,"
-            " or 'ephemeral runner finished its job'."
+            " 'ephemeral runner finished its job', or internal_error."
         ),
     ]
     runner_name: str

@@ -8,12 +8,17 @@ from typing import Any
 
 import httpx
 import pytest
+from hypothesis import settings
 
 from fake_controller import FakeController, Settings
 from fake_controller.simulated_runner import SimulatedRunner
 from miglet.config import Config
 
 ConfigFactory = Callable[..., Config]
+
+# A slow or busy machine must not turn a property test into a failure: no per-example deadline.
+settings.register_profile("miglet", deadline=None)
+settings.load_profile("miglet")
 
 
 @pytest.fixture

@@ -108,6 +108,7 @@ async def miglet_against(
         try:
             yield miglet, runner_dir
             await process.wait()
+            no_runner_left(runner_dir)
         finally:
             if process.returncode is None:
                 # Shielded: this also runs when the test's deadline has cancelled everything.

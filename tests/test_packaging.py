@@ -94,7 +94,7 @@ def docker_env() -> dict[str, str]:
 
 def test_hadolint_passes() -> None:
     result = subprocess.run(
-        [tool("hadolint"), "--no-color", str(DOCKERFILE)], capture_output=True, text=True, check=False
+        [tool("hadolint"), "--no-color", str(DOCKERFILE)], capture_output=True, text=True, check=False, timeout=60
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout == ""
@@ -211,7 +211,7 @@ def test_systemd_analyze_accepts_the_unit(tmp_path: Path) -> None:
         pytest.skip("no miglet script next to this Python")
     copy = tmp_path / "miglet.service"
     copy.write_text(UNIT.read_text().replace("/usr/local/bin/miglet", str(miglet)))
-    result = subprocess.run([analyze, "verify", str(copy)], capture_output=True, text=True, check=False)
+    result = subprocess.run([analyze, "verify", str(copy)], capture_output=True, text=True, check=False, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout + result.stderr == ""
 
@@ -273,7 +273,11 @@ def test_cloud_init_environment_uses_real_variables() -> None:
 def test_cloud_init_schema_is_valid() -> None:
     cloud_init = tool("cloud-init")
     result = subprocess.run(
-        [cloud_init, "schema", "--config-file", str(CLOUD_INIT)], capture_output=True, text=True, check=False
+        [cloud_init, "schema", "--config-file", str(CLOUD_INIT)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
     )
     assert result.returncode == 0, result.stdout + result.stderr
 
@@ -281,10 +285,10 @@ def test_cloud_init_schema_is_valid() -> None:
 def test_cloud_init_bootstrap_script_is_sound_shell(tmp_path: Path) -> None:
     script = tmp_path / "miglet-bootstrap"
     script.write_text(written_file("/usr/local/sbin/miglet-bootstrap"))
-    subprocess.run(["bash", "-n", str(script)], check=True)
+    subprocess.run(["bash", "-n", str(script)], check=True, timeout=60)
     shellcheck = shutil.which("shellcheck")
     if shellcheck is not None:
-        result = subprocess.run([shellcheck, str(script)], capture_output=True, text=True, check=False)
+        result = subprocess.run([shellcheck, str(script)], capture_output=True, text=True, check=False, timeout=60)
         assert result.returncode == 0, result.stdout
 
 
