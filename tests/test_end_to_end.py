@@ -366,6 +366,29 @@ async def test_unprivileged_runner_and_no_secret_anywhere(tmp_path: Path) -> Non
         assert secret.encode() not in written
 
 
+async def test_an_ephemeral_runner_that_loses_its_job_still_ends_the_vm(tmp_path: Path) -> None:
+    # The real runner can print "Running job" and never a result (GitHub took the job back before the runner
+    # renewed it), then leave as after any job: the controller hears the job end, and the VM is done.
+    controller = FakeController()
+    with trio.fail_after(TIMEOUT):
+        async with miglet_against(tmp_path, controller) as (miglet, runner_dir):
+            await miglet.wait_state("Idle")
+            enqueue_job(runner_dir, "build", lost=True)
+        assert miglet.process.returncode == 0
+    assert [event["type"] for event in controller.events_of("vm-123")] == [
+        "vm_started",
+        "runner_registered",
+        "job_started",
+        "job_completed",
+        "runner_exited",
+        "vm_stopping",
+    ]
+    [completed] = controller.events_of("vm-123", "job_completed")
+    assert (completed["job_name"], completed["result"]) == ("build", "Abandoned")
+    [exited] = controller.events_of("vm-123", "runner_exited")
+    assert (exited["exit_code"], exited["reason"]) == (0, "job_done")
+
+
 async def test_a_second_sigterm_cuts_the_grace_short(tmp_path: Path) -> None:
     controller = FakeController()
     behaviour = Behaviour(ignore_sigint=True)

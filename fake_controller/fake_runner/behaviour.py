@@ -35,18 +35,24 @@ class Job:
     name: str
     result: str = "Succeeded"
     duration_s: float = 0.0
+    lost: bool = False
+    """GitHub took the job back before the runner could renew it: `Running job` is printed, no result line
+    (the real JobDispatcher returns early; a run-once runner then leaves as after any job)."""
 
     @classmethod
     def from_obj(cls, obj: Any) -> Job:
         """Validate a decoded JSON object into a Job."""
-        fields = _require_object(obj, "job", {"name", "result", "duration_s"})
+        fields = _require_object(obj, "job", {"name", "result", "duration_s", "lost"})
         name = fields.get("name")
         if not isinstance(name, str) or not name:
             raise BehaviourError("job: 'name' must be a non-empty string")
         result = fields.get("result", "Succeeded")
         if result not in RESULTS:
             raise BehaviourError(f"job {name!r}: 'result' must be one of {', '.join(RESULTS)}")
-        return cls(name=name, result=result, duration_s=_seconds(fields, "duration_s", 0.0))
+        lost = fields.get("lost", False)
+        if not isinstance(lost, bool):
+            raise BehaviourError(f"job {name!r}: 'lost' must be true or false")
+        return cls(name=name, result=result, duration_s=_seconds(fields, "duration_s", 0.0), lost=lost)
 
 
 @dataclass(frozen=True)

@@ -68,16 +68,18 @@ def write_behaviour(runner_dir: Path, behaviour: Behaviour) -> None:
     (runner_dir / BEHAVIOUR_FILE).write_text(behaviour.to_json(), encoding="utf-8")
 
 
-def enqueue_job(runner_dir: Path, name: str, result: str = "Succeeded", duration_s: float = 0.0) -> Path:
+def enqueue_job(
+    runner_dir: Path, name: str, result: str = "Succeeded", duration_s: float = 0.0, *, lost: bool = False
+) -> Path:
     """Queue one job for a listening runner; written atomically (dot-file, then rename)."""
-    job = Job.from_obj({"name": name, "result": result, "duration_s": duration_s})
+    job = Job.from_obj({"name": name, "result": result, "duration_s": duration_s, "lost": lost})
     if job.result not in RESULTS:  # pragma: no cover - from_obj already checks
         raise ValueError(result)
     queue = github_dir(runner_dir) / JOBS_DIR
     queue.mkdir(parents=True, exist_ok=True)
     stem = f"{time.time_ns():020d}-{os.getpid()}-{next(_sequence):06d}"
     tmp = queue / f".{stem}.tmp"
-    tmp.write_text(json.dumps({"name": job.name, "result": job.result, "duration_s": job.duration_s}))
+    tmp.write_text(json.dumps({"name": job.name, "result": job.result, "duration_s": job.duration_s, "lost": job.lost}))
     tmp.chmod(0o666)
     final = queue / f"{stem}.json"
     tmp.replace(final)

@@ -174,7 +174,8 @@ def _run_job(job: Job, behaviour: Behaviour, term: Terminal, stopper: Stopper) -
         stopper.sleep(behaviour.cancel_delay_s, interruptible=False)
         term.stamped(f"Job {job.name} completed with result: Canceled")
         return True
-    term.stamped(f"Job {job.name} completed with result: {job.result}")
+    if not job.lost:
+        term.stamped(f"Job {job.name} completed with result: {job.result}")
     return False
 
 
