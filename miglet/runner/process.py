@@ -31,8 +31,8 @@ log = logging.getLogger(__name__)
 MAX_LINE: Final = 16 * 1024
 # A failure is reported with the last lines the runner wrote to stderr (its errors span several lines).
 ERROR_LINES_KEPT: Final = 3
-# What config.sh writes; a new configuration must not find any of it. The "_migrated" pair is written when GitHub
-# moves a runner to new credentials, and the runner prefers it over the files config.sh writes.
+# The runner's configuration; a new configuration must not find any of it. config.sh writes the first three; the
+# runner writes the "_migrated" pair when GitHub moves it to new credentials, and then prefers that pair.
 RUNNER_CONFIG_FILES: Final = (
     ".runner",
     ".credentials",
