@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import resource
+import shutil
 import signal
 import statistics
 import subprocess
@@ -74,17 +75,19 @@ def runtime_python(workdir: Path) -> Path:
     without pip whose site-packages names, in a .pth file, a directory of links to the distributions MIGlet
     needs (read from its metadata) and the source tree.
     """
-    venv = workdir / "runtime-venv"
-    if not venv.exists():
+    venv, links = workdir / "runtime-venv", workdir / "runtime-site"
+    python = venv / "bin" / "python"
+    marker = venv / "complete"
+    if not marker.exists():  # first use, or an earlier build was interrupted
+        shutil.rmtree(venv, ignore_errors=True)
+        shutil.rmtree(links, ignore_errors=True)
         subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
-        python = venv / "bin" / "python"
         purelib = subprocess.run(
             [python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
             capture_output=True,
             text=True,
             check=True,
         ).stdout.strip()
-        links = workdir / "runtime-site"
         links.mkdir()
         # Each distribution's top-level entries (a single-module one's bytecode is in the shared __pycache__).
         for dist in _runtime_distributions("miglet"):
@@ -93,7 +96,8 @@ def runtime_python(workdir: Path) -> Path:
                 if top != ".." and not (links / top).exists() and target.exists():
                     (links / top).symlink_to(target)
         (Path(purelib) / "miglet-runtime.pth").write_text(f"{links}\n{ROOT}\n")
-    return venv / "bin" / "python"
+        marker.touch()
+    return python
 
 
 def _runtime_distributions(name: str) -> list[metadata.Distribution]:

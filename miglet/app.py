@@ -16,6 +16,7 @@ import os
 import random
 import signal
 import time
+from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Final
 
@@ -150,11 +151,8 @@ class Agent:
                 try:
                     await self._work(config, client, backend)
                 except Exception:
-                    # A bug, not a fault of the controller or the runner (those are handled where they occur):
-                    # the runner has been stopped with the other tasks; still report and deliver what is owed.
-                    log.critical("A task of the agent failed; stopping", exc_info=True)
-                    self.request_stop("internal_error")
-                    self.stop_plan.exit_code = 1
+                    # Raised while the tasks were being torn down: the runner has been stopped with them.
+                    self._failed()
                     self.outbox.hurry()
                 await self._finish(backend)
                 root.cancel_scope.cancel()
@@ -166,8 +164,9 @@ class Agent:
         """The handshake, the poller, the supervisor, heartbeats and deadlines, until the agent is stopping."""
         async with trio.open_nursery() as work:
             send, receive = trio.open_memory_channel[protocol.RegisterRunner](0)
-            work.start_soon(handshake_task, client, self.holder, self.stamper, self.policy, self._rng)
+            work.start_soon(self._guarded, handshake_task, client, self.holder, self.stamper, self.policy, self._rng)
             work.start_soon(
+                self._guarded,
                 poller_task,
                 config,
                 client,
@@ -178,12 +177,31 @@ class Agent:
                 self.policy,
                 self._rng,
             )
-            work.start_soon(supervisor_task, config, self.holder, backend, receive, self.timings)
-            work.start_soon(heartbeat_task, self.holder, self.outbox, config.heartbeat_interval, self._started_at)
+            work.start_soon(self._guarded, supervisor_task, config, self.holder, backend, receive, self.timings)
+            work.start_soon(
+                self._guarded, heartbeat_task, self.holder, self.outbox, config.heartbeat_interval, self._started_at
+            )
             self._start_deadlines(work)
             await self.holder.value.wait_value(lambda state: state.phase is Phase.STOPPING)
             self.outbox.hurry()
             work.cancel_scope.cancel()
+
+    async def _guarded(self, task: Callable[..., Awaitable[object]], *args: object) -> None:
+        """Run one of the agent's tasks; if it fails, stop the agent the ordinary way.
+
+        A failure here is a bug, not a fault of the controller or the runner (those are handled where they
+        occur). The other tasks go on until the stop cancels them, so the runner is stopped while the machine
+        is Stopping, and the events owed are delivered as on any stop.
+        """
+        try:
+            await task(*args)
+        except Exception:
+            self._failed()
+
+    def _failed(self) -> None:
+        log.critical("A task of the agent failed; stopping", exc_info=True)
+        self.request_stop("internal_error")
+        self.stop_plan.exit_code = 1
 
     def _clear_leftovers(self) -> None:
         """A runner still running from an earlier MIGlet (its state file says which) would hold the runner
@@ -205,6 +223,7 @@ class Agent:
         ]
         for phase, seconds, reason, exit_code in deadlines:
             nursery.start_soon(
+                self._guarded,
                 phase_deadline_task,
                 self.holder,
                 phase,
@@ -236,12 +255,19 @@ class Agent:
 
     async def _watch_signals(self) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            received = 0
             async for signum in signals:
                 name = signal.Signals(signum).name
-                if self.holder.phase in (Phase.STOPPING, Phase.STOPPED):
-                    # Asked again: the operator is not prepared to wait for the runner's grace period.
+                received += 1
+                if received > 1:
+                    # Asked again: the operator is not prepared to wait any longer.
                     log.warning("Second signal: killing the runner now", extra={"signal": name})
                     self.stop_plan.cut_short()
-                    continue
-                log.info("Received signal", extra={"signal": name})
-                self.request_stop("signal")
+                elif self.holder.phase in (Phase.STOPPING, Phase.STOPPED):
+                    # Already stopping for another reason (a shutdown command, the end of an ephemeral runner):
+                    # whoever sends the signal is not prepared to wait out the runner's grace period either.
+                    log.warning("Signal while stopping: killing the runner now", extra={"signal": name})
+                    self.stop_plan.grace.cut_short()
+                else:
+                    log.info("Received signal", extra={"signal": name})
+                    self.request_stop("signal")

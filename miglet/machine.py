@@ -161,9 +161,14 @@ def transition(state: AgentState, event: Input) -> Step:
             return Step(
                 replace(state, job=name, jobs_completed=state.jobs_completed + 1), (*_abandoned(state), started)
             )
-        case JobStarted(name=name) if phase is _P.STOPPING and state.listening and state.job is None:
-            # GitHub handed the runner a job just as the stop began: the controller still hears of it.
-            return Step(replace(state, job=name), (protocol.JobStarted(job_name=name),))
+        case JobStarted(name=name) if phase is _P.STOPPING and state.listening:
+            # GitHub handed the runner a job just as the stop began: the controller still hears of it (and of the
+            # end of one the runner dropped without a result, if there was one).
+            started = protocol.JobStarted(job_name=name)
+            return Step(replace(state, job=name), (*_abandoned(state), started))
+        case RunnerListening() if phase is _P.STOPPING:
+            # A runner that came up as the stop began: what it does until it has stopped is still reported.
+            return Step(replace(state, listening=True))
         case JobCompleted(name=name, result=result) if phase is _P.BUSY or (
             phase is _P.STOPPING and state.job is not None
         ):

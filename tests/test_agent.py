@@ -15,6 +15,7 @@ import httpx
 import pytest
 import trio
 
+import miglet.app
 from fake_controller import FakeController, Settings
 from fake_controller.faults import FaultPlan
 from fake_controller.simulated_runner import Job, SimulatedRunner
@@ -22,6 +23,7 @@ from miglet.app import Agent
 from miglet.config import Config
 from miglet.machine import AgentState, Phase
 from miglet.runner.backend import Registration, RunObserver
+from miglet.state import StateHolder
 from miglet.statefile import read_state_file
 from tests.conftest import ConfigFactory
 
@@ -350,3 +352,32 @@ async def test_a_second_stop_request_does_not_wait_for_the_controller(
         await running.reach(Phase.STOPPED)
         assert trio.current_time() - start < 1
     assert running.exit_code == 0
+
+
+async def test_a_task_failing_mid_job_stops_the_agent_as_any_stop_does(
+    make_config: ConfigFactory,
+    controller: FakeController,
+    runner: SimulatedRunner,
+    autojump_clock: trio.testing.MockClock,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    async def failing_heartbeats(holder: StateHolder, *args: object) -> None:
+        await holder.value.wait_value(lambda state: state.phase is Phase.BUSY)
+        raise RuntimeError("a bug in the heartbeat task")
+
+    monkeypatch.setattr(miglet.app, "heartbeat_task", failing_heartbeats)
+    async with running_agent(make_config(), controller, runner) as running:
+        await running.reach(Phase.IDLE)
+        runner.submit_job(Job("build", duration_s=600))
+    assert running.exit_code == 1
+    assert running.event_types() == [
+        "vm_started",
+        "runner_registered",
+        "job_started",
+        "vm_stopping",
+        "job_completed",
+        "runner_exited",
+    ]
+    assert controller.events_of("vm-123", "vm_stopping")[0]["reason"] == "internal_error"
+    assert controller.events_of("vm-123", "job_completed")[0]["result"] == "Canceled"
+    assert controller.events_of("vm-123", "runner_exited")[0]["reason"] == "stopped"

@@ -406,6 +406,27 @@ async def test_a_second_sigterm_cuts_the_grace_short(tmp_path: Path) -> None:
     no_runner_left(runner_dir)
 
 
+async def test_a_signal_during_a_commanded_stop_cuts_the_grace_but_still_finishes(tmp_path: Path) -> None:
+    controller = FakeController()
+    shutdown = {"type": "shutdown", "parameters": {"grace_period_s": 600, "remove_token": "AHTREMOVETOKEN000001"}}
+    with trio.fail_after(TIMEOUT):
+        behaviour = Behaviour(ignore_sigint=True)
+        async with miglet_against(tmp_path, controller, behaviour=behaviour) as (miglet, runner_dir):
+            await miglet.wait_state("Idle")
+            controller.enqueue("vm-123", shutdown)
+            await miglet.wait_for(lambda record: record["msg"] == "Stopping the runner")
+            miglet.process.send_signal(signal.SIGTERM)
+        assert miglet.process.returncode == 0
+    messages = miglet.messages()
+    assert "Signal while stopping: killing the runner now" in messages
+    assert "The runner did not stop within its grace period; killing it" in messages
+    # The rest of the stop is not cut: the runner is removed and every event delivered.
+    assert "Runner removed" in messages
+    assert [call["cmd"] for call in read_calls(runner_dir)][-1] == "remove"
+    assert [event["type"] for event in controller.events_of("vm-123")][-2:] == ["vm_stopping", "runner_exited"]
+    assert "Stopping with undelivered events" not in messages
+
+
 async def test_a_runner_left_by_an_earlier_miglet_is_stopped(tmp_path: Path) -> None:
     runner_dir = install(tmp_path / "runner")
     leftover = await trio.lowlevel.open_process(["sleep", "600"], cwd=runner_dir, start_new_session=True)

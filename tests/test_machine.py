@@ -160,6 +160,21 @@ def test_a_job_that_starts_as_the_stop_begins_is_reported() -> None:
     ]
 
 
+def test_jobs_taken_while_stopping_are_paired_even_when_one_is_dropped() -> None:
+    registering: list[Input] = [START, Acknowledged(), RegistrationReceived("c1")]
+    # The stop came before the runner listened; it listens anyway, takes a job, drops it, takes another.
+    inputs = [*registering, StopRequested("signal"), RunnerListening(), JobStarted("a"), JobStarted("b")]
+    state, events = run([*inputs, JobCompleted("b", "Canceled"), RunnerExited(0)])
+    assert state.job is None
+    assert events[1:] == [
+        protocol.JobStarted(job_name="a"),
+        protocol.JobCompleted(job_name="a", result="Abandoned"),
+        protocol.JobStarted(job_name="b"),
+        protocol.JobCompleted(job_name="b", result="Canceled"),
+        protocol.RunnerExited(exit_code=0, reason="stopped"),
+    ]
+
+
 @pytest.mark.parametrize("stop_first", [False, True])
 def test_a_job_the_runner_never_finished_is_reported_abandoned(stop_first: bool) -> None:
     # The runner crashed mid-job, or was killed at the end of its grace with the job still running.

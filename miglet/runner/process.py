@@ -70,6 +70,10 @@ def runner_environment(base: Mapping[str, str]) -> dict[str, str]:
     }
 
 
+def _failure(what: str, code: int, error: str | None) -> str:
+    return f"{what} exited with code {code}" + (f": {error}" if error else "")
+
+
 def config_arguments(registration: Registration) -> list[str]:
     argv = [
         "./config.sh",
@@ -133,7 +137,7 @@ class ProcessRunner:
         env = {**self._env, "ACTIONS_RUNNER_INPUT_TOKEN": registration.token.reveal()}
         code, error = await self._run(config_arguments(registration), env, on_line, grace=_config_grace)
         if code != 0:
-            raise ConfigureFailed(error or f"config.sh exited with code {code}")
+            raise ConfigureFailed(_failure("config.sh", code, error))
 
     async def run(self, registration: Registration, observer: RunObserver) -> int:
         env = {**self._env, "RUNNER_MANUALLY_TRAP_SIG": "1"}
@@ -146,7 +150,7 @@ class ProcessRunner:
         env = {**self._env, "ACTIONS_RUNNER_INPUT_TOKEN": token.reveal()}
         code, error = await self._run(["./config.sh", "remove"], env, on_line, grace=_config_grace)
         if code != 0:
-            raise ConfigureFailed(error or f"config.sh remove exited with code {code}")
+            raise ConfigureFailed(_failure("config.sh remove", code, error))
 
     async def clean(self) -> None:
         for name in RUNNER_CONFIG_FILES:

@@ -121,11 +121,11 @@ async def _dispatch_registrations(
             async for command in pending:
                 waiting = command
                 await holder.value.wait_value(lambda state: state.phase is not Phase.REGISTERING_RUNNER)
-                waiting = None
                 if holder.apply(machine.RegistrationReceived(command.id)):
                     await registrations.send(command)
                 else:
                     _refuse(outbox, command.id, f"cannot register a runner while {holder.phase.value}")
+                waiting = None
         finally:
             # The agent is stopping: the controller still hears that these will not be carried out.
             unserved = [] if waiting is None else [waiting]
