@@ -87,7 +87,7 @@ class Agent:
         self.stop_plan = StopPlan(config.shutdown_grace)
         self.stamper = Stamper(config.vm_id, config.pool_id, config.org_id)
         self.policy = retry_policy or RetryPolicy(base=config.retry_base, cap=config.retry_cap)
-        self.outbox = Outbox(self.stamper, capacity=config.outbox_capacity, policy=self.policy)
+        self.outbox = Outbox(self.stamper, capacity=config.outbox_capacity, policy=self.policy, rng=rng)
         self.holder = StateHolder(
             vm_id=config.vm_id,
             pool_id=config.pool_id,

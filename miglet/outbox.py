@@ -9,6 +9,7 @@ answer was lost. The queue is bounded by dropping heartbeats first; lifecycle ev
 from __future__ import annotations
 
 import logging
+import random
 from collections import deque
 from typing import Final
 
@@ -29,10 +30,17 @@ MAX_RETRY_WHILE_STOPPING: Final = 1.0
 class Outbox:
     """An ordered queue of stamped events and the task that delivers them."""
 
-    def __init__(self, stamper: Stamper, capacity: int = 1000, policy: RetryPolicy | None = None) -> None:
+    def __init__(
+        self,
+        stamper: Stamper,
+        capacity: int = 1000,
+        policy: RetryPolicy | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
         self._stamper = stamper
         self._capacity = capacity
         self._policy = policy or RetryPolicy()
+        self._rng = rng
         self._queue: deque[protocol.AnyEvent] = deque()
         self._length = AsyncValue(0)
         self._hurry = trio.Event()
@@ -109,7 +117,7 @@ class Outbox:
                 await client.post_event(event)
             except (ControllerUnavailable, protocol.ProtocolError) as exc:
                 retry_after = exc.retry_after if isinstance(exc, ControllerUnavailable) else None
-                delay = self._policy.delay(attempt, retry_after=retry_after)
+                delay = self._policy.delay(attempt, self._rng, retry_after=retry_after)
                 stopping = self._hurry.is_set()
                 if stopping:
                     delay = min(delay, MAX_RETRY_WHILE_STOPPING)

@@ -6,6 +6,7 @@ Rules: the controller is an `httpx.MockTransport`; time is the autojump clock.
 from __future__ import annotations
 
 import itertools
+import random
 
 import httpx
 import msgspec
@@ -130,16 +131,17 @@ async def test_a_refused_event_is_logged_without_a_traceback(
 async def test_a_stop_cuts_a_long_backoff_short_and_drops_heartbeats(
     make_config: ConfigFactory, autojump_clock: trio.testing.MockClock
 ) -> None:
-    up_at = trio.current_time() + 300
+    controller_up = False
     delivered: list[tuple[str, float]] = []
 
     async def handler(request: httpx.Request) -> httpx.Response:
-        if trio.current_time() < up_at:
+        if not controller_up:
             return httpx.Response(503)
         delivered.append((msgspec.json.decode(request.content)["type"], trio.current_time()))
         return httpx.Response(200, json={})
 
-    outbox = Outbox(stamper(), policy=RetryPolicy(base=0.5, cap=30))
+    # A first backoff of 19.4 s (full jitter, from a seeded generator); the controller is back during it.
+    outbox = Outbox(stamper(), policy=RetryPolicy(base=60, cap=60), rng=random.Random(7))
     outbox.put(protocol.JobStarted(job_name="a"))
     outbox.put(protocol.Heartbeat(state="Busy", uptime_s=1))
     async with (
@@ -147,7 +149,8 @@ async def test_a_stop_cuts_a_long_backoff_short_and_drops_heartbeats(
         trio.open_nursery() as nursery,
     ):
         nursery.start_soon(outbox.serve, client)
-        await trio.sleep_until(up_at + 1)  # the controller is back, but the outbox sleeps out a long backoff
+        await trio.testing.wait_all_tasks_blocked()  # the first attempt failed: the outbox is backing off
+        controller_up = True
         outbox.put(protocol.VmStopping(reason="signal", runner_name="r"))
         outbox.hurry()
         stop_began = trio.current_time()
