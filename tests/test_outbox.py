@@ -49,7 +49,7 @@ async def test_events_leave_in_order_and_failures_keep_their_id(
         received.append((body["type"], body["event_id"], status))
         return httpx.Response(status, json={})
 
-    outbox = Outbox(stamper(), policy=RetryPolicy(base=1, cap=4))
+    outbox = Outbox(stamper(), policy=RetryPolicy(base=1, cap=4), rng=random.Random(1))
     outbox.put(protocol.JobStarted(job_name="a"))
     outbox.put(protocol.JobCompleted(job_name="a", result="Succeeded"))
     outbox.put(protocol.Heartbeat(state="Idle", uptime_s=1.0))
@@ -82,7 +82,7 @@ async def test_a_long_outage_loses_nothing(make_config: ConfigFactory, autojump_
         delivered.append(msgspec.json.decode(request.content)["event_id"])
         return httpx.Response(200, json={})
 
-    outbox = Outbox(stamper(), policy=RetryPolicy(base=0.5, cap=30))
+    outbox = Outbox(stamper(), policy=RetryPolicy(base=0.5, cap=30), rng=random.Random(2))
     for index in range(20):
         outbox.put(protocol.JobStarted(job_name=f"job-{index}"))
     async with (
