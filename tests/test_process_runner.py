@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -19,7 +20,13 @@ import trio
 from fake_controller.fake_runner import Behaviour, enqueue_job, install, read_calls
 from miglet.runner import process
 from miglet.runner.backend import ConfigureFailed, Grace, Registration
-from miglet.runner.process import RUNNER_CONFIG_FILES, ProcessRunner, _session_members, config_arguments
+from miglet.runner.process import (
+    RUNNER_CONFIG_FILES,
+    ProcessRunner,
+    _session_members,
+    config_arguments,
+    kill_session_and_wait,
+)
 from miglet.secret import Secret
 
 TIMEOUT = 20
@@ -252,6 +259,21 @@ async def test_runs_as_the_runner_user() -> None:
 def test_session_members_lists_only_that_session() -> None:
     assert os.getpid() in _session_members(os.getsid(0))
     assert _session_members(2**22 + 12345) == []
+
+
+async def test_killing_a_session_waits_until_every_member_is_gone() -> None:
+    # A leader and a member in a process group of its own, as the real run.sh and its listener.
+    script = "set -m; sleep 600 & echo started; wait"
+    with trio.fail_after(TIMEOUT):
+        leader = await trio.lowlevel.open_process(
+            ["bash", "-c", script], start_new_session=True, stdout=subprocess.PIPE
+        )
+        assert leader.stdout is not None
+        assert await leader.stdout.receive_some() == b"started\n"
+        assert len(_session_members(leader.pid)) == 2
+        await kill_session_and_wait(leader.pid)
+        assert _session_members(leader.pid) == []
+        await leader.wait()
 
 
 async def test_config_sh_gets_a_short_grace_of_its_own(runner_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:

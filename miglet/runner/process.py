@@ -265,6 +265,21 @@ def kill_session(sid: int) -> None:
             os.kill(pid, signal.SIGKILL)
 
 
+async def kill_session_and_wait(sid: int) -> None:
+    """SIGKILL every process in session `sid`, then wait until they are gone: a killed process takes a moment
+    to die, and whoever is told the runner has stopped may look for what is left of it."""
+    kill_session(sid)
+    for pid in _session_members(sid):
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError:  # gone already (or no pidfd support: nothing to wait with)
+            continue
+        try:
+            await trio.lowlevel.wait_readable(pidfd)  # readable once the process has exited
+        finally:
+            os.close(pidfd)
+
+
 def kill_leftover_runner(pid: int, runner_dir: Path) -> bool:
     """Kill a runner that an earlier MIGlet (killed itself, say) left running from `runner_dir`.
 
@@ -312,8 +327,8 @@ async def _relay_output(process: trio.Process, exited: trio.Event, sink: LineSin
             nursery.start_soon(_relay_lines, process.stdout, "stdout", sink)
             nursery.start_soon(_relay_lines, process.stderr, "stderr", sink)
             await exited.wait()
-            kill_session(process.pid)
             scope.deadline = trio.current_time() + DRAIN_SECONDS
+            await kill_session_and_wait(process.pid)
 
 
 async def _relay_lines(stream: trio.abc.ReceiveStream, name: str, sink: LineSink) -> None:
