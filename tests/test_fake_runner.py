@@ -11,6 +11,7 @@ import json
 import os
 import queue
 import re
+import select
 import shutil
 import signal
 import subprocess
@@ -99,8 +100,17 @@ class Proc:
     def kill(self) -> None:
         """Kill everything in the session (helper/listener sit in another process group)."""
         for pid in session_pids(self.popen.pid):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+            try:
+                pidfd = os.pidfd_open(pid)
+            except ProcessLookupError:
+                continue
+            try:
+                with contextlib.suppress(ProcessLookupError):
+                    signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+                # A killed process takes a moment to die: its pidfd turns readable when it has.
+                select.select([pidfd], [], [], TIMEOUT)
+            finally:
+                os.close(pidfd)
         self.popen.wait(timeout=TIMEOUT)
 
 
