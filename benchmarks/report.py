@@ -114,8 +114,9 @@ for comparing machines (on a typical cloud VM it is 30-50 ms).
 - This machine (a 2-core Firecracker VM) runs Python three to four times slower than a typical cloud VM and
   its speed drifts from minute to minute: over one day the start-up overhead's median measured between
   254 ms and 456 ms from run to run, the library floor moving with it (222 ms to 389 ms) while MIGlet's own
-  share stayed under 60 ms. The start-up benchmark therefore pairs each MIGlet run with a run of
-  the fake runner alone and with a bare import of the libraries, so that drift cancels out as far as it can.
+  share stayed under 60 ms. In its slower phases the floor alone is above 300 ms, and so the overhead is
+  too. The start-up benchmark therefore pairs each MIGlet run with a run of the fake runner alone and with a
+  bare import of the libraries, so that drift cancels out as far as it can.
 - Idle, MIGlet sleeps in one long-poll at a time: one request per 20 s plus a heartbeat per 30 s.
 - With many agents in one process, the cost is httpx/httpcore/h11 and trio per request (profiled with
   cProfile: no MIGlet function among the top self-time entries); the fake controller needed a listen backlog
