@@ -95,6 +95,7 @@ async def miglet_once(
 
 async def run(workdir: Path, trials: int = 15) -> dict[str, Any]:
     runner_dir = install(workdir / "startup-runner")
+    python = runtime_python(workdir)
     controller = FakeController()
     alone: list[float] = []
     floor: list[float] = []
@@ -103,7 +104,7 @@ async def run(workdir: Path, trials: int = 15) -> dict[str, Any]:
         for index in range(trials):
             # Paired: the runner alone, then MIGlet with it, so that drift in the machine's speed cancels out.
             alone.append(await runner_alone(runner_dir))
-            floor.append(await libraries_alone(runtime_python(workdir)))
+            floor.append(await libraries_alone(python))
             phases.append(await miglet_once(url, runner_dir, workdir, f"start-{index}", controller))
     listening = [phase["listening_s"] for phase in phases]
     overhead = [total - runner for total, runner in zip(listening, alone, strict=True)]
