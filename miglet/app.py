@@ -47,7 +47,8 @@ from miglet.timings import PhaseTimings
 
 log = logging.getLogger(__name__)
 
-FLUSH_TIMEOUT: Final = 10.0
+# After a second signal, the events owed still get this long (against a healthy controller, milliseconds are enough).
+CUT_SHORT_FLUSH_S: Final = 3.0
 STATE_REFRESH_S: Final = 10.0
 REMOVE_TIMEOUT: Final = 60.0
 
@@ -55,17 +56,28 @@ REMOVE_TIMEOUT: Final = 60.0
 class StopPlan:
     """How to stop, as decided by whoever asked first: the grace period, a removal token, the exit code."""
 
-    def __init__(self, grace: float) -> None:
+    def __init__(self, grace: float, flush_timeout: float) -> None:
         self.grace = Grace(grace)
         self.remove_token: Secret | None = None
         self.exit_code = 0
-        # Around the last steps of a stop (removing the runner, delivering what is owed).
-        self.finishing = trio.CancelScope()
+        self.flush_timeout = flush_timeout
+        # Around the runner's removal, the one slow step of a stop that a second signal skips.
+        self.removing = trio.CancelScope()
+        # Around the final delivery of what is owed, once it has begun.
+        self.flushing: trio.CancelScope | None = None
 
     def cut_short(self) -> None:
-        """Stop now: kill the runner without waiting out its grace, skip what is left of the stop."""
+        """Stop now: kill the runner without waiting out its grace, skip its removal, flush only briefly."""
         self.grace.cut_short()
-        self.finishing.cancel()
+        self.removing.cancel()
+        self.flush_timeout = min(self.flush_timeout, CUT_SHORT_FLUSH_S)
+        if self.flushing is not None:
+            self.flushing.deadline = min(self.flushing.deadline, trio.current_time() + CUT_SHORT_FLUSH_S)
+
+    async def flush(self, outbox: Outbox) -> None:
+        """Wait until `outbox` has delivered everything, for at most the flush timeout."""
+        with trio.move_on_after(self.flush_timeout) as self.flushing:
+            await outbox.wait_empty()
 
 
 class Agent:
@@ -84,7 +96,7 @@ class Agent:
         started_at: float | None = None,
     ) -> None:
         self.config = config
-        self.stop_plan = StopPlan(config.shutdown_grace)
+        self.stop_plan = StopPlan(config.shutdown_grace, config.flush_timeout)
         self.stamper = Stamper(config.vm_id, config.pool_id, config.org_id)
         self.policy = retry_policy or RetryPolicy(base=config.retry_base, cap=config.retry_cap)
         self.outbox = Outbox(self.stamper, capacity=config.outbox_capacity, policy=self.policy, rng=rng)
@@ -233,21 +245,20 @@ class Agent:
 
     async def _finish(self, backend: RunnerBackend) -> None:
         """After the runner has stopped: deregister if asked, flush owed events, and record Stopped."""
-        with self.stop_plan.finishing:
-            remove_token = self.stop_plan.remove_token
-            if remove_token is not None:
+        plan = self.stop_plan
+        with plan.removing:
+            if plan.remove_token is not None:
                 with trio.move_on_after(REMOVE_TIMEOUT) as scope:
                     try:
-                        await backend.remove(remove_token, relay_line)
+                        await backend.remove(plan.remove_token, relay_line)
                         log.info("Runner removed")
                     except ConfigureFailed as exc:
                         log.error("Runner removal failed", extra={"error": str(exc)})
                 if scope.cancelled_caught:
                     log.error("Runner removal timed out", extra={"timeout_s": REMOVE_TIMEOUT})
-            with trio.move_on_after(FLUSH_TIMEOUT):
-                await self.outbox.wait_empty()
-        if self.stop_plan.finishing.cancelled_caught:
-            log.warning("Second signal: not waiting any longer to remove the runner or deliver events")
+        if plan.removing.cancelled_caught:
+            log.warning("Second signal: the runner is not removed")
+        await plan.flush(self.outbox)
         if len(self.outbox):
             log.error("Stopping with undelivered events", extra={"undelivered": len(self.outbox)})
         self.holder.apply(machine.Finished())

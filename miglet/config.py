@@ -63,6 +63,7 @@ VARIABLES: Final = (
     Variable("MIGLET_ALLOW_HTTP_RUNNER_URL", "false", "accept an http:// runner_url (a GitHub Enterprise Server)"),
     Variable("MIGLET_EPHEMERAL", "true", "register with --ephemeral: one job, then the VM is done"),
     Variable("MIGLET_SHUTDOWN_GRACE", "30", "seconds a stopping runner gets before it is killed"),
+    Variable("MIGLET_FLUSH_TIMEOUT", "60", "seconds a stop waits to deliver the events still owed to the controller"),
     Variable("MIGLET_STATE_FILE", "/run/miglet/state.json", "where the current state is written"),
     Variable("MIGLET_LISTEN_TIMEOUT", "300", "seconds the runner gets to start listening for jobs"),
     Variable("MIGLET_ACK_TIMEOUT", "0", "give up (exit 1) when vm_started is not acknowledged in N s (0: never)"),
@@ -108,6 +109,7 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     allow_http_runner_url: bool = False
     ephemeral: bool = True
     shutdown_grace: float = 30.0
+    flush_timeout: float = 60.0
     state_file: Path = Path("/run/miglet/state.json")
     listen_timeout: float = 300.0
     ack_timeout: float = 0.0
@@ -349,6 +351,7 @@ def load_config(env: Mapping[str, str] | None = None) -> Config:
         allow_http_runner_url=reader.boolean("MIGLET_ALLOW_HTTP_RUNNER_URL", d.allow_http_runner_url),
         ephemeral=reader.boolean("MIGLET_EPHEMERAL", d.ephemeral),
         shutdown_grace=reader.number("MIGLET_SHUTDOWN_GRACE", d.shutdown_grace, minimum=0),
+        flush_timeout=reader.number("MIGLET_FLUSH_TIMEOUT", d.flush_timeout, minimum=0, maximum=3600),
         state_file=reader.path("MIGLET_STATE_FILE", d.state_file) or d.state_file,
         listen_timeout=reader.number("MIGLET_LISTEN_TIMEOUT", d.listen_timeout, minimum=0, exclusive=True),
         ack_timeout=reader.number("MIGLET_ACK_TIMEOUT", d.ack_timeout, minimum=0),

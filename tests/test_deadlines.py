@@ -32,7 +32,9 @@ async def test_ack_timeout_gives_up_with_exit_1(
     async def refuse(request: httpx.Request) -> httpx.Response:
         return httpx.Response(503)
 
-    code, elapsed = await run_until_stopped(make_config(ack_timeout=60), httpx.MockTransport(refuse), SimulatedRunner())
+    code, elapsed = await run_until_stopped(
+        make_config(ack_timeout=60, flush_timeout=10), httpx.MockTransport(refuse), SimulatedRunner()
+    )
     assert code == 1
     assert 60 <= elapsed <= 60 + 10.5  # the deadline, then at most the bounded flush
 

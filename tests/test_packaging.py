@@ -20,7 +20,6 @@ from typing import Any
 
 import pytest
 
-from miglet.app import FLUSH_TIMEOUT
 from miglet.cli import EXIT_CONFIG
 from miglet.config import VARIABLES, Variable
 from miglet.runner.process import DRAIN_SECONDS
@@ -168,7 +167,8 @@ def test_unit_parses_into_its_sections() -> None:
 def test_unit_stop_timeout_covers_the_grace_period_and_the_flush() -> None:
     service = unit()["Service"]
     grace = float(variable("MIGLET_SHUTDOWN_GRACE").default)
-    assert seconds(service["TimeoutStopSec"]) > grace + FLUSH_TIMEOUT + DRAIN_SECONDS
+    flush = float(variable("MIGLET_FLUSH_TIMEOUT").default)
+    assert seconds(service["TimeoutStopSec"]) > grace + flush + DRAIN_SECONDS
     assert service["KillSignal"] == "SIGTERM"
     # SIGTERM to MIGlet alone: it stops the runner itself, in order.
     assert service["KillMode"] == "mixed"
