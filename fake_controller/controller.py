@@ -30,6 +30,8 @@ Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 Observer = Callable[[str, str, dict[str, Any]], None]
 _HEADER: Final = frozenset({"type", "vm_id", "pool_id", "org_id", "event_id", "timestamp"})
 _GARBLED: Final = frozenset({"malformed", "wrong_shape", "huge"})
+# Faults that come after the request was processed.
+_AFTER: Final = frozenset({"drop_after", "trickle"})
 _TOKEN_ALPHABET: Final = string.ascii_uppercase + string.digits
 
 
@@ -44,6 +46,8 @@ class Settings(msgspec.Struct, kw_only=True):
     send_registration: bool = True
     long_poll: bool = True  # honour ?wait=N; False answers at once, like the seed's controller
     max_wait_s: float = 60.0
+    # When set, the agents' API answers 401 unless the request carries `Authorization: Bearer <one of these>`.
+    accepted_tokens: list[str] | None = None
 
 
 class RecordedRequest(msgspec.Struct, kw_only=True):
@@ -147,20 +151,33 @@ class FakeController:
         self.request_arrived.set()
         self.request_arrived = trio.Event()
         is_event = path.endswith("/events")
+        if path.startswith(_VM_PATH) and not self._authorised(headers):
+            await _respond(send, 401, {"error": "missing or unknown bearer token"})
+            return
         # Only the agents' API misbehaves; the admin API always answers.
         fault = self.faults.choose("events" if is_event else "commands") if path.startswith(_VM_PATH) else None
-        if fault is not None and fault.delay_s:
+        if fault is not None and fault.delay_s and fault.kind != "trickle":
             await trio.sleep(fault.delay_s)
         # A 2xx answer means "received": a garbled 2xx to an event comes after the event was processed.
-        after = fault is not None and (fault.kind == "drop_after" or (is_event and fault.kind in _GARBLED))
+        after = fault is not None and (fault.kind in _AFTER or (is_event and fault.kind in _GARBLED))
         if fault is not None and fault.kind != "latency" and not after:
             await _misbehave(send, fault)
             return
         status, payload = await self._route(scope["method"], path, parse_qs(query), body)
+        if fault is not None and fault.kind == "trickle":
+            await _trickle(send, status, msgspec.json.encode(payload), fault.delay_s)
+            return
         if fault is not None and after:
             await _misbehave(send, fault)
             return
         await _respond(send, status, payload)
+
+    def _authorised(self, headers: dict[str, str]) -> bool:
+        accepted = self.settings.accepted_tokens
+        if accepted is None:
+            return True
+        scheme, _, token = headers.get("authorization", "").partition(" ")
+        return scheme.lower() == "bearer" and token in accepted
 
     async def _route(self, method: str, path: str, query: dict[str, list[str]], body: bytes) -> tuple[int, Any]:
         if path.startswith(_VM_PATH):
@@ -308,6 +325,16 @@ async def _respond_raw(
     raw_headers += [(key.lower().encode(), value.encode()) for key, value in (headers or {}).items()]
     await send({"type": "http.response.start", "status": status, "headers": raw_headers})
     await send({"type": "http.response.body", "body": body})
+
+
+async def _trickle(send: Send, status: int, body: bytes, delay_s: float) -> None:
+    """Answer one byte at a time, `delay_s` apart: a controller (or a proxy) that never quite times out."""
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    for index in range(len(body)):
+        await trio.sleep(delay_s)
+        await send({"type": "http.response.body", "body": body[index : index + 1], "more_body": True})
+    await send({"type": "http.response.body", "body": b""})
 
 
 async def _misbehave(send: Send, fault: Fault) -> None:

@@ -1,9 +1,11 @@
 """Fault injection for the fake controller: the misbehaviour a real controller shows under load and restarts.
 
-Faults come from two sources: a script (exact answers for the next requests to an endpoint, taken in order,
-for tests that need a precise sequence) and a plan of random rates (for chaos). A fault either replaces the
-controller's answer before the request is processed (the request is lost, as with a crash), or, for
-`drop_after`, after it was processed (the client cannot tell, and retries: a duplicate).
+Faults come from three sources, in this order: windows of time during which every request to an endpoint gets
+the same fault (an outage, a token the controller no longer accepts), a script (exact answers for the next
+requests to an endpoint, taken in order, for tests that need a precise sequence), and a plan of random rates
+(for chaos). A fault either replaces the controller's answer before the request is processed (the request is
+lost, as with a crash), or, for `drop_after` and `trickle`, comes after it was processed (the client cannot tell
+whether it was, and retries: a duplicate).
 """
 
 from __future__ import annotations
@@ -14,9 +16,10 @@ from typing import Literal
 
 import httpx
 import msgspec
+import trio
 
 Endpoint = Literal["events", "commands"]
-FaultKind = Literal["status", "malformed", "wrong_shape", "huge", "drop", "drop_after", "latency"]
+FaultKind = Literal["status", "malformed", "wrong_shape", "huge", "drop", "drop_after", "latency", "trickle"]
 
 
 class Fault(msgspec.Struct, frozen=True, kw_only=True):
@@ -25,7 +28,17 @@ class Fault(msgspec.Struct, frozen=True, kw_only=True):
     kind: FaultKind = "status"
     status: int = 503
     retry_after: str | None = None
+    # latency: the wait before answering; trickle: the wait before each byte of the answer.
     delay_s: float = 0.0
+
+
+class Window(msgspec.Struct, frozen=True, kw_only=True):
+    """Every request to `endpoint` between `start` and `end` (trio clock) gets `fault`."""
+
+    endpoint: Endpoint
+    start: float
+    end: float
+    fault: Fault
 
 
 class FaultPlan(msgspec.Struct, kw_only=True):
@@ -57,6 +70,7 @@ class FaultInjector:
         self.plan = plan or FaultPlan()
         self._rng = random.Random(self.plan.seed)
         self._scripts: dict[str, deque[Fault | None]] = {"events": deque(), "commands": deque()}
+        self._windows: list[Window] = []
         self.injected = 0
 
     def set_plan(self, plan: FaultPlan) -> None:
@@ -67,7 +81,16 @@ class FaultInjector:
         """Answer the next requests to `endpoint` with `faults`, in order (None: answer normally)."""
         self._scripts[endpoint].extend(faults)
 
+    def window(self, endpoint: Endpoint, fault: Fault, *, start: float, end: float) -> None:
+        """Answer every request to `endpoint` between `start` and `end` (trio clock) with `fault`."""
+        self._windows.append(Window(endpoint=endpoint, start=start, end=end, fault=fault))
+
     def choose(self, endpoint: Endpoint) -> Fault | None:
+        now = trio.current_time()
+        for window in self._windows:
+            if window.endpoint == endpoint and window.start <= now < window.end:
+                self.injected += 1
+                return window.fault
         script = self._scripts[endpoint]
         fault = script.popleft() if script else self._random()
         if fault is not None and fault.kind == "drop_after" and endpoint == "commands" and not script:

@@ -1,12 +1,14 @@
 """The agent: one root nursery supervising the handshake, the poller, the runner supervisor and the outbox.
 
 Start-up is ordered by the machine: the handshake moves the agent to Ready, which the poller waits for, and the
-poller hands accepted registrations to the supervisor through a channel. Stopping is one path whatever asks for
-it (a signal, a `shutdown` command, an ephemeral runner's end): the machine enters Stopping, the work nursery is
-cancelled (which stops the runner gracefully), the runner is deregistered if asked, the outbox gets a bounded
-time to flush, and the machine ends in Stopped. A second signal cuts every wait in that path short. A task that
-fails with an unexpected error stops the agent the same way (exit code 1), so the runner is still stopped and
-the events owed are still delivered.
+poller hands accepted registrations to the supervisor through a channel. Every task runs under supervision
+(`miglet.supervision`): one that fails with a bug is reported as `internal_error` and restarted, and a job in
+progress is left alone. Stopping is one path whatever asks for it (a signal, a `shutdown` command, an ephemeral
+runner's end, internal errors that keep recurring): the machine enters Stopping, the work nursery is cancelled
+(which stops the runner gracefully), the runner is deregistered if asked, the outbox gets up to
+MIGLET_FLUSH_TIMEOUT to deliver what is owed, and the machine ends in Stopped. A second signal cuts the runner's
+grace and its removal short, and the flush to a few seconds. A stop that could not deliver every lifecycle event
+ends with exit code 3 (`miglet.exitcodes`).
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ import os
 import random
 import signal
 import time
-from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Final
 
@@ -24,12 +25,12 @@ import httpx
 import msgspec
 import trio
 
-from miglet import machine, protocol
+from miglet import exitcodes, machine, protocol
 from miglet.config import Config
 from miglet.controller import ControllerClient, open_controller_client
 from miglet.logs import AgentContext, agent_context
 from miglet.machine import Phase
-from miglet.outbox import Outbox
+from miglet.outbox import Outbox, describe
 from miglet.retry import RetryPolicy
 from miglet.runner.backend import ConfigureFailed, Grace, RunnerBackend
 from miglet.runner.output import relay_line
@@ -38,10 +39,11 @@ from miglet.secret import Secret
 from miglet.stamp import Stamper
 from miglet.state import StateHolder
 from miglet.statefile import StateFileWriter, read_state_file
+from miglet.supervision import TaskSupervisor
 from miglet.tasks.deadlines import phase_deadline_task
 from miglet.tasks.handshake import handshake_task
 from miglet.tasks.heartbeat import heartbeat_task, state_refresh_task
-from miglet.tasks.poller import poller_task
+from miglet.tasks.poller import SeenCommands, poller_task
 from miglet.tasks.supervisor import supervisor_task
 from miglet.timings import PhaseTimings
 
@@ -51,6 +53,8 @@ log = logging.getLogger(__name__)
 CUT_SHORT_FLUSH_S: Final = 3.0
 STATE_REFRESH_S: Final = 10.0
 REMOVE_TIMEOUT: Final = 60.0
+# How many of the events a stop could not deliver are named in its last error line.
+MISSING_LISTED: Final = 20
 
 
 class StopPlan:
@@ -59,7 +63,7 @@ class StopPlan:
     def __init__(self, grace: float, flush_timeout: float) -> None:
         self.grace = Grace(grace)
         self.remove_token: Secret | None = None
-        self.exit_code = 0
+        self.exit_code = exitcodes.OK
         self.flush_timeout = flush_timeout
         # Around the runner's removal, the one slow step of a stop that a second signal skips.
         self.removing = trio.CancelScope()
@@ -75,8 +79,10 @@ class StopPlan:
             self.flushing.deadline = min(self.flushing.deadline, trio.current_time() + CUT_SHORT_FLUSH_S)
 
     async def flush(self, outbox: Outbox) -> None:
-        """Wait until `outbox` has delivered everything, for at most the flush timeout."""
-        with trio.move_on_after(self.flush_timeout) as self.flushing:
+        """Wait until `outbox` has delivered everything, until the flush timeout (counted from the first call)."""
+        if self.flushing is None:
+            self.flushing = trio.CancelScope(deadline=trio.current_time() + self.flush_timeout)
+        with trio.CancelScope(deadline=self.flushing.deadline) as self.flushing:
             await outbox.wait_empty()
 
 
@@ -107,6 +113,8 @@ class Agent:
             state_file=StateFileWriter(config.state_file) if write_state_file else None,
             refresh_s=STATE_REFRESH_S,
         )
+        self.supervision = TaskSupervisor(report=self.outbox.put, give_up=self._give_up, rng=rng)
+        self.seen_commands = SeenCommands()
         self._transport = transport
         self._backend = backend
         self._rng = rng
@@ -125,7 +133,7 @@ class Agent:
         *,
         grace: float | None = None,
         remove_token: Secret | None = None,
-        exit_code: int = 0,
+        exit_code: int = exitcodes.OK,
     ) -> None:
         """Begin stopping (idempotent: the first request decides)."""
         if self.holder.phase in (Phase.STOPPING, Phase.STOPPED):
@@ -142,6 +150,11 @@ class Agent:
         params = command.parameters
         self.request_stop(params.reason, grace=params.grace_period_s, remove_token=params.remove_token)
 
+    def _give_up(self) -> None:
+        """Internal errors keep recurring: stop the ordinary way (the runner is stopped, events delivered)."""
+        self.request_stop("internal_error")
+        self.stop_plan.exit_code = exitcodes.FAILURE
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> int:
         """Run until stopped; returns the process exit code."""
         config = self.config
@@ -153,19 +166,19 @@ class Agent:
             backend = self._backend or ProcessRunner(
                 config.runner_dir, grace=lambda: self.stop_plan.grace, user=config.runner_user
             )
-            async with open_controller_client(config, self._transport) as client, trio.open_nursery() as root:
+            token_source = None if config.controller_token_file is None else self._reread_token
+            async with (
+                open_controller_client(config, self._transport, token_source) as client,
+                trio.open_nursery() as root,
+            ):
+                supervise = self.supervision.run
                 if self._handle_signals:
-                    root.start_soon(self._watch_signals)
-                root.start_soon(self.outbox.serve, client)
-                root.start_soon(state_refresh_task, self.holder, STATE_REFRESH_S)
+                    root.start_soon(supervise, "signals", self._watch_signals)
+                root.start_soon(supervise, "outbox", partial(self.outbox.serve, client))
+                root.start_soon(supervise, "state_refresh", partial(state_refresh_task, self.holder, STATE_REFRESH_S))
                 self.holder.apply(machine.Start(runner_name=config.effective_runner_name, ephemeral=config.ephemeral))
                 task_status.started()
-                try:
-                    await self._work(config, client, backend)
-                except Exception:
-                    # Raised while the tasks were being torn down: the runner has been stopped with them.
-                    self._failed()
-                    self.outbox.hurry()
+                await self._work(config, client, backend)
                 await self._finish(backend)
                 root.cancel_scope.cancel()
         finally:
@@ -173,12 +186,21 @@ class Agent:
         return self.stop_plan.exit_code
 
     async def _work(self, config: Config, client: ControllerClient, backend: RunnerBackend) -> None:
-        """The handshake, the poller, the supervisor, heartbeats and deadlines, until the agent is stopping."""
+        """The handshake, the poller, the runner supervisor, heartbeats and deadlines, until the agent is stopping.
+
+        Each task runs under supervision: one that fails with a bug is reported and restarted, and the others
+        (with the runner and its job) go on. The channel between the poller and the runner supervisor belongs
+        here, so that it outlives a restart of either.
+        """
+        supervise = self.supervision.run
+        on_bug = self.supervision.failed
+        send, receive = trio.open_memory_channel[protocol.RegisterRunner](0)
+        vm_started = self.stamper.stamp(protocol.VmStarted())
         async with trio.open_nursery() as work:
-            send, receive = trio.open_memory_channel[protocol.RegisterRunner](0)
-            work.start_soon(self._guarded, handshake_task, client, self.holder, self.stamper, self.policy, self._rng)
             work.start_soon(
-                self._guarded,
+                supervise, "handshake", partial(handshake_task, client, self.holder, vm_started, self.policy, self._rng)
+            )
+            poll = partial(
                 poller_task,
                 config,
                 client,
@@ -188,32 +210,29 @@ class Agent:
                 self._on_shutdown_command,
                 self.policy,
                 self._rng,
+                seen=self.seen_commands,
+                on_bug=on_bug,
             )
-            work.start_soon(self._guarded, supervisor_task, config, self.holder, backend, receive, self.timings)
-            work.start_soon(
-                self._guarded, heartbeat_task, self.holder, self.outbox, config.heartbeat_interval, self._started_at
-            )
+            work.start_soon(supervise, "poller", poll)
+            run_runner = partial(supervisor_task, config, self.holder, backend, receive, self.timings, on_bug=on_bug)
+            work.start_soon(supervise, "runner_supervisor", run_runner)
+            heartbeats = partial(heartbeat_task, self.holder, self.outbox, config.heartbeat_interval, self._started_at)
+            work.start_soon(supervise, "heartbeat", heartbeats)
             self._start_deadlines(work)
             await self.holder.value.wait_value(lambda state: state.phase is Phase.STOPPING)
             self.outbox.hurry()
             work.cancel_scope.cancel()
 
-    async def _guarded(self, task: Callable[..., Awaitable[object]], *args: object) -> None:
-        """Run one of the agent's tasks; if it fails, stop the agent the ordinary way.
-
-        A failure here is a bug, not a fault of the controller or the runner (those are handled where they
-        occur). The other tasks go on until the stop cancels them, so the runner is stopped while the machine
-        is Stopping, and the events owed are delivered as on any stop.
-        """
+    def _reread_token(self) -> Secret | None:
+        """The controller token as MIGLET_CONTROLLER_TOKEN_FILE holds it now (None, logged, when unusable)."""
+        path = self.config.controller_token_file
+        assert path is not None
         try:
-            await task(*args)
-        except Exception:
-            self._failed()
-
-    def _failed(self) -> None:
-        log.critical("A task of the agent failed; stopping", exc_info=True)
-        self.request_stop("internal_error")
-        self.stop_plan.exit_code = 1
+            token = path.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            log.error("Cannot read MIGLET_CONTROLLER_TOKEN_FILE again", extra={"path": str(path), "error": str(exc)})
+            return None
+        return Secret(token) if token else None
 
     def _clear_leftovers(self) -> None:
         """A runner still running from an earlier MIGlet (its state file says which) would hold the runner
@@ -229,18 +248,16 @@ class Agent:
     def _start_deadlines(self, nursery: trio.Nursery) -> None:
         config = self.config
         deadlines = [
-            (Phase.WAITING_FOR_CONTROLLER, config.ack_timeout, "ack_timeout", 1),
-            (Phase.READY, config.registration_timeout, "registration_timeout", 1),
-            (Phase.IDLE, config.idle_timeout, "idle_timeout", 0),
+            (Phase.WAITING_FOR_CONTROLLER, config.ack_timeout, "ack_timeout", exitcodes.FAILURE),
+            (Phase.READY, config.registration_timeout, "registration_timeout", exitcodes.FAILURE),
+            (Phase.IDLE, config.idle_timeout, "idle_timeout", exitcodes.OK),
         ]
         for phase, seconds, reason, exit_code in deadlines:
+            expire = partial(self.request_stop, reason, exit_code=exit_code)
             nursery.start_soon(
-                self._guarded,
-                phase_deadline_task,
-                self.holder,
-                phase,
-                seconds,
-                partial(self.request_stop, reason, exit_code=exit_code),
+                self.supervision.run,
+                reason,
+                partial(phase_deadline_task, self.holder, phase, seconds, expire),
             )
 
     async def _finish(self, backend: RunnerBackend) -> None:
@@ -259,10 +276,25 @@ class Agent:
         if plan.removing.cancelled_caught:
             log.warning("Second signal: the runner is not removed")
         await plan.flush(self.outbox)
-        if len(self.outbox):
-            log.error("Stopping with undelivered events", extra={"undelivered": len(self.outbox)})
         self.holder.apply(machine.Finished())
-        log.info("MIGlet stopped", extra={"exit_code": self.stop_plan.exit_code})
+        if len(self.outbox):
+            # Stopped can still owe something (a job the runner never finished): it gets what is left of the time.
+            await plan.flush(self.outbox)
+        owed = self.outbox.owed()
+        if owed:
+            log.error(
+                "Stopping without delivering every event owed to the controller",
+                extra={
+                    "missing": [describe(event) for event in owed[:MISSING_LISTED]],
+                    "missing_count": len(owed) - len(self.outbox.lost) + self.outbox.lost_count,
+                    "flush_timeout_s": self.config.flush_timeout,
+                },
+            )
+            if plan.exit_code == exitcodes.OK:
+                plan.exit_code = exitcodes.UNDELIVERED
+        elif len(self.outbox):
+            log.warning("Stopping with undelivered heartbeats or reports", extra={"undelivered": len(self.outbox)})
+        log.info("MIGlet stopped", extra={"exit_code": plan.exit_code})
 
     async def _watch_signals(self) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:

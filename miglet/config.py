@@ -50,7 +50,11 @@ VARIABLES: Final = (
     Variable("MIGLET_CONTROLLER_ENDPOINT", "required", "controller base URL, e.g. https://controller:8080"),
     Variable("MIGLET_ORG_ID", "unset", "org id, sent in events when set"),
     Variable("MIGLET_CONTROLLER_TOKEN", "unset", "bearer token for every controller request", secret=True),
-    Variable("MIGLET_CONTROLLER_TOKEN_FILE", "unset", "file holding the bearer token (read once)"),
+    Variable(
+        "MIGLET_CONTROLLER_TOKEN_FILE",
+        "unset",
+        "file holding the bearer token (read again when the controller refuses it)",
+    ),
     Variable("MIGLET_CA_BUNDLE", "system", "CA file for TLS to the controller (default: the OS trust store)"),
     Variable("MIGLET_ALLOW_INSECURE", "false", "allow plain http:// to a non-loopback controller"),
     Variable("MIGLET_POLL_INTERVAL", "5", "seconds between command polls"),
@@ -97,6 +101,8 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     controller_endpoint: str
     org_id: str | None = None
     controller_token: Secret | None = None
+    # Where the token came from, read again when the controller refuses it (a rotated token).
+    controller_token_file: Path | None = None
     ca_bundle: Path | None = None
     allow_insecure: bool = False
     poll_interval: float = 5.0
@@ -337,6 +343,7 @@ def load_config(env: Mapping[str, str] | None = None) -> Config:
         controller_endpoint=endpoint,
         org_id=reader.identifier("MIGLET_ORG_ID", required=False),
         controller_token=_controller_token(reader),
+        controller_token_file=reader.path("MIGLET_CONTROLLER_TOKEN_FILE", None),
         ca_bundle=ca_bundle,
         allow_insecure=allow_insecure,
         poll_interval=reader.number("MIGLET_POLL_INTERVAL", d.poll_interval, minimum=MIN_INTERVAL),

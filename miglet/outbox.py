@@ -1,16 +1,19 @@
 """The event outbox: every event the agent owes the controller leaves here, in order.
 
-Tasks put events without waiting; one task delivers them, retrying what the controller could not take. An event
-stays queued until the controller has answered 2xx (or refused it outright), so a controller that is down for
-minutes loses nothing; a retry carries the same `event_id`, so a controller can drop a duplicate whose first
-answer was lost. The queue is bounded by dropping heartbeats first; lifecycle events are never dropped.
+Tasks put events without waiting; one task delivers them, retrying what the controller could not take. A lifecycle
+event (see `protocol.LIFECYCLE_EVENTS`) stays queued until the controller has taken it, whatever it answers in the
+meantime (a network failure, 5xx, 401 while a token is rotated...); only an answer that says the event itself is
+wrong drops it. A retry carries the same `event_id`, so a controller can drop a duplicate whose first answer was
+lost. The queue is bounded for every kind of event: when it is full, heartbeats go first, then internal-error
+reports, then `command_failed`, and the other lifecycle events last; what is dropped is counted, and the counts
+ride on the next heartbeat.
 """
 
 from __future__ import annotations
 
 import logging
 import random
-from collections import deque
+from collections import Counter, deque
 from typing import Final
 
 import trio
@@ -25,10 +28,37 @@ log = logging.getLogger(__name__)
 
 # While the agent stops, a failed delivery is retried at least this often, to fit the bounded flush.
 MAX_RETRY_WHILE_STOPPING: Final = 1.0
+# Answers that say the event itself is wrong: sending it again cannot help, so it is dropped. Every other refusal
+# of a lifecycle event (401 and 403 above all) is retried.
+EVENT_REFUSED: Final = frozenset({400, 404, 409, 410, 413, 415, 422})
+# Lifecycle events lost to a full queue, remembered for the report at the end.
+LOST_KEPT: Final = 100
+
+
+def is_lifecycle(event: protocol.AnyEvent) -> bool:
+    return isinstance(event, protocol.LIFECYCLE_EVENTS)
+
+
+def _rank(event: protocol.AnyEvent) -> int:
+    """Which events a full queue gives up first: the lowest rank."""
+    if isinstance(event, protocol.Heartbeat):
+        return 0
+    if not is_lifecycle(event):
+        return 1
+    # A controller can make the agent owe any number of these (a flood of unknown commands): they go before the
+    # events that tell a VM's story.
+    if isinstance(event, protocol.CommandFailed):
+        return 2
+    return 3
+
+
+def describe(event: protocol.AnyEvent) -> str:
+    """`type event_id`, for a log line that names events."""
+    return f"{type(event).__struct_config__.tag} {event.event_id}"
 
 
 class Outbox:
-    """An ordered queue of stamped events and the task that delivers them."""
+    """An ordered, bounded queue of stamped events and the task that delivers them."""
 
     def __init__(
         self,
@@ -42,12 +72,18 @@ class Outbox:
         self._policy = policy or RetryPolicy()
         self._rng = rng
         self._queue: deque[protocol.AnyEvent] = deque()
+        self._ranks: Counter[int] = Counter()
         self._length = AsyncValue(0)
         self._hurry = trio.Event()
         # Every event put is, at any time, exactly one of: delivered, dropped, or still queued.
         self.stamped = 0
         self.delivered = 0
         self.dropped = 0
+        # Dropped because the queue was full, by event type: reported in heartbeats.
+        self.overflow: Counter[str] = Counter()
+        # Lifecycle events dropped because the queue was full (the latest LOST_KEPT of them), and how many.
+        self.lost: deque[protocol.AnyEvent] = deque(maxlen=LOST_KEPT)
+        self.lost_count = 0
 
     def __len__(self) -> int:
         return len(self._queue)
@@ -56,33 +92,49 @@ class Outbox:
         """The events not yet delivered, oldest first."""
         return list(self._queue)
 
+    def owed(self) -> list[protocol.AnyEvent]:
+        """Lifecycle events the controller has not received: still queued, or lost to a full queue."""
+        return [*self.lost, *(event for event in self._queue if is_lifecycle(event))]
+
     def put(self, event: protocol.AnyEvent) -> protocol.AnyEvent:
         """Queue `event` (stamped here) for delivery; never blocks."""
         stamped = self._stamper.stamp(event)
         self.stamped += 1
         if len(self._queue) >= self._capacity and not self._make_room(stamped):
+            self._overflowed(stamped)
             return stamped
         self._queue.append(stamped)
+        self._ranks[_rank(stamped)] += 1
         self._length.value = len(self._queue)
         return stamped
 
     def _make_room(self, incoming: protocol.AnyEvent) -> bool:
-        """Drop the oldest waiting heartbeat to fit `incoming`; False when `incoming` itself is dropped."""
+        """Drop the oldest queued event of the lowest rank to fit `incoming`; False when `incoming` ranks lower."""
         # The head may be in flight, so it is never the one dropped.
-        for index, queued in enumerate(self._queue):
-            if index > 0 and isinstance(queued, protocol.Heartbeat):
-                del self._queue[index]
-                self._note_drop(queued)
-                return True
-        if isinstance(incoming, protocol.Heartbeat):
-            self._note_drop(incoming)
+        head_rank = _rank(self._queue[0])
+        present = [rank for rank, count in self._ranks.items() if count - (rank == head_rank) > 0]
+        if not present or min(present) > _rank(incoming):
             return False
-        # Lifecycle events are never dropped: the bound gives way (they are few by nature).
-        return True
+        lowest = min(present)
+        for index in range(1, len(self._queue)):
+            if _rank(self._queue[index]) == lowest:
+                victim = self._queue[index]
+                del self._queue[index]
+                self._ranks[lowest] -= 1
+                self._overflowed(victim)
+                return True
+        raise AssertionError("rank counts out of step with the queue")  # pragma: no cover
 
-    def _note_drop(self, event: protocol.AnyEvent) -> None:
+    def _overflowed(self, event: protocol.AnyEvent) -> None:
+        kind = type(event).__struct_config__.tag
         self.dropped += 1
-        log.warning("Outbox full: dropped a heartbeat", extra={"event_id": event.event_id})
+        self.overflow[str(kind)] += 1
+        if is_lifecycle(event):
+            self.lost.append(event)
+            self.lost_count += 1
+            log.error("Outbox full: dropped an event owed to the controller", extra={"event": describe(event)})
+        else:
+            log.warning("Outbox full: dropped an event", extra={"event": describe(event)})
 
     def hurry(self) -> None:
         """The agent is stopping: what is owed must go out in the little time left.
@@ -93,6 +145,7 @@ class Outbox:
         for queued in list(self._queue)[1:]:
             if isinstance(queued, protocol.Heartbeat):
                 self._queue.remove(queued)
+                self._ranks[_rank(queued)] -= 1
                 self.dropped += 1
         self._length.value = len(self._queue)
         self._hurry.set()
@@ -101,12 +154,17 @@ class Outbox:
         await self._length.wait_value(0)
 
     async def serve(self, client: ControllerClient) -> None:
-        """Deliver queued events in order, forever; run it in the nursery that outlives the other tasks."""
+        """Deliver queued events in order, forever; run it in the nursery that outlives the other tasks.
+
+        An event leaves the queue only once it is delivered or dropped, so restarting this task after a failure
+        loses nothing.
+        """
         while True:
             await self._length.wait_value(lambda n: n > 0)
             event = self._queue[0]
             await self._deliver(client, event)
             self._queue.popleft()
+            self._ranks[_rank(event)] -= 1
             self._length.value = len(self._queue)
 
     async def _deliver(self, client: ControllerClient, event: protocol.AnyEvent) -> None:
@@ -117,28 +175,35 @@ class Outbox:
                 await client.post_event(event)
             except (ControllerUnavailable, protocol.ProtocolError) as exc:
                 retry_after = exc.retry_after if isinstance(exc, ControllerUnavailable) else None
-                delay = self._policy.delay(attempt, self._rng, retry_after=retry_after)
-                stopping = self._hurry.is_set()
-                if stopping:
-                    delay = min(delay, MAX_RETRY_WHILE_STOPPING)
-                log.warning(
-                    "Event not delivered; will retry",
-                    extra={"event": kind, "event_id": event.event_id, "error": str(exc), "retry_in_s": round(delay, 3)},
-                )
-                attempt += 1
-                if stopping:
-                    await trio.sleep(delay)
-                else:
-                    with trio.move_on_after(delay):
-                        await self._hurry.wait()  # a stop cuts a long backoff short
-                continue
+                error, level = str(exc), logging.WARNING
             except ControllerRejected as exc:
-                log.error(
-                    "Controller refused event; dropping it",
-                    extra={"event": kind, "event_id": event.event_id, "error": str(exc)},
-                )
-                self.dropped += 1
+                if exc.status in EVENT_REFUSED or not is_lifecycle(event):
+                    log.error(
+                        "Controller refused event; dropping it",
+                        extra={"event": kind, "event_id": event.event_id, "error": str(exc)},
+                    )
+                    self.dropped += 1
+                    return
+                # Credentials (401, 403) or a policy of the controller's: someone has to put it right, and the
+                # event is owed until then.
+                retry_after = None
+                error, level = str(exc), logging.ERROR
+            else:
+                self.delivered += 1
+                log.debug("Event delivered", extra={"event": kind, "event_id": event.event_id})
                 return
-            self.delivered += 1
-            log.debug("Event delivered", extra={"event": kind, "event_id": event.event_id})
-            return
+            delay = self._policy.delay(attempt, self._rng, retry_after=retry_after)
+            stopping = self._hurry.is_set()
+            if stopping:
+                delay = min(delay, MAX_RETRY_WHILE_STOPPING)
+            log.log(
+                level,
+                "Event not delivered; will retry",
+                extra={"event": kind, "event_id": event.event_id, "error": error, "retry_in_s": round(delay, 3)},
+            )
+            attempt += 1
+            if stopping:
+                await trio.sleep(delay)
+            else:
+                with trio.move_on_after(delay):
+                    await self._hurry.wait()  # a stop cuts a long backoff short

@@ -97,6 +97,23 @@ class Heartbeat(Event, tag="heartbeat"):
 
     state: Annotated[str, msgspec.Meta(description="The agent's phase: Ready | RegisteringRunner | Idle | Busy.")]
     uptime_s: Annotated[float, msgspec.Meta(description="Seconds since the agent started.")]
+    events_dropped: (
+        Annotated[
+            dict[str, int],
+            msgspec.Meta(
+                description="Events dropped so far because the outbox was full, by type (absent when none was)."
+            ),
+        ]
+        | None
+    ) = None
+
+
+class InternalError(Event, tag="internal_error"):
+    """A task of the agent failed with a bug; it is restarted, and a job in progress is left alone."""
+
+    task: Annotated[str, msgspec.Meta(description="Which task failed, e.g. poller, outbox, runner_output.")]
+    error_class: Annotated[str, msgspec.Meta(description="The exception's class, e.g. KeyError.")]
+    error: Annotated[str, msgspec.Meta(description="The exception's message; secrets masked.")]
 
 
 class VmStopping(Event, tag="vm_stopping"):
@@ -121,7 +138,20 @@ AnyEvent = (
     | RunnerExited
     | CommandFailed
     | Heartbeat
+    | InternalError
     | VmStopping
+)
+
+# What the controller must hear however long it takes: retried until delivered, dropped only when the controller
+# says the event itself is wrong, and the last to go when the outbox is full.
+LIFECYCLE_EVENTS: Final = (
+    RegistrationFailed,
+    RunnerRegistered,
+    JobStarted,
+    JobCompleted,
+    RunnerExited,
+    VmStopping,
+    CommandFailed,
 )
 
 

@@ -7,24 +7,21 @@ The seed's verification lines are checked verbatim and in order.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 
 import httpx
 import pytest
 import trio
 
-import miglet.app
 from fake_controller import FakeController, Settings
 from fake_controller.faults import FaultPlan
 from fake_controller.simulated_runner import Job, SimulatedRunner
+from miglet import exitcodes
 from miglet.app import CUT_SHORT_FLUSH_S, Agent
-from miglet.config import Config
-from miglet.machine import AgentState, Phase
+from miglet.machine import Phase
 from miglet.runner.backend import Registration, RunObserver
-from miglet.state import StateHolder
 from miglet.statefile import read_state_file
+from tests.agents import running_agent
 from tests.conftest import ConfigFactory
 
 SEED_LINES = [
@@ -33,39 +30,6 @@ SEED_LINES = [
     "Received register_runner command from controller",
     "Registration config received, transitioning to registering runner",
 ]
-
-
-class Running:
-    def __init__(self, agent: Agent, controller: FakeController, runner: SimulatedRunner) -> None:
-        self.agent = agent
-        self.controller = controller
-        self.runner = runner
-        self.exit_code: int | None = None
-
-    async def reach(self, phase: Phase) -> AgentState:
-        return await self.agent.holder.value.wait_value(lambda state: state.phase is phase)
-
-    def event_types(self) -> list[str]:
-        """The events the controller received, heartbeats aside."""
-        return [event["type"] for event in self.controller.events_of("vm-123") if event["type"] != "heartbeat"]
-
-
-@asynccontextmanager
-async def running_agent(config: Config, controller: FakeController, runner: SimulatedRunner) -> AsyncIterator[Running]:
-    agent = Agent(
-        config,
-        transport=httpx.ASGITransport(app=controller),
-        backend=runner,
-        handle_signals=False,
-    )
-    running = Running(agent, controller, runner)
-
-    async def run() -> None:
-        running.exit_code = await agent.run()
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(run)
-        yield running
 
 
 async def test_seed_flow_to_idle_with_the_four_lines_in_order(
@@ -300,41 +264,6 @@ async def test_a_runner_listening_after_its_deadline_is_not_taken_for_registered
     assert failed["reason"] == "runner_start_failed"
 
 
-async def test_a_failing_task_still_stops_the_runner_and_delivers_what_is_owed(
-    make_config: ConfigFactory,
-    controller: FakeController,
-    autojump_clock: trio.testing.MockClock,
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    class Broken(SimulatedRunner):
-        async def run(self, registration: Registration, observer: RunObserver) -> int:
-            class Failing:
-                def line(self, stream: str, text: str) -> object:
-                    if "Running job" in text:
-                        raise RuntimeError("a bug in reading the runner's output")
-                    return observer.line(stream, text)
-
-                def started(self, pid: int | None) -> object:
-                    return observer.started(pid)
-
-                def exited(self, exit_code: int) -> object:
-                    return observer.exited(exit_code)
-
-            return await super().run(registration, Failing())
-
-    runner = Broken()
-    async with running_agent(make_config(), controller, runner) as running:
-        await running.reach(Phase.IDLE)
-        runner.submit_job(Job("build", duration_s=600))
-    assert running.exit_code == 1
-    assert running.agent.phase is Phase.STOPPED
-    assert not runner.running
-    # The runner went down with the failing supervisor; then the agent stopped.
-    assert running.event_types() == ["vm_started", "runner_registered", "runner_exited", "vm_stopping"]
-    assert controller.events_of("vm-123", "vm_stopping")[0]["reason"] == "internal_error"
-    assert "A task of the agent failed; stopping" in [record.getMessage() for record in caplog.records]
-
-
 async def test_a_second_stop_request_does_not_wait_for_the_controller(
     make_config: ConfigFactory,
     controller: FakeController,
@@ -351,33 +280,5 @@ async def test_a_second_stop_request_does_not_wait_for_the_controller(
         running.agent.stop_plan.cut_short()
         await running.reach(Phase.STOPPED)
         assert trio.current_time() - start <= CUT_SHORT_FLUSH_S + 0.5
-    assert running.exit_code == 0
-
-
-async def test_a_task_failing_mid_job_stops_the_agent_as_any_stop_does(
-    make_config: ConfigFactory,
-    controller: FakeController,
-    runner: SimulatedRunner,
-    autojump_clock: trio.testing.MockClock,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    async def failing_heartbeats(holder: StateHolder, *args: object) -> None:
-        await holder.value.wait_value(lambda state: state.phase is Phase.BUSY)
-        raise RuntimeError("a bug in the heartbeat task")
-
-    monkeypatch.setattr(miglet.app, "heartbeat_task", failing_heartbeats)
-    async with running_agent(make_config(), controller, runner) as running:
-        await running.reach(Phase.IDLE)
-        runner.submit_job(Job("build", duration_s=600))
-    assert running.exit_code == 1
-    assert running.event_types() == [
-        "vm_started",
-        "runner_registered",
-        "job_started",
-        "vm_stopping",
-        "job_completed",
-        "runner_exited",
-    ]
-    assert controller.events_of("vm-123", "vm_stopping")[0]["reason"] == "internal_error"
-    assert controller.events_of("vm-123", "job_completed")[0]["result"] == "Canceled"
-    assert controller.events_of("vm-123", "runner_exited")[0]["reason"] == "stopped"
+    # The controller never took vm_stopping: the stop says so.
+    assert running.exit_code == exitcodes.UNDELIVERED

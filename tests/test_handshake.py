@@ -13,6 +13,7 @@ import httpx
 import msgspec
 import trio
 
+from miglet import protocol
 from miglet.controller import open_controller_client
 from miglet.machine import Phase, Start
 from miglet.outbox import Outbox
@@ -51,9 +52,8 @@ async def run_handshake(
 
     holder = make_holder()
     async with open_controller_client(make_config(), httpx.MockTransport(handler)) as client:
-        await handshake_task(
-            client, holder, Stamper("vm-123", "pool-001", "org-001"), RetryPolicy(base=1, cap=8), random.Random(7)
-        )
+        vm_started = Stamper("vm-123", "pool-001", "org-001").stamp(protocol.VmStarted())
+        await handshake_task(client, holder, vm_started, RetryPolicy(base=1, cap=8), random.Random(7))
     return seen, holder
 
 
@@ -108,6 +108,8 @@ async def test_handshake_is_cancellable_while_waiting(
     holder = make_holder()
     async with open_controller_client(make_config(), httpx.MockTransport(never_answers)) as client:
         with trio.move_on_after(1000) as scope:
-            await handshake_task(client, holder, Stamper("vm-123", "pool-001", None), RetryPolicy())
+            await handshake_task(
+                client, holder, Stamper("vm-123", "pool-001", None).stamp(protocol.VmStarted()), RetryPolicy()
+            )
     assert scope.cancelled_caught
     assert holder.phase is Phase.WAITING_FOR_CONTROLLER

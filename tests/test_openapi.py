@@ -205,6 +205,8 @@ EXAMPLES: list[protocol.AnyEvent] = [
     protocol.RunnerExited(exit_code=0, reason="job_done"),
     protocol.CommandFailed(command_id="cmd-1", command_type="reboot", error="unknown command type 'reboot'"),
     protocol.Heartbeat(state="Idle", uptime_s=30.0),
+    protocol.Heartbeat(state="Busy", uptime_s=60.0, events_dropped={"heartbeat": 3}),
+    protocol.InternalError(task="poller", error_class="KeyError", error="'id'"),
     protocol.VmStopping(reason="shutdown command", runner_name="vm-123"),
 ]
 

@@ -96,7 +96,7 @@ async def test_a_long_outage_loses_nothing(make_config: ConfigFactory, autojump_
     assert trio.current_time() < up_at + 31
 
 
-def test_full_outbox_drops_heartbeats_first_never_lifecycle_events() -> None:
+def test_a_full_outbox_drops_heartbeats_first_and_lifecycle_events_last() -> None:
     outbox = Outbox(stamper(), capacity=3)
     outbox.put(protocol.JobStarted(job_name="a"))
     outbox.put(protocol.Heartbeat(state="Busy", uptime_s=1))
@@ -104,12 +104,40 @@ def test_full_outbox_drops_heartbeats_first_never_lifecycle_events() -> None:
     outbox.put(protocol.JobCompleted(job_name="a", result="Failed"))  # the oldest heartbeat makes room
     outbox.put(protocol.Heartbeat(state="Idle", uptime_s=3))  # a newer heartbeat replaces the older one
     assert [getattr(event, "uptime_s", None) for event in outbox.queued()] == [None, None, 3]
-    outbox.put(protocol.VmStopping(reason="signal", runner_name="r"))
-    outbox.put(protocol.RunnerExited(exit_code=0, reason="stopped"))  # no heartbeat left: the bound gives way
-    outbox.put(protocol.Heartbeat(state="Stopping", uptime_s=4))  # full of lifecycle events: dropped itself
+    outbox.put(protocol.VmStopping(reason="signal", runner_name="r"))  # the last heartbeat makes room
+    # Only lifecycle events left: the oldest one not in flight goes, and the bound holds.
+    outbox.put(protocol.RunnerExited(exit_code=0, reason="stopped"))
+    outbox.put(protocol.Heartbeat(state="Stopping", uptime_s=4))  # ranks below everything queued: dropped itself
     kinds = [type(event).__name__ for event in outbox.queued()]
-    assert kinds == ["JobStarted", "JobCompleted", "VmStopping", "RunnerExited"]
-    assert outbox.dropped == 4
+    assert kinds == ["JobStarted", "VmStopping", "RunnerExited"]
+    assert (outbox.dropped, dict(outbox.overflow)) == (5, {"heartbeat": 4, "job_completed": 1})
+    assert [type(event).__name__ for event in outbox.owed()] == [
+        "JobCompleted",
+        "JobStarted",
+        "VmStopping",
+        "RunnerExited",
+    ]
+
+
+def test_the_bound_holds_for_a_flood_of_command_failures_and_keeps_the_job_events() -> None:
+    outbox = Outbox(stamper(), capacity=10)
+    outbox.put(protocol.RunnerRegistered(runner_name="r", command_id="c"))
+    outbox.put(protocol.JobStarted(job_name="a"))
+    outbox.put(protocol.InternalError(task="poller", error_class="KeyError", error="'x'"))
+    for index in range(25_000):
+        outbox.put(protocol.CommandFailed(command_id=f"u{index}", command_type="unknown", error="unknown type"))
+    outbox.put(protocol.JobCompleted(job_name="a", result="Succeeded"))
+    queued = outbox.queued()
+    assert len(queued) == 10
+    assert [type(event).__name__ for event in queued if not isinstance(event, protocol.CommandFailed)] == [
+        "RunnerRegistered",
+        "JobStarted",
+        "JobCompleted",
+    ]
+    # The newest command failures are the ones kept.
+    assert [event.command_id for event in queued if isinstance(event, protocol.CommandFailed)][-1] == "u24999"
+    assert outbox.overflow == {"internal_error": 1, "command_failed": 25_000 - 7}
+    assert outbox.stamped == outbox.delivered + outbox.dropped + len(outbox)
 
 
 async def test_a_refused_event_is_logged_without_a_traceback(

@@ -21,7 +21,7 @@ from fake_controller import FakeController, Settings
 from miglet import protocol
 from miglet.config import Config
 from miglet.controller import open_controller_client
-from miglet.machine import Acknowledged, Phase, RegistrationFailed, RunnerListening, Start
+from miglet.machine import Acknowledged, Phase, RegistrationFailed, RunnerListening, Start, StopRequested
 from miglet.outbox import Outbox
 from miglet.retry import RetryPolicy
 from miglet.stamp import Stamper
@@ -212,6 +212,7 @@ async def test_registrations_still_waiting_when_the_agent_stops_are_refused(
     async with polling(make_config(), httpx.ASGITransport(app=controller)) as harness:
         await harness.holder.value.wait_value(lambda state: state.phase is Phase.REGISTERING_RUNNER)
         await trio.testing.wait_all_tasks_blocked()
+        harness.holder.apply(StopRequested("signal"))
     assert [command.id for command in harness.registrations] == ["r-1"]
     refused = harness.queued(protocol.CommandFailed)
     assert [(event.command_id, event.error) for event in refused] == [

@@ -1,7 +1,8 @@
 """The controller-handshake task: announce the VM with `vm_started` until the controller acknowledges it.
 
 The VM is useless until acknowledged, so every failure (network, 5xx, a refusal, an answer that does not
-acknowledge) is logged and tried again with backoff; every try carries the same `event_id`.
+acknowledge) is logged and tried again with backoff. The event is stamped by the caller, so that every try, also
+after a restart of this task, carries the same `event_id`.
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ import trio
 
 from miglet import machine, protocol
 from miglet.controller import ControllerClient, ControllerError, ControllerRejected, ControllerUnavailable
+from miglet.machine import Phase
 from miglet.retry import RetryPolicy
-from miglet.stamp import Stamper
 from miglet.state import StateHolder
 
 log = logging.getLogger(__name__)
@@ -23,14 +24,13 @@ log = logging.getLogger(__name__)
 async def handshake_task(
     client: ControllerClient,
     holder: StateHolder,
-    stamper: Stamper,
+    event: protocol.VmStarted,
     policy: RetryPolicy,
     rng: random.Random | None = None,
-    *,
-    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Return once the controller has acknowledged `vm_started` and the agent is Ready."""
-    event = stamper.stamp(protocol.VmStarted())
+    """Return once the controller has acknowledged `vm_started` (at once when it already has)."""
+    if holder.phase is not Phase.WAITING_FOR_CONTROLLER:
+        return
     attempt = 0
     while True:
         retry_after: float | None = None
@@ -59,4 +59,3 @@ async def handshake_task(
         attempt += 1
         await trio.sleep(delay)
     holder.apply(machine.Acknowledged())
-    task_status.started()

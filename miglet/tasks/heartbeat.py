@@ -1,7 +1,8 @@
 """Liveness: heartbeat events for the controller, and a fresh state file for the local health check.
 
 Both run on `trio_util.periodic`, so a slow iteration delays the next one instead of piling up. Heartbeats start
-once the controller has acknowledged the VM and stop when the agent begins stopping.
+once the controller has acknowledged the VM and stop when the agent begins stopping; each carries the counts of
+events the outbox has had to drop so far.
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ async def heartbeat_task(holder: StateHolder, outbox: Outbox, interval: float, s
             if phase in _OVER:
                 return
             uptime = round(trio.current_time() - started_at, 3)
-            outbox.put(protocol.Heartbeat(state=phase.value, uptime_s=uptime))
+            dropped = dict(outbox.overflow) or None
+            outbox.put(protocol.Heartbeat(state=phase.value, uptime_s=uptime, events_dropped=dropped))
 
 
 async def state_refresh_task(holder: StateHolder, interval: float) -> None:

@@ -4,6 +4,9 @@ Polling starts the moment the agent is Ready and then repeats at most every `pol
 (`command_wait` > 0) each request asks the controller to hold it until a command exists, and the next starts
 when the previous ends or the interval has passed, whichever is later. A plain controller thus sees the seed's
 cadence, and a long-poll controller's command arrives the moment it exists.
+
+The task is restartable: the commands already handled (`SeenCommands`) and the channel to the runner supervisor
+belong to the caller, and a command whose handling fails with a bug is reported rather than lost.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import logging
 import random
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Final
+from typing import Final, Literal
 
 import trio
 
@@ -23,6 +26,7 @@ from miglet.machine import Phase
 from miglet.outbox import Outbox
 from miglet.retry import RetryPolicy
 from miglet.state import StateHolder
+from miglet.supervision import BugReport, error_text, log_bug
 
 log = logging.getLogger(__name__)
 
@@ -55,12 +59,15 @@ async def poller_task(
     request_stop: Callable[[protocol.Shutdown], None],
     policy: RetryPolicy,
     rng: random.Random | None = None,
+    *,
+    seen: SeenCommands | None = None,
+    on_bug: BugReport = log_bug,
 ) -> None:
     await holder.value.wait_value(
         lambda state: state.phase is not Phase.INITIALIZING and state.phase is not Phase.WAITING_FOR_CONTROLLER
     )
     pending_send, pending_receive = trio.open_memory_channel[protocol.RegisterRunner](MAX_PENDING_REGISTRATIONS)
-    router = _Router(holder, outbox, pending_send, request_stop)
+    router = _Router(holder, outbox, pending_send, request_stop, seen or SeenCommands(), on_bug)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_dispatch_registrations, holder, outbox, pending_receive, registrations)
         await _poll(config, client, holder, router, policy, rng)
@@ -115,27 +122,41 @@ async def _dispatch_registrations(
     Ready for the next, a successful one means the next is refused. Polling goes on meanwhile, so a
     `shutdown` is never held up behind a slow `config.sh`.
     """
-    async with pending, registrations:
-        waiting: protocol.RegisterRunner | None = None
+    waiting: protocol.RegisterRunner | None = None
+    accepted = False
+    async with pending:
         try:
             async for command in pending:
-                waiting = command
+                waiting, accepted = command, False
                 await holder.value.wait_value(lambda state: state.phase is not Phase.REGISTERING_RUNNER)
                 if holder.apply(machine.RegistrationReceived(command.id)):
+                    accepted = True
                     await registrations.send(command)
+                elif holder.phase in (Phase.STOPPING, Phase.STOPPED):
+                    _refuse(outbox, command.id, "the agent is stopping")
                 else:
                     _refuse(outbox, command.id, f"cannot register a runner while {holder.phase.value}")
                 waiting = None
         finally:
-            # The agent is stopping: the controller still hears that these will not be carried out.
-            unserved = [] if waiting is None else [waiting]
+            # Stopping, or a bug interrupted the hand-over: the controller still hears that these will not be
+            # carried out, and a registration accepted but never handed over does not hold the agent in
+            # RegisteringRunner.
+            why = _interrupted(holder)
+            if waiting is not None and not (
+                accepted and holder.apply(machine.RegistrationFailed(waiting.id, "internal_error", why))
+            ):
+                _refuse(outbox, waiting.id, why)
             while True:
                 try:
-                    unserved.append(pending.receive_nowait())
+                    _refuse(outbox, pending.receive_nowait().id, why)
                 except (trio.WouldBlock, trio.EndOfChannel):
                     break
-            for command in unserved:
-                _refuse(outbox, command.id, "the agent is stopping")
+
+
+def _interrupted(holder: StateHolder) -> str:
+    if holder.phase in (Phase.STOPPING, Phase.STOPPED):
+        return "the agent is stopping"
+    return "an internal error interrupted it; send it again"
 
 
 def _refuse(outbox: Outbox, command_id: str, error: str) -> None:
@@ -150,12 +171,15 @@ class _Router:
         outbox: Outbox,
         registrations: trio.MemorySendChannel[protocol.RegisterRunner],
         request_stop: Callable[[protocol.Shutdown], None],
+        seen: SeenCommands,
+        on_bug: BugReport,
     ) -> None:
         self._holder = holder
         self._outbox = outbox
         self._registrations = registrations
         self._request_stop = request_stop
-        self._seen = SeenCommands()
+        self._seen = seen
+        self._on_bug = on_bug
 
     def route(self, batch: protocol.CommandBatch) -> None:
         for rejected in batch.rejected:
@@ -164,16 +188,30 @@ class _Router:
             if not self._seen.first_time(command.id):
                 log.info("Ignoring a command seen before", extra={"command_id": command.id})
                 continue
-            match command:
-                case protocol.RegisterRunner():
-                    log.info("Received register_runner command from controller", extra={"command_id": command.id})
-                    try:
-                        self._registrations.send_nowait(command)
-                    except trio.WouldBlock:
-                        _refuse(self._outbox, command.id, "too many registrations pending")
-                case protocol.Shutdown():
-                    log.info("Received shutdown command from controller", extra={"command_id": command.id})
-                    self._request_stop(command)
+            try:
+                self._route_one(command)
+            except Exception as exc:
+                # A bug: the command is lost to the agent, but the controller hears of it.
+                self._on_bug("poller", exc)
+                self._outbox.put(
+                    protocol.CommandFailed(
+                        command_id=command.id,
+                        command_type=_type_of(command),
+                        error=f"internal error: {type(exc).__name__}: {error_text(exc)}",
+                    )
+                )
+
+    def _route_one(self, command: protocol.Command) -> None:
+        match command:
+            case protocol.RegisterRunner():
+                log.info("Received register_runner command from controller", extra={"command_id": command.id})
+                try:
+                    self._registrations.send_nowait(command)
+                except trio.WouldBlock:
+                    _refuse(self._outbox, command.id, "too many registrations pending")
+            case protocol.Shutdown():
+                log.info("Received shutdown command from controller", extra={"command_id": command.id})
+                self._request_stop(command)
 
     def _reject(self, rejected: protocol.RejectedCommand) -> None:
         log.warning(
@@ -190,3 +228,7 @@ class _Router:
             self._outbox.put(
                 protocol.CommandFailed(command_id=rejected.id, command_type=rejected.type or "", error=rejected.error)
             )
+
+
+def _type_of(command: protocol.Command) -> Literal["register_runner", "shutdown"]:
+    return "register_runner" if isinstance(command, protocol.RegisterRunner) else "shutdown"

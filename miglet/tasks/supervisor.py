@@ -2,7 +2,8 @@
 
 It receives commands the poller has already accepted (the machine moved to RegisteringRunner), checks them,
 configures the runner, starts it, and feeds what the runner prints back to the machine until the runner exits.
-Cancelling it stops the runner gracefully; that is how the agent stops.
+Cancelling it stops the runner gracefully; that is how the agent stops. A bug met while following the runner's
+output is reported and the line skipped, so that it never costs the job the runner is running.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from miglet.runner.backend import ConfigureFailed, Registration, RunnerBackend
 from miglet.runner.output import relay_line
 from miglet.secret import redact
 from miglet.state import StateHolder
+from miglet.supervision import BugReport, error_text, log_bug
 from miglet.timings import PhaseTimings
 
 log = logging.getLogger(__name__)
@@ -100,10 +102,18 @@ async def supervisor_task(
     commands: trio.MemoryReceiveChannel[RegisterRunner],
     timings: PhaseTimings,
     now: Callable[[], datetime] = lambda: datetime.now(UTC),
+    *,
+    on_bug: BugReport = log_bug,
 ) -> None:
-    async with commands:
-        async for command in commands:
-            await _serve_registration(config, holder, backend, command, timings, now())
+    """Serve each registration in turn; the channel belongs to the caller, so that a restart can go on reading."""
+    async for command in commands:
+        try:
+            await _serve_registration(config, holder, backend, command, timings, now(), on_bug)
+        except Exception as exc:
+            # A bug: the agent must not stay in RegisteringRunner for a registration nobody carries out.
+            on_bug("runner_supervisor", exc)
+            error = f"internal error: {type(exc).__name__}: {error_text(exc)}"
+            holder.apply(machine.RegistrationFailed(command.id, "internal_error", error))
 
 
 async def _serve_registration(
@@ -113,6 +123,7 @@ async def _serve_registration(
     command: RegisterRunner,
     timings: PhaseTimings,
     now: datetime,
+    on_bug: BugReport,
 ) -> None:
     def fail(reason: str, error: str) -> None:
         log.error("Runner registration failed", extra={"command_id": command.id, "reason": reason, "error": error})
@@ -135,7 +146,7 @@ async def _serve_registration(
             return
         timings.mark("configured_s")
     log.info("Starting the runner", extra={"command_id": command.id})
-    watch = _RunWatch(holder, timings, fail)
+    watch = _RunWatch(holder, timings, fail, on_bug)
     with trio.CancelScope() as run_scope:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_listen_deadline, holder, config.listen_timeout, run_scope, watch)
@@ -150,16 +161,29 @@ async def _serve_registration(
 
 
 class _RunWatch:
-    """Feeds what one run of the runner does to the machine."""
+    """Feeds what one run of the runner does to the machine.
 
-    def __init__(self, holder: StateHolder, timings: PhaseTimings, fail: Callable[[str, str], None]) -> None:
+    Its methods are called from the runner's own process handling: a bug in one is reported and goes no further,
+    so that it cannot stop a runner in the middle of a job.
+    """
+
+    def __init__(
+        self, holder: StateHolder, timings: PhaseTimings, fail: Callable[[str, str], None], on_bug: BugReport
+    ) -> None:
         self._holder = holder
         self._timings = timings
         self._fail = fail
+        self._on_bug = on_bug
         # Set when the listen deadline gave up on this run: whatever it prints from then on changes nothing.
         self.muted = False
 
     def line(self, stream: str, text: str) -> None:
+        try:
+            self._line(stream, text)
+        except Exception as exc:
+            self._on_bug("runner_output", exc)
+
+    def _line(self, stream: str, text: str) -> None:
         signal = output.interpret(relay_line(stream, text))
         if signal is None or self.muted:
             return
@@ -170,11 +194,20 @@ class _RunWatch:
         self._holder.apply(signal)
 
     def started(self, pid: int | None) -> None:
-        self._holder.runner_pid = pid
-        self._holder.write_state_file()
+        try:
+            self._holder.runner_pid = pid
+            self._holder.write_state_file()
+        except Exception as exc:
+            self._on_bug("runner_output", exc)
 
     def exited(self, exit_code: int) -> None:
         """Called when the runner is gone, also while the agent stops (the supervisor is being cancelled)."""
+        try:
+            self._exited(exit_code)
+        except Exception as exc:
+            self._on_bug("runner_output", exc)
+
+    def _exited(self, exit_code: int) -> None:
         log.info("Runner exited", extra={"exit_code": exit_code})
         self._holder.runner_pid = None
         if self.muted:
