@@ -21,7 +21,6 @@ from functools import partial
 from typing import Final
 
 import httpx
-import msgspec
 import trio
 
 from miglet import machine, protocol
@@ -37,7 +36,7 @@ from miglet.runner.process import ProcessRunner, kill_leftover_runner
 from miglet.secret import Secret
 from miglet.stamp import Stamper
 from miglet.state import StateHolder
-from miglet.statefile import StateFileWriter, read_state_file
+from miglet.statefile import StateFileError, StateFileMissing, StateFileWriter, read_state_file
 from miglet.tasks.deadlines import phase_deadline_task
 from miglet.tasks.handshake import handshake_task
 from miglet.tasks.heartbeat import heartbeat_task, state_refresh_task
@@ -220,7 +219,13 @@ class Agent:
         directory and take jobs nobody reports: stop it before starting afresh."""
         try:
             previous = read_state_file(self.config.state_file)
-        except (OSError, msgspec.DecodeError):
+        except StateFileMissing:
+            return
+        except StateFileError as exc:
+            # It will be overwritten; all it could have told is whether a runner was left running.
+            log.warning(
+                "Ignoring an unusable state file", extra={"path": str(self.config.state_file), "error": str(exc)}
+            )
             return
         pid = previous.runner_pid
         if pid is not None and previous.pid != os.getpid() and kill_leftover_runner(pid, self.config.runner_dir):
