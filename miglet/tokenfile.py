@@ -1,7 +1,8 @@
 """The controller token file: one bearer token in a small regular file (a Kubernetes secret mount, say).
 
-Read at start and again whenever the token may have been rotated, so reading it is cheap and fails only with
-`TokenFileError`, whose message names the path and the problem, never the content.
+Reading it is cheap (one open, one read of at most 64 KiB), so that it can be read again whenever the token may
+have been rotated, and it fails only with `TokenFileError`, whose message names the path and the problem, never
+the content.
 """
 
 from __future__ import annotations

@@ -230,16 +230,16 @@ def spoil(command: dict[str, Any], where: tuple[str, ...], what: bytes) -> dict[
 def test_one_bad_command_is_rejected_alone(
     kinds: list[str], bad: tuple[str, tuple[tuple[str, ...], bytes]], position: int
 ) -> None:
-    kind, (where, what) = bad
+    bad_kind, (where, what) = bad
     good = [good_command(kind, index) for index, kind in enumerate(kinds)]
     items = [*good]
-    items.insert(min(position, len(items)), spoil(good_command(kind, 99) | {"id": "bad"}, where, what))
+    items.insert(min(position, len(items)), spoil(good_command(bad_kind, 99) | {"id": "bad"}, where, what))
     batch = protocol.decode_commands(to_json({"commands": items, "vm_id": "vm-123"}))
     assert [command.id for command in batch.commands] == [command["id"] for command in good]
     [rejected] = batch.rejected
     # What can be recovered of its name is kept, so that the controller hears which command failed.
     assert rejected.id == (None if where == ("id",) else "bad")
-    assert rejected.type == (None if where == ("type",) else kind)
+    assert rejected.type == (None if where == ("type",) else bad_kind)
     assert "malformed command" in rejected.error
     assert "AHTX" not in rejected.error
 
