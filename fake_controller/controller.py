@@ -30,7 +30,7 @@ Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 Observer = Callable[[str, str, dict[str, Any]], None]
 _HEADER: Final = frozenset({"type", "vm_id", "pool_id", "org_id", "event_id", "timestamp"})
 _GARBLED: Final = frozenset({*GARBLED, "huge"})
-# About 2 KB of JSON that a parser must descend 1,000 levels into; either endpoint's answer would do without it.
+# About 2 KB of JSON a parser must descend 1,000 levels into; without field x, a good answer for either endpoint.
 _NESTED: Final = b'{"status":"acknowledged","acknowledged":true,"commands":[],"x":' + b"[" * 1000 + b"]" * 1000 + b"}"
 # The right shape, with a byte that is not UTF-8 inside a string the agent reads: an acknowledgment's `status`, a
 # shutdown command's `id` (which would stop the agent, were the command taken).
