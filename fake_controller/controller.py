@@ -20,7 +20,7 @@ from urllib.parse import parse_qs, unquote
 import msgspec
 import trio
 
-from fake_controller.faults import DroppedConnection, Fault, FaultInjector, FaultPlan
+from fake_controller.faults import GARBLED, DroppedConnection, Fault, FaultInjector, FaultPlan
 
 _VM_PATH: Final = "/api/v1/vms/"
 Scope = MutableMapping[str, Any]
@@ -29,9 +29,15 @@ Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 # Told of everything a VM does: (vm_id, what, details); the command line prints it.
 Observer = Callable[[str, str, dict[str, Any]], None]
 _HEADER: Final = frozenset({"type", "vm_id", "pool_id", "org_id", "event_id", "timestamp"})
-_GARBLED: Final = frozenset({"malformed", "wrong_shape", "huge"})
+_GARBLED: Final = frozenset({*GARBLED, "huge"})
 # Faults that come after the request was processed.
 _AFTER: Final = frozenset({"drop_after", "trickle"})
+# About 2 KB of JSON a parser must descend 1,000 levels into; without field x, a good answer for either endpoint.
+_NESTED: Final = b'{"status":"acknowledged","acknowledged":true,"commands":[],"x":' + b"[" * 1000 + b"]" * 1000 + b"}"
+# The right shape, with a byte that is not UTF-8 inside a string the agent reads: an acknowledgment's `status`, a
+# shutdown command's `id` (which would stop the agent, were the command taken).
+_BAD_UTF8_ACK: Final = b'{"status":"acknowledged\xff","vm_id":"vm"}'
+_BAD_UTF8_COMMANDS: Final = b'{"commands":[{"id":"cmd-\xff","type":"shutdown","parameters":{}}]}'
 _TOKEN_ALPHABET: Final = string.ascii_uppercase + string.digits
 
 
@@ -161,14 +167,14 @@ class FakeController:
         # A 2xx answer means "received": a garbled 2xx to an event comes after the event was processed.
         after = fault is not None and (fault.kind in _AFTER or (is_event and fault.kind in _GARBLED))
         if fault is not None and fault.kind != "latency" and not after:
-            await _misbehave(send, fault)
+            await _misbehave(send, fault, is_event)
             return
         status, payload = await self._route(scope["method"], path, parse_qs(query), body)
         if fault is not None and fault.kind == "trickle":
             await _trickle(send, status, msgspec.json.encode(payload), fault.delay_s)
             return
         if fault is not None and after:
-            await _misbehave(send, fault)
+            await _misbehave(send, fault, is_event)
             return
         await _respond(send, status, payload)
 
@@ -337,7 +343,7 @@ async def _trickle(send: Send, status: int, body: bytes, delay_s: float) -> None
     await send({"type": "http.response.body", "body": b""})
 
 
-async def _misbehave(send: Send, fault: Fault) -> None:
+async def _misbehave(send: Send, fault: Fault, is_event: bool) -> None:
     match fault.kind:
         case "status":
             headers = {"Retry-After": fault.retry_after} if fault.retry_after is not None else None
@@ -348,6 +354,10 @@ async def _misbehave(send: Send, fault: Fault) -> None:
             await _respond(send, 200, [{"commands": "not a list"}, 42])
         case "huge":
             await _respond_raw(send, 200, b"[" + b"0," * (1 << 20) + b"0]", b"application/json")
+        case "nested":
+            await _respond_raw(send, 200, _NESTED, b"application/json")
+        case "bad_utf8":
+            await _respond_raw(send, 200, _BAD_UTF8_ACK if is_event else _BAD_UTF8_COMMANDS, b"application/json")
         case "drop" | "drop_after":
             # Promise a body, then break off: the client sees the connection fail mid-answer.
             await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"1000")]})

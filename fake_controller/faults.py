@@ -12,14 +12,18 @@ from __future__ import annotations
 
 import random
 from collections import deque
-from typing import Literal
+from typing import Final, Literal
 
 import httpx
 import msgspec
 import trio
 
 Endpoint = Literal["events", "commands"]
-FaultKind = Literal["status", "malformed", "wrong_shape", "huge", "drop", "drop_after", "latency", "trickle"]
+FaultKind = Literal[
+    "status", "malformed", "wrong_shape", "huge", "nested", "bad_utf8", "drop", "drop_after", "latency", "trickle"
+]
+# A 200 answer the agent cannot use: not JSON, the wrong shape, nested 1,000 deep, a string that is not UTF-8.
+GARBLED: Final[list[FaultKind]] = ["malformed", "wrong_shape", "nested", "bad_utf8"]
 
 
 class Fault(msgspec.Struct, frozen=True, kw_only=True):
@@ -105,7 +109,7 @@ class FaultInjector:
         plan, roll = self.plan, self._rng.random()
         for rate, make in (
             (plan.error_rate, self._error),
-            (plan.malformed_rate, lambda: Fault(kind=self._rng.choice(["malformed", "wrong_shape"]))),
+            (plan.malformed_rate, lambda: Fault(kind=self._rng.choice(GARBLED))),
             (plan.drop_rate, lambda: Fault(kind="drop")),
             (plan.drop_after_rate, lambda: Fault(kind="drop_after")),
         ):

@@ -22,7 +22,6 @@ from functools import partial
 from typing import Final
 
 import httpx
-import msgspec
 import trio
 
 from miglet import exitcodes, machine, protocol
@@ -38,7 +37,7 @@ from miglet.runner.process import ProcessRunner, kill_leftover_runner
 from miglet.secret import Secret
 from miglet.stamp import Stamper
 from miglet.state import StateHolder
-from miglet.statefile import StateFileWriter, read_state_file
+from miglet.statefile import StateFileError, StateFileMissing, StateFileWriter, read_state_file
 from miglet.supervision import TaskSupervisor
 from miglet.tasks.deadlines import phase_deadline_task
 from miglet.tasks.handshake import handshake_task
@@ -46,6 +45,7 @@ from miglet.tasks.heartbeat import heartbeat_task, state_refresh_task
 from miglet.tasks.poller import SeenCommands, poller_task
 from miglet.tasks.supervisor import supervisor_task
 from miglet.timings import PhaseTimings
+from miglet.tokenfile import TokenFileError, read_token_file
 
 log = logging.getLogger(__name__)
 
@@ -228,18 +228,25 @@ class Agent:
         path = self.config.controller_token_file
         assert path is not None
         try:
-            token = path.read_text(encoding="utf-8").strip()
-        except (OSError, UnicodeDecodeError) as exc:
-            log.error("Cannot read MIGLET_CONTROLLER_TOKEN_FILE again", extra={"path": str(path), "error": str(exc)})
+            return read_token_file(path)
+        except TokenFileError as exc:
+            log.error(
+                "Cannot read MIGLET_CONTROLLER_TOKEN_FILE again; keeping the token in use", extra={"error": str(exc)}
+            )
             return None
-        return Secret(token) if token else None
 
     def _clear_leftovers(self) -> None:
         """A runner still running from an earlier MIGlet (its state file says which) would hold the runner
         directory and take jobs nobody reports: stop it before starting afresh."""
         try:
             previous = read_state_file(self.config.state_file)
-        except (OSError, msgspec.DecodeError):
+        except StateFileMissing:
+            return
+        except StateFileError as exc:
+            # It will be overwritten; all it could have told is whether a runner was left running.
+            log.warning(
+                "Ignoring an unusable state file", extra={"path": str(self.config.state_file), "error": str(exc)}
+            )
             return
         pid = previous.runner_pid
         if pid is not None and previous.pid != os.getpid() and kill_leftover_runner(pid, self.config.runner_dir):

@@ -10,6 +10,7 @@ import os
 import pwd
 import re
 import ssl
+import stat
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Final, Literal
@@ -18,14 +19,13 @@ from urllib.parse import urlsplit
 import msgspec
 
 from miglet.secret import Secret
+from miglet.tokenfile import BEARER_TOKEN, BEARER_TOKEN_RULE, TokenFileError, read_token_file
 
 LogFormat = Literal["auto", "json", "text"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 
 # Ids end up in URL paths and runner names: keep them to characters that need no quoting anywhere.
 _ID_PATTERN: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
-MIN_TOKEN_LENGTH: Final = 8
-_BEARER_TOKEN: Final = re.compile(rf"[A-Za-z0-9\-._~+/]{{{MIN_TOKEN_LENGTH},}}=*")
 _TRUE: Final = frozenset({"1", "true", "yes", "on"})
 _FALSE: Final = frozenset({"0", "false", "no", "off"})
 # Polling, heartbeats and retries faster than this would be request storms, not a configuration.
@@ -269,10 +269,13 @@ def _ca_bundle(reader: _Reader) -> Path | None:
     if ca_bundle is None:
         return None
     try:
+        # OpenSSL would wait for ever on a FIFO, and read a device such as /dev/zero for ever.
+        if not stat.S_ISREG(ca_bundle.stat().st_mode):
+            raise ConfigError("MIGLET_CA_BUNDLE", f"{str(ca_bundle)!r} is not a regular file")
         ssl.create_default_context(cafile=str(ca_bundle))
     except FileNotFoundError:
         raise ConfigError("MIGLET_CA_BUNDLE", f"no such file: {str(ca_bundle)!r}") from None
-    except (OSError, ssl.SSLError) as exc:
+    except (OSError, ssl.SSLError, ValueError) as exc:  # ValueError: a NUL character in the path
         raise ConfigError("MIGLET_CA_BUNDLE", f"{str(ca_bundle)!r} is not a usable CA file: {exc}") from None
     return ca_bundle
 
@@ -284,19 +287,12 @@ def _controller_token(reader: _Reader) -> Secret | None:
         raise ConfigError("MIGLET_CONTROLLER_TOKEN_FILE", "cannot be set together with MIGLET_CONTROLLER_TOKEN")
     if token_file is not None:
         try:
-            token = Path(token_file).read_text(encoding="utf-8").strip()
-        except (OSError, UnicodeDecodeError) as exc:
-            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
-            raise ConfigError("MIGLET_CONTROLLER_TOKEN_FILE", f"cannot read {token_file!r}: {reason}") from None
-        if not token:
-            raise ConfigError("MIGLET_CONTROLLER_TOKEN_FILE", f"{token_file!r} is empty")
-    if token is not None and not _BEARER_TOKEN.fullmatch(token):
+            return read_token_file(Path(token_file))
+        except TokenFileError as exc:
+            raise ConfigError("MIGLET_CONTROLLER_TOKEN_FILE", str(exc)) from None
+    if token is not None and not BEARER_TOKEN.fullmatch(token):
         # Named without the value: the value is the secret.
-        raise ConfigError(
-            "MIGLET_CONTROLLER_TOKEN",
-            f"must be at least {MIN_TOKEN_LENGTH} characters of A-Z a-z 0-9 - . _ ~ + / (then = padding) "
-            "(RFC 6750 bearer token)",
-        )
+        raise ConfigError("MIGLET_CONTROLLER_TOKEN", f"must be {BEARER_TOKEN_RULE}")
     return None if token is None else Secret(token)
 
 
@@ -307,14 +303,15 @@ def _runner_user(reader: _Reader, runner_dir: Path) -> str | None:
         return None
     try:
         entry = pwd.getpwnam(user)
-    except KeyError:
+    except (KeyError, ValueError):  # ValueError: a NUL character in the name
         raise ConfigError(name, f"no such user: {user!r}") from None
     if os.geteuid() != 0:
         raise ConfigError(name, f"switching to {user!r} needs MIGlet to run as root")
     try:
         owner = runner_dir.stat().st_uid
-    except OSError as exc:
-        raise ConfigError("MIGLET_RUNNER_DIR", f"cannot use {str(runner_dir)!r}: {exc.strerror}") from None
+    except (OSError, ValueError) as exc:  # ValueError: a NUL character in the path
+        reason = exc.strerror if isinstance(exc, OSError) else str(exc)
+        raise ConfigError("MIGLET_RUNNER_DIR", f"cannot use {str(runner_dir)!r}: {reason}") from None
     if owner != entry.pw_uid:
         # The runner writes its configuration, work folder and diagnostics there as that user.
         raise ConfigError(

@@ -234,7 +234,8 @@ async def open_controller_client(
 
     `token_source` re-reads the controller token when the controller answers 401 or 403.
     """
-    headers = {"User-Agent": f"miglet/{__version__}", "Accept": "application/json"}
+    # identity: a compressed answer could grow far past the size cap within a single chunk before it is counted.
+    headers = {"User-Agent": f"miglet/{__version__}", "Accept": "application/json", "Accept-Encoding": "identity"}
     if config.controller_token is not None:
         headers["Authorization"] = f"Bearer {config.controller_token.reveal()}"
     if config.controller_endpoint.startswith("https://"):

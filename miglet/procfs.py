@@ -20,13 +20,16 @@ class ProcStat(NamedTuple):
 def read_stat(pid: int | str = "self") -> ProcStat:
     """Read a process's stat line; raises OSError (no such process) or ValueError (unreadable line)."""
     with open(f"/proc/{pid}/stat", "rb") as handle:
-        stat = handle.read()
+        stat = handle.read(4096)  # a few hundred bytes; the kernel's comm is at most 64
     # The command name is parenthesised and may itself hold ")" or spaces: the fields start after the last ")".
-    fields = stat[stat.rfind(b")") + 2 :].split()
-    try:
-        return ProcStat(fields[0], int(fields[3]), int(fields[11]) + int(fields[12]), int(fields[19]))
-    except IndexError:
-        raise ValueError(f"unreadable /proc/{pid}/stat") from None
+    end = stat.rfind(b")")
+    fields = stat[end + 2 :].split()
+    numbers = [fields[index] for index in (3, 11, 12, 19) if index < len(fields)]
+    # Plain decimal digits, as the kernel writes them: int() would also take "+1", "1_0" or 5,000 digits.
+    if end < 0 or len(numbers) < 4 or not all(n.isdigit() and len(n) <= 20 for n in numbers):
+        raise ValueError(f"unreadable /proc/{pid}/stat")
+    session, utime, stime, start = map(int, numbers)
+    return ProcStat(fields[0], session, utime + stime, start)
 
 
 def clock_ticks_per_second() -> int:

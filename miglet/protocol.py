@@ -7,7 +7,7 @@ are decoded one at a time from the raw list, so a malformed command is rejected 
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any, Final
+from typing import Annotated, Final
 
 import msgspec
 
@@ -217,10 +217,13 @@ KNOWN_COMMAND_TYPES: Final = frozenset({"register_runner", "shutdown"})
 
 
 class CommandHeader(msgspec.Struct):
-    """Just enough of any command to name it in a report when the rest cannot be used."""
+    """Just enough of any command to name it in a report when the rest cannot be used.
 
-    id: Any = None
-    type: Any = None
+    Kept raw, so that one unusable field (not a string, not UTF-8) does not cost the other.
+    """
+
+    id: msgspec.Raw = msgspec.Raw(b"null")
+    type: msgspec.Raw = msgspec.Raw(b"null")
 
 
 class RejectedCommand(msgspec.Struct, frozen=True):
@@ -256,37 +259,60 @@ def encode_event(event: AnyEvent) -> bytes:
     return _encoder.encode(event)
 
 
+# Everything msgspec raises for bad input: strings are checked for UTF-8 only when decoded (UnicodeDecodeError),
+# and every level of nesting goes through the interpreter's recursion guard (RecursionError), which stops a
+# deeply nested answer long before the stack is at risk. Catching these is what makes the decoders total.
+_text_decoder: Final = msgspec.json.Decoder(str)
+_DECODE_ERRORS: Final = (msgspec.DecodeError, UnicodeDecodeError, RecursionError)
+
+
 def decode_acknowledgment(body: bytes) -> Acknowledgment:
     try:
         return _ack_decoder.decode(body)
-    except msgspec.DecodeError as exc:
-        raise ProtocolError(f"unusable acknowledgment: {exc}") from None
+    except _DECODE_ERRORS as exc:
+        raise ProtocolError(f"unusable acknowledgment: {_reason(exc)}") from None
 
 
 def decode_commands(body: bytes) -> CommandBatch:
     """Decode a commands response, keeping every well-formed command and a reason for each rejected one."""
     try:
         envelope = _envelope_decoder.decode(body)
-    except msgspec.DecodeError as exc:
-        raise ProtocolError(f"unusable commands response: {exc}") from None
+    except _DECODE_ERRORS as exc:
+        raise ProtocolError(f"unusable commands response: {_reason(exc)}") from None
     commands: list[Command] = []
     rejected: list[RejectedCommand] = []
     for raw in envelope.commands or ():
         try:
             commands.append(_command_decoder.decode(raw))
-        except msgspec.DecodeError as exc:
+        except _DECODE_ERRORS as exc:
             rejected.append(_rejection(raw, exc))
     return CommandBatch(commands, rejected)
 
 
-def _rejection(raw: msgspec.Raw, exc: msgspec.DecodeError) -> RejectedCommand:
+def _reason(exc: Exception) -> str:
+    """Why a body could not be decoded, without quoting it."""
+    if isinstance(exc, UnicodeDecodeError):
+        return "a string is not valid UTF-8"
+    if isinstance(exc, RecursionError):
+        return "nested too deeply"
+    # msgspec's message names the path of the bad field, never its value.
+    return secret.redact(str(exc))
+
+
+def _rejection(raw: msgspec.Raw, exc: Exception) -> RejectedCommand:
     try:
         header = _header_decoder.decode(raw)
-    except msgspec.DecodeError:
+    except _DECODE_ERRORS:
         header = CommandHeader()
-    command_id = header.id if isinstance(header.id, str) else None
-    command_type = header.type if isinstance(header.type, str) else None
+    command_id, command_type = _text(header.id), _text(header.type)
     if command_type is not None and command_type not in KNOWN_COMMAND_TYPES:
         return RejectedCommand(command_id, command_type, f"unknown command type {command_type!r}")
-    # msgspec's message names the path of the bad field, never its value.
-    return RejectedCommand(command_id, command_type, f"malformed command: {secret.redact(str(exc))}")
+    return RejectedCommand(command_id, command_type, f"malformed command: {_reason(exc)}")
+
+
+def _text(raw: msgspec.Raw) -> str | None:
+    """A raw JSON value as a string, or None when it is anything else."""
+    try:
+        return _text_decoder.decode(raw)
+    except _DECODE_ERRORS:
+        return None

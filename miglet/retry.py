@@ -36,17 +36,22 @@ def is_retryable_status(status: int) -> bool:
 
 
 def parse_retry_after(value: str | None, now: datetime | None = None) -> float | None:
-    """Seconds from a `Retry-After` header: delta-seconds or an HTTP date; None when absent or unusable."""
+    """Seconds from a `Retry-After` header (delta-seconds or an HTTP date), capped at MAX_RETRY_AFTER; None when
+    absent or unusable, whatever the text."""
     if value is None:
         return None
     value = value.strip()
     # ASCII only: str.isdigit() also accepts "²", which a Latin-1 header byte decodes to and float() refuses.
     if value.isascii() and value.isdigit():
-        return float(value)
+        # float(), unlike int(), takes any number of digits: a huge value becomes inf, and then the cap.
+        return min(float(value), MAX_RETRY_AFTER)
     try:
         moment = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=UTC)
+        seconds = (moment - (now or datetime.now(UTC))).total_seconds()
+    except (TypeError, ValueError, OverflowError):
+        # Not a date, or one the calendar cannot hold: a year past 9999 is a ValueError, past a C long an
+        # OverflowError.
         return None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return max(0.0, (moment - (now or datetime.now(UTC))).total_seconds())
+    return min(max(0.0, seconds), MAX_RETRY_AFTER)

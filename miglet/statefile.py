@@ -11,11 +11,18 @@ import itertools
 import logging
 import os
 from pathlib import Path
-from typing import Final
+from typing import Annotated, Final
 
 import msgspec
 
+from miglet.smallfile import UnsuitableFile, read_small_file
+
 log = logging.getLogger(__name__)
+
+# A record is a few hundred bytes; anything much larger is not one.
+MAX_STATE_FILE_BYTES: Final = 64 * 1024
+# Linux never gives a process id this high (PID_MAX_LIMIT): a larger one in the file is corruption.
+PID_LIMIT: Final = 1 << 22
 
 
 class StateRecord(msgspec.Struct, kw_only=True):
@@ -26,12 +33,22 @@ class StateRecord(msgspec.Struct, kw_only=True):
     pool_id: str
     runner_name: str
     job: str | None
-    pid: int
+    # Checked on reading, because they are acted on: kill(0) and kill(-1) signal whole groups of processes, and
+    # the runner, the agent's child, is never pid 1 (init), though the agent may be (in a container).
+    pid: Annotated[int, msgspec.Meta(ge=1, lt=PID_LIMIT)]
     version: str
-    runner_pid: int | None = None
+    runner_pid: Annotated[int, msgspec.Meta(ge=2, lt=PID_LIMIT)] | None = None
     stop_reason: str | None = None
     # The agent rewrites the file at least this often; a reader treats an older file as a dead agent's.
-    refresh_s: float = 10.0
+    refresh_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 10.0
+
+
+class StateFileError(Exception):
+    """The state file cannot be read, or does not hold a state record."""
+
+
+class StateFileMissing(StateFileError):
+    """There is no state file: no agent has written one."""
 
 
 _encoder: Final = msgspec.json.Encoder()
@@ -74,5 +91,20 @@ def write_atomic(path: Path, data: bytes) -> None:
 
 
 def read_state_file(path: Path) -> StateRecord:
-    """Read and decode a state file; raises OSError or msgspec.DecodeError."""
-    return _decoder.decode(path.read_bytes())
+    """Read and decode a state file; raises StateFileMissing or StateFileError, whatever is at `path`."""
+    try:
+        data = read_small_file(path, MAX_STATE_FILE_BYTES)
+    except FileNotFoundError:
+        raise StateFileMissing(f"no state file at {path}") from None
+    except OSError as exc:
+        raise StateFileError(exc.strerror or type(exc).__name__) from None
+    except UnsuitableFile as exc:
+        raise StateFileError(str(exc)) from None
+    try:
+        return _decoder.decode(data)
+    except msgspec.DecodeError as exc:
+        raise StateFileError(f"not a state record: {exc}") from None
+    except UnicodeDecodeError:
+        raise StateFileError("not a state record: a string is not valid UTF-8") from None
+    except RecursionError:
+        raise StateFileError("not a state record: nested too deeply") from None

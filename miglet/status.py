@@ -11,7 +11,7 @@ from typing import Final
 import msgspec
 
 from miglet.config import Config
-from miglet.statefile import StateRecord, read_state_file
+from miglet.statefile import StateFileError, StateFileMissing, StateRecord, read_state_file
 
 UNHEALTHY_STATES: Final = frozenset({"Stopped"})
 # A live agent rewrites its state file every `refresh_s`; this many missed rewrites mean it is hung or gone.
@@ -20,6 +20,8 @@ STALE_MINIMUM_S: Final = 30.0
 
 
 def _alive(pid: int) -> bool:
+    if pid == 1:
+        return True  # init lives as long as its PID namespace (MIGlet is pid 1 in a container without --init)
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -52,10 +54,10 @@ def status_command(state_file: Path | None, *, as_json: bool) -> int:
     path = state_file or Path(os.environ.get("MIGLET_STATE_FILE") or "/run/miglet/state.json")
     try:
         record = read_state_file(path)
-    except FileNotFoundError:
+    except StateFileMissing:
         print(f"miglet: no state file at {path}: the agent is not running", file=sys.stderr)
         return 1
-    except (OSError, msgspec.DecodeError) as exc:
+    except StateFileError as exc:
         print(f"miglet: cannot read state file {path}: {exc}", file=sys.stderr)
         return 1
     problem = health(record)

@@ -6,6 +6,7 @@ listening and sent to the controller in `runner_registered` as `timings`.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from typing import Final
@@ -26,10 +27,12 @@ def process_start() -> float:
     try:
         started = read_stat().start_ticks / clock_ticks_per_second()
         with open("/proc/uptime", "rb") as handle:
-            uptime = float(handle.read().split()[0])
+            uptime = float(handle.read(256).split()[0])
     except (OSError, ValueError, IndexError):
         return now
     age = uptime - started
+    if not math.isfinite(age):  # float() also reads "inf" and "nan", which no clock shows
+        return now
     return now - max(0.0, age)
 
 

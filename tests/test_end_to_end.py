@@ -440,7 +440,7 @@ async def test_a_runner_left_by_an_earlier_miglet_is_stopped(tmp_path: Path) -> 
         "pool_id": "p",
         "runner_name": "r",
         "job": None,
-        "pid": 2**22 + 99,
+        "pid": os.getpid(),  # a pid, but not the new MIGlet's
         "version": "0",
         "runner_pid": leftover.pid,
     }

@@ -29,9 +29,12 @@ faults = st.one_of(
     st.none(),
     st.builds(Fault, kind=st.just("status"), status=st.sampled_from([408, 429, 500, 502, 503, 504])),
     st.builds(
-        Fault, kind=st.just("status"), status=st.sampled_from([429, 503]), retry_after=st.sampled_from(["1", "7"])
+        Fault,
+        kind=st.just("status"),
+        status=st.sampled_from([429, 503]),
+        retry_after=st.sampled_from(["1", "7", "Mon, 01 Jan 99999999999999999999 00:00:00 GMT"]),
     ),
-    st.builds(Fault, kind=st.sampled_from(["malformed", "wrong_shape", "huge", "drop"])),
+    st.builds(Fault, kind=st.sampled_from(["malformed", "wrong_shape", "huge", "nested", "bad_utf8", "drop"])),
     st.builds(Fault, kind=st.just("drop_after")),
     st.builds(Fault, kind=st.just("latency"), delay_s=st.floats(0, 30)),
 )

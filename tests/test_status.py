@@ -6,6 +6,7 @@ Rules: state files are written by the same code the agent uses; the command runs
 from __future__ import annotations
 
 import os
+import subprocess
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -14,6 +15,13 @@ import pytest
 
 from miglet.cli import main
 from miglet.statefile import StateRecord, write_atomic
+
+
+def exited_pid() -> int:
+    """The pid of a process that has come and gone: no other takes it until pids wrap around."""
+    process = subprocess.Popen(["true"])
+    process.wait()
+    return process.pid
 
 
 def record(**overrides: object) -> StateRecord:
@@ -55,7 +63,7 @@ def test_json_output(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None
     [
         ({"state": "Stopped"}, "agent is Stopped"),
         ({"updated_at": (datetime.now(UTC) - timedelta(minutes=5)).isoformat()}, "state file is stale"),
-        ({"pid": 2**22 + 4321}, "is not running"),
+        ({"pid": exited_pid()}, "is not running"),
         ({"updated_at": "yesterday"}, "unreadable updated_at"),
     ],
 )
