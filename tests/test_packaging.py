@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from miglet import exitcodes
 from miglet.cli import EXIT_CONFIG
 from miglet.config import VARIABLES, Variable
 from miglet.runner.process import DRAIN_SECONDS
@@ -178,6 +179,8 @@ def test_unit_restarts_on_failure_but_not_on_a_configuration_error() -> None:
     service = unit()["Service"]
     assert service["Restart"] == "on-failure"
     assert str(EXIT_CONFIG) in service["RestartPreventExitStatus"].split()
+    # A stop that could not deliver its events is still a stop: a new agent would announce the VM afresh.
+    assert str(exitcodes.UNDELIVERED) in service["RestartPreventExitStatus"].split()
     assert seconds(service["RestartSec"]) >= 1
 
 
