@@ -317,8 +317,8 @@ async def test_a_failing_task_still_stops_the_runner_and_delivers_what_is_owed(
                 def started(self, pid: int | None) -> object:
                     return observer.started(pid)
 
-                def exited(self, exit_code: int) -> object:
-                    return observer.exited(exit_code)
+                def exited(self, exit_code: int, killed_processes: int | None = None) -> object:
+                    return observer.exited(exit_code, killed_processes)
 
             return await super().run(registration, Failing())
 

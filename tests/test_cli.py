@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -10,8 +11,10 @@ from typing import Any
 import pytest
 import trio
 
+import miglet.cli
 import miglet.logs
 from miglet.cli import main
+from miglet.stop_signals import STOP_SIGNALS
 
 
 @pytest.fixture
@@ -19,6 +22,18 @@ def collector_restored() -> Iterator[None]:
     yield
     gc.unfreeze()
     gc.enable()
+
+
+@pytest.fixture(autouse=True)
+def process_left_alone(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """`miglet run` hardens its process and takes over the stop signals (ignoring them once stopped). Not
+    pytest's: a subreaper pytest would adopt every later test's orphans, and its subprocesses would inherit
+    ignored signals."""
+    monkeypatch.setattr(miglet.cli, "harden_process", list)
+    saved = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
+    yield
+    for signum, handler in saved.items():
+        signal.signal(signum, handler)
 
 
 def test_agent_runs_with_the_collector_on_and_start_up_objects_frozen(

@@ -54,6 +54,7 @@ class Lines:
         self.lines: list[tuple[str, str]] = []
         self.pids: list[int | None] = []
         self.exit_codes: list[int] = []
+        self.killed: list[int | None] = []
         self._changed = trio.Event()
 
     def __call__(self, stream: str, line: str) -> None:
@@ -67,8 +68,9 @@ class Lines:
     def started(self, pid: int | None) -> None:
         self.pids.append(pid)
 
-    def exited(self, exit_code: int) -> None:
+    def exited(self, exit_code: int, killed_processes: int | None = None) -> None:
         self.exit_codes.append(exit_code)
+        self.killed.append(killed_processes)
 
     def text(self) -> list[str]:
         return [line for _, line in self.lines]

@@ -173,16 +173,16 @@ class _RunWatch:
         self._holder.runner_pid = pid
         self._holder.write_state_file()
 
-    def exited(self, exit_code: int) -> None:
+    def exited(self, exit_code: int, killed_processes: int | None = None) -> None:
         """Called when the runner is gone, also while the agent stops (the supervisor is being cancelled)."""
-        log.info("Runner exited", extra={"exit_code": exit_code})
+        log.info("Runner exited", extra={"exit_code": exit_code, "killed_processes": killed_processes})
         self._holder.runner_pid = None
         if self.muted:
             return
         if self._holder.phase is Phase.REGISTERING_RUNNER:
             self._fail("runner_start_failed", f"runner exited with code {exit_code} before listening for jobs")
         else:
-            self._holder.apply(machine.RunnerExited(exit_code))
+            self._holder.apply(machine.RunnerExited(exit_code, killed_processes))
 
 
 async def _listen_deadline(holder: StateHolder, limit_s: float, run_scope: trio.CancelScope, watch: _RunWatch) -> None:
