@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from miglet import hardening
 from miglet.config import Config
 from miglet.hardening import is_child_subreaper, readable_by, token_exposures
 from miglet.secret import Secret
@@ -38,6 +39,17 @@ def test_harden_process_makes_miglet_non_dumpable_and_a_child_subreaper() -> Non
         [sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True, timeout=30
     )
     assert result.stdout.strip() == "(True, False) (False, True) []"
+
+
+def test_without_prctl_miglet_says_what_it_could_not_do(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(hardening, "_prctl", lambda: None)
+    problems = hardening.harden_process()
+    assert [what.split(":")[0] for what, _ in problems] == [
+        "Cannot make MIGlet non-dumpable",
+        "Cannot make MIGlet a child subreaper",
+    ]
+    assert {why for _, why in problems} == {"prctl is not available on this system"}
+    assert not hardening.is_child_subreaper()
 
 
 def test_pytest_itself_is_not_a_subreaper() -> None:
