@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 SWEEP_WAIT_S: Final = 1.0
 # Each round kills what the previous round's processes forked before they died; a few rounds catch them all.
 MAX_ROUNDS: Final = 10
+# Between two passes of reaping on SIGCHLD: a zombie waits at most this long.
+REAP_PAUSE_S: Final = 0.05
 # One log line per killed process up to this many, then one line with the total.
 LOGGED_KILLS: Final = 20
 
@@ -66,17 +68,20 @@ class TrioChildren:
         def adopt(pid: int) -> None:
             self._pids.add(pid)
             adopted.append(pid)
-            self._starting -= 1
-            if self._reap_deferred and not self._starting:
-                reap_orphans()
+            self._started()
 
         try:
             yield adopt
         finally:
             if adopted:
                 self._pids.discard(adopted[0])
-            else:
-                self._starting -= 1
+            else:  # the spawn failed
+                self._started()
+
+    def _started(self) -> None:
+        self._starting -= 1
+        if self._reap_deferred and not self._starting:
+            reap_orphans()
 
     def defer_reaping(self) -> bool:
         """True (and reaping is done once the spawn is known) while a spawn's pid is not known yet."""
@@ -214,3 +219,6 @@ async def reap_orphans_task() -> None:
         reap_orphans()
         async for _ in signals:
             reap_orphans()
+            # Each pass reads all of /proc: a job whose orphans die by the thousand gets one pass per pause, which
+            # reaps them all (signals that came meanwhile are one).
+            await trio.sleep(REAP_PAUSE_S)
