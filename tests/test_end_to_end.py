@@ -124,9 +124,10 @@ async def miglet_against(
                 with trio.CancelScope(shield=True):
                     process.kill()
                     await process.wait()
-                # A killed MIGlet cannot stop its runner: do it here, so no failed test leaves one behind.
-                for call in read_calls(runner_dir):
-                    kill_session(call["sid"])
+            # A MIGlet killed (here, or by a signal it should have handled) cannot stop its runner: do it here, so
+            # no failed test leaves one behind. After a passing test there is nothing left to kill.
+            for call in read_calls(runner_dir):
+                kill_session(call["sid"])
         nursery.cancel_scope.cancel()
 
 
