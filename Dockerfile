@@ -8,13 +8,26 @@
 # example):
 #
 #   FROM miglet
-#   USER root
 #   ARG RUNNER_VERSION=2.330.0
 #   ADD https://github.com/actions/runner/releases/download/v${RUNNER_VERSION}/actions-runner-linux-x64-${RUNNER_VERSION}.tar.gz /tmp/runner.tar.gz
 #   RUN tar -xzf /tmp/runner.tar.gz -C /opt/actions-runner && rm /tmp/runner.tar.gz \
 #       && /opt/actions-runner/bin/installdependencies.sh && rm -rf /var/lib/apt/lists/* \
 #       && chown -R runner:runner /opt/actions-runner
-#   USER 1001:1001
+#
+# Two users, as on a VM under systemd: MIGlet runs as root, the runner (and so every job) as `runner`
+# (MIGLET_RUNNER_USER). A job then cannot read the controller token, neither from MIGlet's environment or memory
+# nor from a token file readable by root only, and cannot signal MIGlet. With one user for both, a job could
+# read every file MIGlet reads and kill MIGlet (MIGlet is non-dumpable, which keeps its memory and environment
+# from processes of its own user, but not its files). Of root's powers MIGlet uses only four: SETUID and SETGID
+# (to start the runner as `runner`), KILL (to stop it and kill what it leaves behind) and DAC_OVERRIDE (to delete
+# the runner's configuration in its directory); drop the others (`docker run --cap-drop ALL --cap-add SETUID
+# --cap-add SETGID --cap-add KILL --cap-add DAC_OVERRIDE`), unless jobs need them for `sudo`.
+#
+# A platform that insists on a non-root user (Kubernetes' runAsNonRoot) cannot run this image as built. Either
+# exempt this container (it is root only to become `runner`), or run both as `runner` (`USER 1001:1001`, or
+# runAsUser: 1001, and MIGLET_RUNNER_USER unset): then give the token in MIGLET_CONTROLLER_TOKEN from a secret,
+# not in a file (a job could read the file), run MIGlet itself as PID 1 (no init in front of it holding the
+# token in its environment), and accept that a job can kill MIGlet. MIGlet warns at start in that setup.
 #
 # Stopping: on SIGTERM MIGlet sends the runner SIGINT, gives it MIGLET_SHUTDOWN_GRACE seconds (default 30), kills
 # what is left of it, then spends up to 10 s delivering the events it still owes the controller, and exits 0.
@@ -22,8 +35,8 @@
 # `docker stop -t 45` / `docker run --stop-timeout 45`, Kubernetes `terminationGracePeriodSeconds: 45` (both
 # default to 10 s and 30 s, too short), and raise them with MIGLET_SHUTDOWN_GRACE (grace + 15 s).
 #
-# PID 1: MIGlet handles SIGTERM itself, but it does not reap orphaned grandchildren (job processes whose
-# parents died). Run with `docker run --init` (tini as PID 1, signals forwarded) where you can.
+# PID 1: MIGlet handles SIGTERM, SIGINT and SIGHUP itself, and reaps the orphans it adopts (it is their child
+# subreaper, and as PID 1 it adopts every orphan of the container); it needs no init in front of it.
 
 FROM python:3.11-slim-bookworm
 
@@ -41,18 +54,21 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 RUN --mount=type=bind,target=/tmp/miglet-src,rw \
     pip install --no-cache-dir /tmp/miglet-src
 
-# The runner runs as this user, not as root (config.sh refuses root unless told otherwise). MIGlet runs as it
-# too, so MIGLET_RUNNER_USER stays unset here: switching users is for MIGlet running as root on a VM.
+# The runner runs as this user, never as MIGlet's (config.sh refuses root unless told otherwise); its directory
+# is its own. The state file's directory is MIGlet's (root's) alone: `miglet status` runs as root too.
 RUN groupadd --gid 1001 runner \
     && useradd --uid 1001 --gid runner --create-home --shell /bin/bash runner \
-    && install -d -o runner -g runner -m 0755 /opt/actions-runner /run/miglet
+    && install -d -o runner -g runner -m 0755 /opt/actions-runner \
+    && install -d -o root -g root -m 0700 /run/miglet
 
 ENV MIGLET_RUNNER_DIR=/opt/actions-runner \
+    MIGLET_RUNNER_USER=runner \
     MIGLET_STATE_FILE=/run/miglet/state.json \
     MIGLET_LOG_FORMAT=json
 
-# Numeric, so that Kubernetes' runAsNonRoot can tell that it is not root; 1001 is `runner`.
-USER 1001:1001
+# MIGlet is root so that the runner is not MIGlet's user (see the top of this file); numeric, like `runner`'s.
+# hadolint ignore=DL3002
+USER 0:0
 WORKDIR /opt/actions-runner
 
 # `miglet status` exits 0 while the agent lives, is not Stopped and has rewritten its state file (every 10 s)

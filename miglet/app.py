@@ -27,6 +27,7 @@ import trio
 from miglet import exitcodes, machine, protocol
 from miglet.config import Config
 from miglet.controller import ControllerClient, open_controller_client
+from miglet.hardening import is_child_subreaper
 from miglet.logs import AgentContext, agent_context
 from miglet.machine import Phase
 from miglet.outbox import Outbox, describe
@@ -34,10 +35,12 @@ from miglet.retry import RetryPolicy
 from miglet.runner.backend import ConfigureFailed, Grace, RunnerBackend
 from miglet.runner.output import relay_line
 from miglet.runner.process import ProcessRunner, kill_leftover_runner
+from miglet.runner.reaper import reap_orphans_task
 from miglet.secret import Secret
 from miglet.stamp import Stamper
 from miglet.state import StateHolder
 from miglet.statefile import StateFileError, StateFileMissing, StateFileWriter, read_state_file
+from miglet.stop_signals import STOP_SIGNALS, HeldSignals
 from miglet.supervision import TaskSupervisor
 from miglet.tasks.deadlines import phase_deadline_task
 from miglet.tasks.handshake import handshake_task
@@ -99,6 +102,7 @@ class Agent:
         rng: random.Random | None = None,
         write_state_file: bool = True,
         handle_signals: bool = True,
+        held_signals: HeldSignals | None = None,
         started_at: float | None = None,
     ) -> None:
         self.config = config
@@ -119,6 +123,9 @@ class Agent:
         self._backend = backend
         self._rng = rng
         self._handle_signals = handle_signals
+        # Stop signals that came before the agent listened for them (recorded from the start of `miglet run`).
+        self._held_signals = held_signals or HeldSignals()
+        self._signals_received = 0
         self._started_at = 0.0
         self.timings = PhaseTimings(time.monotonic() if started_at is None else started_at)
         self.holder.observers.append(self.timings.observe)
@@ -164,7 +171,10 @@ class Agent:
             if self._backend is None:
                 self._clear_leftovers()
             backend = self._backend or ProcessRunner(
-                config.runner_dir, grace=lambda: self.stop_plan.grace, user=config.runner_user
+                config.runner_dir,
+                grace=lambda: self.stop_plan.grace,
+                user=config.runner_user,
+                on_pid=self.holder.record_runner_pid,
             )
             token_source = None if config.controller_token_file is None else self._reread_token
             async with (
@@ -174,6 +184,8 @@ class Agent:
                 supervise = self.supervision.run
                 if self._handle_signals:
                     root.start_soon(supervise, "signals", self._watch_signals)
+                if is_child_subreaper():  # `miglet run`: orphans of the runner come to this process
+                    root.start_soon(supervise, "reaper", reap_orphans_task)
                 root.start_soon(supervise, "outbox", partial(self.outbox.serve, client))
                 root.start_soon(supervise, "state_refresh", partial(state_refresh_task, self.holder, STATE_REFRESH_S))
                 self.holder.apply(machine.Start(runner_name=config.effective_runner_name, ephemeral=config.ephemeral))
@@ -304,20 +316,24 @@ class Agent:
         log.info("MIGlet stopped", extra={"exit_code": plan.exit_code})
 
     async def _watch_signals(self) -> None:
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            received = 0
+        with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
+            for signum in self._held_signals.take():
+                self._on_signal(signum)
             async for signum in signals:
-                name = signal.Signals(signum).name
-                received += 1
-                if received > 1:
-                    # Asked again: the operator is not prepared to wait any longer.
-                    log.warning("Second signal: killing the runner now", extra={"signal": name})
-                    self.stop_plan.cut_short()
-                elif self.holder.phase in (Phase.STOPPING, Phase.STOPPED):
-                    # Already stopping for another reason (a shutdown command, the end of an ephemeral runner):
-                    # whoever sends the signal is not prepared to wait out the runner's grace period either.
-                    log.warning("Signal while stopping: killing the runner now", extra={"signal": name})
-                    self.stop_plan.grace.cut_short()
-                else:
-                    log.info("Received signal", extra={"signal": name})
-                    self.request_stop("signal")
+                self._on_signal(signum)
+
+    def _on_signal(self, signum: int) -> None:
+        name = signal.Signals(signum).name
+        self._signals_received += 1
+        if self._signals_received > 1:
+            # Asked again: the operator is not prepared to wait any longer.
+            log.warning("Second signal: killing the runner now", extra={"signal": name})
+            self.stop_plan.cut_short()
+        elif self.holder.phase in (Phase.STOPPING, Phase.STOPPED):
+            # Already stopping for another reason (a shutdown command, the end of an ephemeral runner):
+            # whoever sends the signal is not prepared to wait out the runner's grace period either.
+            log.warning("Signal while stopping: killing the runner now", extra={"signal": name})
+            self.stop_plan.grace.cut_short()
+        else:
+            log.info("Received signal", extra={"signal": name})
+            self.request_stop("signal")

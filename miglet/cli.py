@@ -1,8 +1,9 @@
 """The `miglet` command: `run` (the default), `status`, `check-config`.
 
-Exit codes: 0 clean stop (or healthy, for `status`), 1 unrecoverable failure (or unhealthy), 2 configuration
-error. Every MIGLET_ variable can also be given as a flag of `run` and `check-config` (`--vm-id` for
-MIGLET_VM_ID, and so on); a flag wins over the environment.
+Exit codes (`miglet.exitcodes`): 0 clean stop (or healthy, for `status`), 1 unrecoverable failure (or unhealthy),
+2 configuration error, 3 a stop that could not deliver every event it owed the controller. Every MIGLET_
+variable can also be given as a flag of `run` and `check-config` (`--vm-id` for MIGLET_VM_ID, and so on); a flag
+wins over the environment.
 """
 
 from __future__ import annotations
@@ -16,12 +17,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Final
 
-from miglet import __version__
+from miglet import __version__, exitcodes
 from miglet.config import VARIABLES, Config, ConfigError, load_config
+from miglet.hardening import Exposure, harden_process, token_exposures
+from miglet.stop_signals import HeldSignals, ignore_stop_signals
 
-EXIT_OK: Final = 0
-EXIT_FAILURE: Final = 1
-EXIT_CONFIG: Final = 2
+EXIT_OK: Final = exitcodes.OK
+EXIT_FAILURE: Final = exitcodes.FAILURE
+EXIT_CONFIG: Final = exitcodes.CONFIG
 
 log = logging.getLogger("miglet")
 
@@ -45,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="miglet",
         description="MIGlet: brings up a GitHub Actions runner in this VM for its controller.",
-        epilog=_variables_help() + "\n\nexit codes: 0 clean stop, 1 unrecoverable failure, 2 configuration error",
+        epilog=_variables_help() + "\n\nexit codes: 0 clean stop, 1 unrecoverable failure, 2 configuration error,"
+        " 3 stopped without delivering every event owed to the controller",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"miglet {__version__}")
@@ -69,9 +73,9 @@ def _environment(args: argparse.Namespace) -> dict[str, str]:
     return env
 
 
-def _load(args: argparse.Namespace) -> Config | None:
+def _load(env: dict[str, str]) -> Config | None:
     try:
-        return load_config(_environment(args))
+        return load_config(env)
     except ConfigError as exc:
         print(f"miglet: configuration error: {exc}", file=sys.stderr)
         return None
@@ -89,18 +93,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         from miglet.status import status_command
 
         return status_command(args.state_file, as_json=args.json)
-    config = _load(args)
+    held = HeldSignals()
+    problems: list[tuple[str, str]] = []
+    if args.command == "run":
+        # First of all, before the configuration is read: from here on a stop signal cannot kill MIGlet before it
+        # has stopped its runner, and no other process of its user can read its environment or memory.
+        held.hold()
+        problems = harden_process()
+    env = _environment(args)
+    config = _load(env)
     if config is None:
         return EXIT_CONFIG
+    exposures = token_exposures(config, (env.get("MIGLET_CONTROLLER_TOKEN_FILE") or "").strip() or None)
     if args.command == "check-config":
         from miglet.status import print_config
 
         print_config(config)
+        for exposure in exposures:
+            details = "".join(f" {key}={value}" for key, value in exposure.fields.items())
+            print(f"miglet: warning: {exposure.message}{details}", file=sys.stderr)
         return EXIT_OK
-    return _run(config)
+    return _run(config, held, problems, exposures)
 
 
-def _run(config: Config) -> int:
+def _run(config: Config, held: HeldSignals, problems: list[tuple[str, str]], exposures: list[Exposure]) -> int:
     # Importing trio and httpx creates about fifty thousand objects, none of them garbage; collecting while
     # they are created only costs start-up time, and freezing them keeps later collections from rescanning them.
     # httpx imports its transport, httpcore, only when the first client is made: it is imported here instead.
@@ -117,14 +133,20 @@ def _run(config: Config) -> int:
         gc.enable()
     configure_logging(config.log_format, config.log_level)
     log.info("MIGlet starting", extra={"version": __version__, "vm_id": config.vm_id, "pool_id": config.pool_id})
+    for what, error in problems:
+        log.warning(what, extra={"error": error})
+    for exposure in exposures:
+        log.warning(exposure.message, extra=exposure.fields)
     try:
-        return trio.run(Agent(config, started_at=process_start()).run)
+        return trio.run(Agent(config, started_at=process_start(), held_signals=held).run)
     except KeyboardInterrupt:
         log.warning("Interrupted before the agent could stop cleanly")
         return EXIT_FAILURE
     except Exception:
         log.critical("MIGlet failed", exc_info=True)
         return EXIT_FAILURE
+    finally:
+        ignore_stop_signals()
 
 
 if __name__ == "__main__":

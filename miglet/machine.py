@@ -95,6 +95,7 @@ class JobCompleted(msgspec.Struct, frozen=True):
 
 class RunnerExited(msgspec.Struct, frozen=True):
     exit_code: int
+    killed_processes: int | None = None  # what the runner left behind, killed once it had exited
 
 
 class StopRequested(msgspec.Struct, frozen=True):
@@ -176,8 +177,8 @@ def transition(state: AgentState, event: Input) -> Step:
             completed = protocol.JobCompleted(job_name=name, result=result)
             after = _P.IDLE if phase is _P.BUSY else phase
             return Step(replace(state, phase=after, job=None, jobs_completed=state.jobs_completed + 1), (completed,))
-        case RunnerExited(exit_code=code) if phase in (_P.IDLE, _P.BUSY, _P.STOPPING):
-            return _runner_exited(state, code)
+        case RunnerExited(exit_code=code, killed_processes=killed) if phase in (_P.IDLE, _P.BUSY, _P.STOPPING):
+            return _runner_exited(state, code, killed)
         case StopRequested(reason=reason) if phase not in (_P.STOPPING, _P.STOPPED):
             stopping = protocol.VmStopping(reason=reason, runner_name=state.runner_name)
             return Step(replace(state, phase=_P.STOPPING, stop_reason=reason), (stopping,))
@@ -186,23 +187,23 @@ def transition(state: AgentState, event: Input) -> Step:
     return Step(state, accepted=False)
 
 
-def _runner_exited(state: AgentState, code: int) -> Step:
+def _runner_exited(state: AgentState, code: int, killed: int | None) -> Step:
     replace = msgspec.structs.replace
     state = replace(state, listening=False)
     abandoned = _abandoned(state)
     if state.phase is _P.STOPPING:
-        exited = protocol.RunnerExited(exit_code=code, reason="stopped")
+        exited = protocol.RunnerExited(exit_code=code, reason="stopped", killed_processes=killed)
         return Step(replace(state, job=None), (*abandoned, exited))
     took_a_job = state.jobs_completed > 0 or state.job is not None
     if state.ephemeral and took_a_job:
         # An ephemeral runner leaves after its one job, whether or not it said how the job ended: the VM's work
         # is done, and a VM that ran a job is not given another.
         reason = "ephemeral runner finished its job"
-        exited = protocol.RunnerExited(exit_code=code, reason="job_done")
+        exited = protocol.RunnerExited(exit_code=code, reason="job_done", killed_processes=killed)
         stopping = protocol.VmStopping(reason=reason, runner_name=state.runner_name)
         after = replace(state, phase=_P.STOPPING, stop_reason=reason, job=None)
         return Step(after, (*abandoned, exited, stopping))
-    exited = protocol.RunnerExited(exit_code=code, reason="unexpected")
+    exited = protocol.RunnerExited(exit_code=code, reason="unexpected", killed_processes=killed)
     return Step(replace(state, phase=_P.READY, job=None), (*abandoned, exited))
 
 

@@ -34,3 +34,46 @@ def read_stat(pid: int | str = "self") -> ProcStat:
 
 def clock_ticks_per_second() -> int:
     return os.sysconf("SC_CLK_TCK")
+
+
+class ProcEntry(NamedTuple):
+    """A process as the sweep of the runner's leftovers sees it: who it is and whose child."""
+
+    name: str  # the command name (comm: at most 15 characters, chosen by the process itself)
+    state: bytes
+    ppid: int
+    session: int
+    start_ticks: int
+
+    @property
+    def alive(self) -> bool:
+        return self.state != b"Z"
+
+
+def read_entry(pid: int) -> ProcEntry:
+    """Read a process's name, state, parent, session and start time; raises OSError or ValueError."""
+    with open(f"/proc/{pid}/stat", "rb") as handle:
+        stat = handle.read()
+    # The name sits between the first "(" and the last ")"; it may itself hold either.
+    name = stat[stat.find(b"(") + 1 : stat.rfind(b")")].decode("utf-8", "replace")
+    fields = stat[stat.rfind(b")") + 2 :].split()
+    try:
+        return ProcEntry(name, fields[0], int(fields[1]), int(fields[3]), int(fields[19]))
+    except IndexError:
+        raise ValueError(f"unreadable /proc/{pid}/stat") from None
+
+
+def process_table() -> dict[int, ProcEntry]:
+    """Every process this one can see, by pid (those that vanish while being read are left out)."""
+    table: dict[int, ProcEntry] = {}
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        return table
+    for name in names:
+        if name.isdigit():
+            try:
+                table[int(name)] = read_entry(int(name))
+            except (OSError, ValueError):
+                continue
+    return table

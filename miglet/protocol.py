@@ -82,6 +82,17 @@ class RunnerExited(Event, tag="runner_exited"):
             examples=["job_done", "stopped", "unexpected"],
         ),
     ]
+    killed_processes: (
+        Annotated[
+            int,
+            msgspec.Meta(
+                ge=0,
+                description="How many processes the runner left behind, which the agent killed once it had exited:"
+                " 0 when it left none. Absent when the agent cannot tell.",
+            ),
+        ]
+        | None
+    ) = None
 
 
 class CommandFailed(Event, tag="command_failed"):

@@ -82,6 +82,12 @@ class StateHolder:
             observer(before, after)
         return True
 
+    def record_runner_pid(self, pid: int | None) -> None:
+        """Note the runner process now running (`config.sh` or `run.sh`; None: none), in the state file at once: a
+        MIGlet started after this one died stops it (`Agent._clear_leftovers`)."""
+        self.runner_pid = pid
+        self.write_state_file()
+
     def write_state_file(self) -> None:
         if self._state_file is None:
             return

@@ -7,6 +7,7 @@ JSON log lines and the controller's record, never sleeps. Each test checks that 
 from __future__ import annotations
 
 import os
+import pwd
 import shutil
 import signal
 import subprocess
@@ -45,6 +46,7 @@ class Miglet:
         self.state_file = state_file
         self.records: list[dict[str, Any]] = []
         self.raw = bytearray()
+        self.log_ended = False
         self._changed = trio.Event()
 
     async def read_logs(self) -> None:
@@ -62,6 +64,8 @@ class Miglet:
                     self.records.append({"msg": line.decode(errors="replace"), "raw": True})
             self._changed.set()
             self._changed = trio.Event()
+        self.log_ended = True
+        self._changed.set()
 
     def messages(self) -> list[str]:
         return [record["msg"] for record in self.records]
@@ -71,6 +75,8 @@ class Miglet:
             for record in self.records:
                 if predicate(record):
                     return record
+            if self.log_ended:  # it exited (or died): no point waiting out the test's deadline
+                raise AssertionError(f"MIGlet's log ended without the line awaited: {self.messages()[-5:]}")
             await self._changed.wait()
 
     async def wait_state(self, state: str) -> None:
@@ -85,6 +91,8 @@ async def miglet_against(
     behaviour: Behaviour | None = None,
     runner_dir: Path | None = None,
     env: dict[str, str] | None = None,
+    python: str = sys.executable,
+    user: str | None = None,
 ) -> AsyncIterator[tuple[Miglet, Path]]:
     runner_dir = runner_dir or install(tmp_path / "runner", behaviour)
     state_file = tmp_path / "state" / "state.json"
@@ -100,8 +108,9 @@ async def miglet_against(
             "MIGLET_LOG_FORMAT": "json",
             **(env or {}),
         }
+        as_user: dict[str, Any] = {} if user is None else {"user": user, "group": user_group(user), "extra_groups": []}
         process = await trio.lowlevel.open_process(
-            [sys.executable, "-m", "miglet"], env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+            [python, "-m", "miglet"], env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **as_user
         )
         miglet = Miglet(process, state_file)
         nursery.start_soon(miglet.read_logs)
@@ -115,10 +124,15 @@ async def miglet_against(
                 with trio.CancelScope(shield=True):
                     process.kill()
                     await process.wait()
-                # A killed MIGlet cannot stop its runner: do it here, so no failed test leaves one behind.
-                for call in read_calls(runner_dir):
-                    kill_session(call["sid"])
+            # A MIGlet killed (here, or by a signal it should have handled) cannot stop its runner: do it here, so
+            # no failed test leaves one behind. After a passing test there is nothing left to kill.
+            for call in read_calls(runner_dir):
+                kill_session(call["sid"])
         nursery.cancel_scope.cancel()
+
+
+def user_group(user: str) -> int:
+    return pwd.getpwnam(user).pw_gid
 
 
 def no_runner_left(runner_dir: Path) -> None:

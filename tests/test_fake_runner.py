@@ -23,7 +23,16 @@ from pathlib import Path
 
 import pytest
 
-from fake_controller.fake_runner import Behaviour, Job, encode_jitconfig, enqueue_job, install, read_calls
+from fake_controller.fake_runner import (
+    Behaviour,
+    Job,
+    encode_jitconfig,
+    enqueue_job,
+    install,
+    read_calls,
+    read_left_behind,
+)
+from miglet.procfs import read_entry
 
 TIMEOUT = 15.0
 TS = r"\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}Z"
@@ -373,3 +382,27 @@ def test_colour_always_matches_dotnet_terminal(tmp_path: Path) -> None:
     out = run_sync(["./run.sh"], runner, clean_env(RUNNER_ALLOW_RUNASROOT="1")).stdout
     assert "\x1b[92m√ \x1b[97mConnected to GitHub\n\x1b[39;49m\n" in out
     assert re.search(rf"\nCurrent runner version: '[\d.]+'\n{TS}: Listening for Jobs\n", out)
+
+
+def test_a_hostile_job_leaves_processes_outside_the_runners_session(tmp_path: Path) -> None:
+    job = Job("hostile", duration_s=600, leave_behind=("setsid", "double-fork"))
+    runner = install(tmp_path / "runner", Behaviour(jobs=(job,)))
+    assert configure(runner).returncode == 0
+    proc = start_run(runner)
+    proc.expect(r"Running job: hostile$")
+    records = read_left_behind(runner)
+    try:
+        assert [(record["how"], record["by"]) for record in records] == [
+            ("setsid", "job hostile"),
+            ("double-fork", "job hostile"),
+        ]
+        listener = read_calls(runner)[-1]["pid"]
+        setsid, daemon = (read_entry(record["pid"]) for record in records)
+        assert (setsid.name, daemon.name) == ("sleep", "sleep")
+        assert {setsid.session, daemon.session}.isdisjoint({proc.popen.pid})
+        assert setsid.ppid == listener  # orphaned only when the listener exits
+        assert daemon.ppid != listener  # orphaned from the start
+        assert setsid.start_ticks == records[0]["start_ticks"]
+    finally:
+        for record in records:
+            os.kill(record["pid"], signal.SIGKILL)

@@ -51,6 +51,20 @@ def test_seed_flow_reaches_idle_and_reports_registration() -> None:
     assert events == [protocol.RunnerRegistered(runner_name="vm-123", command_id="c1")]
 
 
+def test_runner_exited_reports_what_the_runner_left_behind() -> None:
+    listening, _ = run([START, Acknowledged(), RegistrationReceived("c1"), RunnerListening()])
+    stopping, _ = run([StopRequested("signal")], listening)
+    assert run([RunnerExited(0, killed_processes=2)], stopping)[1] == [
+        protocol.RunnerExited(exit_code=0, reason="stopped", killed_processes=2)
+    ]
+    assert run([RunnerExited(1, killed_processes=0)], listening)[1][-1] == protocol.RunnerExited(
+        exit_code=1, reason="unexpected", killed_processes=0
+    )
+    # A backend that cannot tell says nothing of it, and neither does the event.
+    [exited] = run([RunnerExited(0)], stopping)[1]
+    assert b"killed_processes" not in protocol.encode_event(exited)
+
+
 def test_registration_is_only_accepted_when_ready() -> None:
     assert not transition(AgentState(), RegistrationReceived("c1")).accepted
     waiting, _ = run([START])

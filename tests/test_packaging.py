@@ -109,11 +109,21 @@ def test_dockerfile_installs_the_repository_with_pip() -> None:
     assert any("pip install --no-cache-dir" in run for run in instruction("RUN"))
 
 
-def test_dockerfile_runs_as_a_non_root_user() -> None:
+def test_dockerfile_runs_miglet_and_the_runner_as_different_users() -> None:
+    # MIGlet as root, the runner (and every job) as a user of its own: a job cannot read MIGlet's files or
+    # signal it. The image's user is explicit, so that nobody takes root for an oversight.
     users = instruction("USER")
     assert users, "no USER instruction"
-    user = users[-1].split(":")[0]
-    assert user not in ("root", "0")
+    assert users[-1].split(":")[0] in ("root", "0")
+    runner_user = docker_env()["MIGLET_RUNNER_USER"]
+    assert runner_user not in ("root", "0")
+    created = " ".join(instruction("RUN"))
+    assert re.search(rf"useradd .*\b{runner_user}\b", created), f"the image does not create {runner_user!r}"
+    # The runner directory is the runner user's (MIGlet checks this at start), the state file's directory is not.
+    runner_dir = docker_env()["MIGLET_RUNNER_DIR"]
+    state_dir = str(Path(docker_env()["MIGLET_STATE_FILE"]).parent)
+    assert re.search(rf"install -d -o {runner_user} [^&]*{re.escape(runner_dir)}", created)
+    assert not re.search(rf"install -d -o {runner_user} [^&]*{re.escape(state_dir)}", created)
 
 
 def test_dockerfile_health_check_runs_miglet_status() -> None:
@@ -137,8 +147,6 @@ def test_dockerfile_environment_names_real_variables() -> None:
     created = " ".join(instruction("RUN"))
     assert miglet["MIGLET_RUNNER_DIR"] in created
     assert str(Path(miglet["MIGLET_STATE_FILE"]).parent) in created
-    # MIGlet is not root in the image: a runner user to switch to would be a configuration error.
-    assert "MIGLET_RUNNER_USER" not in miglet
 
 
 def test_dockerignore_keeps_what_the_build_needs() -> None:

@@ -54,6 +54,7 @@ class Lines:
         self.lines: list[tuple[str, str]] = []
         self.pids: list[int | None] = []
         self.exit_codes: list[int] = []
+        self.killed: list[int | None] = []
         self._changed = trio.Event()
 
     def __call__(self, stream: str, line: str) -> None:
@@ -67,8 +68,9 @@ class Lines:
     def started(self, pid: int | None) -> None:
         self.pids.append(pid)
 
-    def exited(self, exit_code: int) -> None:
+    def exited(self, exit_code: int, killed_processes: int | None = None) -> None:
         self.exit_codes.append(exit_code)
+        self.killed.append(killed_processes)
 
     def text(self) -> list[str]:
         return [line for _, line in self.lines]
@@ -86,7 +88,12 @@ def runner_dir(tmp_path: Path) -> Path:
     return install(tmp_path / "runner")
 
 
-def make_runner(runner_dir: Path, grace: float = 5.0, user: str | None = None) -> ProcessRunner:
+def make_runner(
+    runner_dir: Path,
+    grace: float = 5.0,
+    user: str | None = None,
+    on_pid: Callable[[int | None], object] = lambda pid: None,
+) -> ProcessRunner:
     environ = {
         **os.environ,
         "MIGLET_CONTROLLER_TOKEN": "controller-token-secret",
@@ -94,7 +101,7 @@ def make_runner(runner_dir: Path, grace: float = 5.0, user: str | None = None) -
         "NOTIFY_SOCKET": "/run/systemd/notify",
     }
     stop_grace = Grace(grace)
-    return ProcessRunner(runner_dir, grace=lambda: stop_grace, user=user, environ=environ)
+    return ProcessRunner(runner_dir, grace=lambda: stop_grace, user=user, environ=environ, on_pid=on_pid)
 
 
 def test_config_arguments_match_the_spec() -> None:
@@ -197,6 +204,7 @@ async def test_run_listens_runs_a_job_and_exits_when_ephemeral(runner_dir: Path)
     [pid] = lines.pids
     assert pid is not None
     assert lines.exit_codes == [0]
+    assert lines.killed == [0]  # it left nothing behind
     [run_call] = [call for call in read_calls(runner_dir) if call["cmd"] == "run"]
     assert run_call["env_manually_trap_sig"] == "1"
     assert _session_members(pid) == []
@@ -237,6 +245,24 @@ async def test_a_runner_ignoring_sigint_is_killed_after_the_grace(tmp_path: Path
     assert stop_took >= 0.5
     assert not any("completed with result" in line for line in lines.text())
     assert _session_members(sid) == []
+    assert lines.killed == [0]  # killed in stopping it: not left behind
+
+
+async def test_every_runner_process_reports_its_pid_as_it_starts_and_ends(runner_dir: Path) -> None:
+    # The state file records it, so that a MIGlet started after this one died can stop it, config.sh included.
+    pids: list[int | None] = []
+    runner = make_runner(runner_dir, on_pid=pids.append)
+    lines = Lines()
+    with trio.fail_after(TIMEOUT):
+        await runner.configure(registration(), Lines())
+        [configure] = read_calls(runner_dir)
+        assert pids == [configure["sid"], None]
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(runner.run, registration(), lines)
+            await lines.wait_for(lambda line: line.endswith("Listening for Jobs"))
+            assert pids[-1] == lines.pids[0]
+            enqueue_job(runner_dir, "build")
+    assert pids == [configure["sid"], None, lines.pids[0], None]
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="switching users needs root")

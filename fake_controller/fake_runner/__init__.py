@@ -7,7 +7,16 @@ docstring says which part of the real runner it mirrors.
 """
 
 from .behaviour import Behaviour, Job
-from .install import enqueue_job, install, read_calls, write_behaviour
+from .install import enqueue_job, install, read_calls, read_left_behind, write_behaviour
 from .store import encode_jitconfig
 
-__all__ = ["Behaviour", "Job", "encode_jitconfig", "enqueue_job", "install", "read_calls", "write_behaviour"]
+__all__ = [
+    "Behaviour",
+    "Job",
+    "encode_jitconfig",
+    "enqueue_job",
+    "install",
+    "read_calls",
+    "read_left_behind",
+    "write_behaviour",
+]

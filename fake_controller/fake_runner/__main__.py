@@ -1,5 +1,5 @@
 """CLI: `python -m fake_controller.fake_runner install DIR [--behaviour FILE.json] [--python P] [--owner U]`
-and `python -m fake_controller.fake_runner enqueue DIR NAME [--result R] [--duration S]`.
+and `python -m fake_controller.fake_runner enqueue DIR NAME [--result R] [--duration S] [--leave-behind HOW]`.
 
 `install` builds a fake runner directory for MIGlet's MIGLET_RUNNER_DIR; `enqueue` hands a listening
 fake runner a job, as GitHub would.
@@ -11,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .behaviour import RESULTS, BehaviourError, parse_behaviour
+from .behaviour import LEAVE_BEHIND_WAYS, RESULTS, BehaviourError, parse_behaviour
 from .install import enqueue_job, install
 
 
@@ -29,10 +29,13 @@ def main(argv: list[str] | None = None) -> int:
     enq.add_argument("name")
     enq.add_argument("--result", default="Succeeded", choices=RESULTS)
     enq.add_argument("--duration", type=float, default=0.0)
+    enq.add_argument(
+        "--leave-behind", action="append", default=[], choices=LEAVE_BEHIND_WAYS, help="a process the job leaves behind"
+    )
     args = parser.parse_args(argv)
 
     if args.command == "enqueue":
-        print(enqueue_job(args.dir, args.name, args.result, args.duration))
+        print(enqueue_job(args.dir, args.name, args.result, args.duration, leave_behind=tuple(args.leave_behind)))
         return 0
     behaviour = None
     if args.behaviour is not None:

@@ -22,6 +22,9 @@ RESULTS = ("Succeeded", "SucceededWithIssues", "Failed", "Canceled", "Skipped", 
 
 COLOUR_MODES = ("auto", "always", "never")
 
+LEAVE_BEHIND_WAYS = ("setsid", "double-fork")
+"""How a process can be left behind to outlive the runner (see `leftovers`)."""
+
 
 class BehaviourError(ValueError):
     """The behaviour file or a queued job is malformed."""
@@ -38,11 +41,14 @@ class Job:
     lost: bool = False
     """GitHub took the job back before the runner could renew it: `Running job` is printed, no result line
     (the real JobDispatcher returns early; a run-once runner then leaves as after any job)."""
+    leave_behind: tuple[str, ...] = ()
+    """A hostile job: as it starts (before `Running job`), it starts a lingering process each of these ways
+    (LEAVE_BEHIND_WAYS)."""
 
     @classmethod
     def from_obj(cls, obj: Any) -> Job:
         """Validate a decoded JSON object into a Job."""
-        fields = _require_object(obj, "job", {"name", "result", "duration_s", "lost"})
+        fields = _require_object(obj, "job", {"name", "result", "duration_s", "lost", "leave_behind"})
         name = fields.get("name")
         if not isinstance(name, str) or not name:
             raise BehaviourError("job: 'name' must be a non-empty string")
@@ -52,7 +58,13 @@ class Job:
         lost = fields.get("lost", False)
         if not isinstance(lost, bool):
             raise BehaviourError(f"job {name!r}: 'lost' must be true or false")
-        return cls(name=name, result=result, duration_s=_seconds(fields, "duration_s", 0.0), lost=lost)
+        return cls(
+            name=name,
+            result=result,
+            duration_s=_seconds(fields, "duration_s", 0.0),
+            lost=lost,
+            leave_behind=_ways(fields, "leave_behind"),
+        )
 
 
 @dataclass(frozen=True)
@@ -85,6 +97,8 @@ class Behaviour:
     """ANSI colours: auto (tty, or DOTNET_SYSTEM_CONSOLE_ALLOW_ANSI_COLOR_REDIRECTION set), always, never."""
     strict_jitconfig: bool = False
     """If false, a JIT config that is not the real base64-JSON format is accepted as an opaque blob."""
+    configure_leaves_behind: tuple[str, ...] = ()
+    """A sloppy `config.sh`: as configure starts, it starts a lingering process each of these ways."""
 
     @classmethod
     def from_obj(cls, obj: Any) -> Behaviour:
@@ -115,6 +129,7 @@ class Behaviour:
             ignore_sigint=_bool(fields, "ignore_sigint", False),
             colour=colour,
             strict_jitconfig=_bool(fields, "strict_jitconfig", False),
+            configure_leaves_behind=_ways(fields, "configure_leaves_behind"),
         )
 
     def to_json(self) -> str:
@@ -169,6 +184,13 @@ def _strings(fields: dict[str, Any], key: str, default: tuple[str, ...]) -> tupl
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise BehaviourError(f"'{key}' must be a list of strings")
     return tuple(value)
+
+
+def _ways(fields: dict[str, Any], key: str) -> tuple[str, ...]:
+    ways = _strings(fields, key, ())
+    if not set(ways) <= set(LEAVE_BEHIND_WAYS):
+        raise BehaviourError(f"'{key}' must list some of {', '.join(LEAVE_BEHIND_WAYS)}")
+    return ways
 
 
 def _bool(fields: dict[str, Any], key: str, default: bool) -> bool:

@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 
 from .behaviour import Behaviour
 from .cmdline import CommandLine
+from .leftovers import leave_behind
 from .remove_config import delete_local_config
 from .store import load_registry, new_settings, read_settings, registration_api, save_config, save_registry
 from .terminal import CYAN, YELLOW, Terminal
@@ -40,6 +41,7 @@ class ConfigError(Exception):
 def configure(root: Path, cmd: CommandLine, behaviour: Behaviour, term: Terminal) -> int:
     """`config.sh ...` => `Runner.Listener configure ...`."""
     _banner(term)
+    leave_behind(root, behaviour.configure_leaves_behind, "configure")
     try:
         _configure(root, cmd, behaviour, term)
     except ConfigError as exc:

@@ -3,8 +3,8 @@
 `install(DIR)` lays out what MIGlet expects in MIGLET_RUNNER_DIR: `config.sh`, `run.sh`,
 `run-helper.sh.template`, `env.sh`, `safe_sleep.sh`, `bin/Runner.Listener` (the shim, with the Python
 interpreter baked in), `bin/fake_runner` (a copy of this package), `fake-runner.json` (behaviour) and
-`_fake_github/` (calls log, job queue, registered runners). `enqueue_job` and `read_calls` are the
-test side of the fake GitHub.
+`_fake_github/` (calls log, job queue, registered runners, processes left behind). `enqueue_job`,
+`read_calls` and `read_left_behind` are the test side of the fake GitHub.
 """
 
 from __future__ import annotations
@@ -16,12 +16,13 @@ import pwd
 import shutil
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from .behaviour import BEHAVIOUR_FILE, RESULTS, Behaviour, Job
 from .scripts import SCRIPTS, listener_shim
-from .store import CALLS_FILE, JOBS_DIR, github_dir
+from .store import CALLS_FILE, JOBS_DIR, LEFT_BEHIND_FILE, github_dir
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 """This package; copied to `DIR/bin/fake_runner` so the shim can import it on its own, whoever runs it."""
@@ -69,17 +70,25 @@ def write_behaviour(runner_dir: Path, behaviour: Behaviour) -> None:
 
 
 def enqueue_job(
-    runner_dir: Path, name: str, result: str = "Succeeded", duration_s: float = 0.0, *, lost: bool = False
+    runner_dir: Path,
+    name: str,
+    result: str = "Succeeded",
+    duration_s: float = 0.0,
+    *,
+    lost: bool = False,
+    leave_behind: tuple[str, ...] = (),
 ) -> Path:
     """Queue one job for a listening runner; written atomically (dot-file, then rename)."""
-    job = Job.from_obj({"name": name, "result": result, "duration_s": duration_s, "lost": lost})
+    job = Job.from_obj(
+        {"name": name, "result": result, "duration_s": duration_s, "lost": lost, "leave_behind": list(leave_behind)}
+    )
     if job.result not in RESULTS:  # pragma: no cover - from_obj already checks
         raise ValueError(result)
     queue = github_dir(runner_dir) / JOBS_DIR
     queue.mkdir(parents=True, exist_ok=True)
     stem = f"{time.time_ns():020d}-{os.getpid()}-{next(_sequence):06d}"
     tmp = queue / f".{stem}.tmp"
-    tmp.write_text(json.dumps({"name": job.name, "result": job.result, "duration_s": job.duration_s, "lost": job.lost}))
+    tmp.write_text(json.dumps(asdict(job)))
     tmp.chmod(0o666)
     final = queue / f"{stem}.json"
     tmp.replace(final)
@@ -88,8 +97,17 @@ def enqueue_job(
 
 def read_calls(runner_dir: Path) -> list[dict[str, Any]]:
     """Every listener invocation recorded so far, oldest first."""
+    return _read_records(runner_dir, CALLS_FILE)
+
+
+def read_left_behind(runner_dir: Path) -> list[dict[str, Any]]:
+    """Every process the fake left behind on purpose (pid, start_ticks, how, by), oldest first."""
+    return _read_records(runner_dir, LEFT_BEHIND_FILE)
+
+
+def _read_records(runner_dir: Path, name: str) -> list[dict[str, Any]]:
     try:
-        text = (github_dir(runner_dir) / CALLS_FILE).read_text(encoding="utf-8")
+        text = (github_dir(runner_dir) / name).read_text(encoding="utf-8")
     except FileNotFoundError:
         return []
     return [json.loads(line) for line in text.splitlines() if line.strip()]

@@ -19,6 +19,7 @@ from types import FrameType
 
 from .behaviour import Behaviour, BehaviourError, Job
 from .cmdline import CommandLine
+from .leftovers import leave_behind
 from .remove_config import delete_local_config
 from .store import (
     JOBS_DIR,
@@ -157,7 +158,7 @@ def run(root: Path, cmd: CommandLine, behaviour: Behaviour, term: Terminal, stop
         if job is None:
             stopper.sleep(POLL_S)
             continue
-        if _run_job(job, behaviour, term, stopper):
+        if _run_job(root, job, behaviour, term, stopper):
             return 0
         if run_once:
             if ephemeral:
@@ -167,8 +168,10 @@ def run(root: Path, cmd: CommandLine, behaviour: Behaviour, term: Terminal, stop
     return 0
 
 
-def _run_job(job: Job, behaviour: Behaviour, term: Terminal, stopper: Stopper) -> bool:
+def _run_job(root: Path, job: Job, behaviour: Behaviour, term: Terminal, stopper: Stopper) -> bool:
     """Run one job; True if it was cancelled by a stop request."""
+    # Before the job is announced, so that whoever has seen it start finds what it left behind.
+    leave_behind(root, job.leave_behind, f"job {job.name}")
     term.stamped(f"Running job: {job.name}")
     if stopper.sleep(job.duration_s):
         stopper.sleep(behaviour.cancel_delay_s, interruptible=False)

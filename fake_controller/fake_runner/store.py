@@ -3,6 +3,7 @@
 Runner side (same names and shapes as the real runner): `.runner` (camelCase JSON, UTF-8 with BOM, no
 secrets), `.credentials` (OAuth client data, never the registration token), `.credentials_rsaparams`.
 Fake GitHub side, under `DIR/_fake_github/`: `calls.jsonl` (one line per listener invocation, for tests),
+`left_behind.jsonl` (processes the fake left behind on purpose, for tests),
 `runners.json` (names registered at "GitHub"), `jobs/` (queued job files the runner picks up).
 """
 
@@ -22,6 +23,7 @@ from .behaviour import Behaviour
 ROOT_ENV = "FAKE_RUNNER_ROOT"
 FAKE_GITHUB = "_fake_github"
 CALLS_FILE = "calls.jsonl"
+LEFT_BEHIND_FILE = "left_behind.jsonl"
 JOBS_DIR = "jobs"
 REGISTRY_FILE = "runners.json"
 CONFIG_FILES = (".runner", ".credentials", ".credentials_rsaparams")
@@ -38,8 +40,13 @@ def github_dir(root: Path) -> Path:
 
 
 def record_call(root: Path, record: dict[str, Any]) -> None:
-    """Append one JSON line to `calls.jsonl` in a single O_APPEND write (safe with concurrent writers)."""
-    path = github_dir(root) / CALLS_FILE
+    """Append one JSON line to `calls.jsonl`."""
+    append_record(root, CALLS_FILE, record)
+
+
+def append_record(root: Path, name: str, record: dict[str, Any]) -> None:
+    """Append one JSON line to `_fake_github/NAME` in a single O_APPEND write (safe with concurrent writers)."""
+    path = github_dir(root) / name
     path.parent.mkdir(parents=True, exist_ok=True)
     data = (json.dumps(record, sort_keys=True) + "\n").encode("utf-8")
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)

@@ -61,8 +61,9 @@ class RunObserver(Protocol):
     def started(self, pid: int | None) -> object:
         """The runner is running (as process `pid`, when it is a process)."""
 
-    def exited(self, exit_code: int) -> object:
-        """The runner is gone; called even when the run was cancelled (stopped)."""
+    def exited(self, exit_code: int, killed_processes: int | None = None) -> object:
+        """The runner is gone; called even when the run was cancelled (stopped). `killed_processes`: how many
+        processes it left behind, which were killed (None when the backend cannot tell)."""
 
 
 class RunnerBackend(Protocol):

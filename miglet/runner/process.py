@@ -1,8 +1,10 @@
-"""The real runner: `config.sh` and `run.sh` as subprocesses (SPEC section 4).
+"""The real runner: `config.sh` and `run.sh` as subprocesses.
 
 Each runs from the runner directory as an argument list (never through a shell), in a new session so that its
 whole process group can be signalled, with secrets passed only in its environment. When MIGlet is root it runs
-them as MIGLET_RUNNER_USER, or else allows the runner to run as root and says so once.
+them as MIGLET_RUNNER_USER, or else allows the runner to run as root and says so once. Whatever a process leaves
+behind when it ends is killed and reaped (`miglet.runner.reaper`), and the pid of the one running is reported as
+it starts and ends, for the state file.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import trio
 from miglet.procfs import read_stat
 from miglet.runner.backend import ConfigureFailed, Grace, LineSink, Registration, RunObserver
 from miglet.runner.output import clean
+from miglet.runner.reaper import Leftover, kill_leftovers, trio_children
 from miglet.secret import Secret, redact
 
 log = logging.getLogger(__name__)
@@ -107,9 +110,12 @@ class ProcessRunner:
         grace: Callable[[], Grace],
         user: str | None = None,
         environ: Mapping[str, str] | None = None,
+        on_pid: Callable[[int | None], object] = lambda pid: None,
     ) -> None:
         self._dir = runner_dir
         self._grace = grace
+        # Told the pid of each runner process as it starts, and None once it has ended.
+        self._on_pid = on_pid
         self._env = runner_environment(os.environ if environ is None else environ)
         self._spawn_options: dict[str, Any] = {}
         if os.geteuid() == 0:
@@ -182,21 +188,29 @@ class ProcessRunner:
 
         process: trio.Process | None = None
         start_error: OSError | ValueError | None = None
+        # Processes of the runner that stopping it killed: gone with it, not left behind.
+        stopped: set[int] = set()
+        leftovers: list[Leftover] = []
         try:
-            async with trio.open_nursery() as nursery:
-                try:
-                    process = await nursery.start(partial(self._process_task, argv, env, exited, grace))
-                except (OSError, ValueError) as exc:
-                    # Raised from here, it would leave the nursery wrapped in an exception group.
-                    start_error = exc
-                else:
-                    if observer is not None:
-                        observer.started(process.pid)
-                    nursery.start_soon(_relay_output, process, exited, sink)
+            with trio_children.track() as adopt:
+                async with trio.open_nursery() as nursery:
+                    try:
+                        process = await nursery.start(partial(self._process_task, argv, env, exited, grace, stopped))
+                    except (OSError, ValueError) as exc:
+                        # Raised from here, it would leave the nursery wrapped in an exception group.
+                        start_error = exc
+                    else:
+                        adopt(process.pid)
+                        self._on_pid(process.pid)
+                        if observer is not None:
+                            observer.started(process.pid)
+                        nursery.start_soon(_relay_output, process, exited, sink, stopped, leftovers)
         finally:
             # Also when cancelled: by then the process has exited (run_process waits for it, shielded).
+            if process is not None:
+                self._on_pid(None)
             if observer is not None and process is not None and process.returncode is not None:
-                observer.exited(process.returncode)
+                observer.exited(process.returncode, len(leftovers))
         if process is None:
             reason = start_error.strerror if isinstance(start_error, OSError) and start_error.strerror else start_error
             raise ConfigureFailed(f"cannot start {argv[0]} in {self._dir}: {reason}")
@@ -211,6 +225,7 @@ class ProcessRunner:
         env: dict[str, str],
         exited: trio.Event,
         grace: Callable[[], Grace],
+        stopped: set[int],
         *,
         task_status: trio.TaskStatus[trio.Process],
     ) -> None:
@@ -224,7 +239,7 @@ class ProcessRunner:
                 stderr=subprocess.PIPE,
                 check=False,
                 start_new_session=True,
-                deliver_cancel=partial(_deliver_cancel, grace),
+                deliver_cancel=partial(_deliver_cancel, grace, stopped),
                 task_status=task_status,
                 **self._spawn_options,
             )
@@ -232,14 +247,15 @@ class ProcessRunner:
             exited.set()
 
 
-async def _deliver_cancel(grace: Callable[[], Grace], process: trio.Process) -> None:
-    """Graceful stop: SIGINT to the process group; SIGKILL to all of its session after the grace period."""
+async def _deliver_cancel(grace: Callable[[], Grace], stopped: set[int], process: trio.Process) -> None:
+    """Graceful stop: SIGINT to the process group; SIGKILL to all of its session after the grace period (the
+    processes killed are added to `stopped`)."""
     period = grace()
     log.info("Stopping the runner", extra={"pid": process.pid, "grace_s": period.seconds})
     signal_group(process.pid, signal.SIGINT)
     await period.wait()
     log.warning("The runner did not stop within its grace period; killing it", extra={"pid": process.pid})
-    kill_session(process.pid)
+    stopped.update(kill_session(process.pid))
 
 
 def _config_grace() -> Grace:
@@ -253,16 +269,19 @@ def signal_group(pgid: int, signum: signal.Signals) -> None:
         os.killpg(pgid, signum)
 
 
-def kill_session(sid: int) -> None:
-    """SIGKILL every process in session `sid`.
+def kill_session(sid: int) -> list[int]:
+    """SIGKILL every process in session `sid`; returns the pids found in it.
 
     The real run.sh turns on job control (`set -m`) so the listener gets a process group of its own: killing
-    run.sh's group alone would orphan it. Every process MIGlet started shares the session it was given.
+    run.sh's group alone would orphan it. Every process MIGlet started shares the session it was given, unless it
+    left it (`setsid`): those are found among MIGlet's descendants when the runner process has ended.
     """
     signal_group(sid, signal.SIGKILL)
-    for pid in _session_members(sid):
+    members = _session_members(sid)
+    for pid in members:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pid, signal.SIGKILL)
+    return members
 
 
 async def kill_session_and_wait(sid: int) -> None:
@@ -314,11 +333,18 @@ def _session_members(sid: int) -> list[int]:
     return members
 
 
-async def _relay_output(process: trio.Process, exited: trio.Event, sink: LineSink) -> None:
+async def _relay_output(
+    process: trio.Process,
+    exited: trio.Event,
+    sink: LineSink,
+    stopped: set[int],
+    leftovers: list[Leftover],
+) -> None:
     """Relay stdout and stderr line by line, even while the caller is being cancelled.
 
     Shielded so that a stopping runner's last lines (a job ending `Canceled`) are still read, and bounded:
-    once the runner has exited, leftovers of its process group are killed and the pipes get DRAIN_SECONDS.
+    once the runner has exited, what it left behind is killed (and added to `leftovers`), which also closes
+    the pipes a leftover held, and the pipes get DRAIN_SECONDS.
     """
     with trio.CancelScope(shield=True) as scope:
         async with trio.open_nursery() as nursery:
@@ -328,7 +354,7 @@ async def _relay_output(process: trio.Process, exited: trio.Event, sink: LineSin
             nursery.start_soon(_relay_lines, process.stderr, "stderr", sink)
             await exited.wait()
             scope.deadline = trio.current_time() + DRAIN_SECONDS
-            await kill_session_and_wait(process.pid)
+            leftovers.extend(await kill_leftovers(process.pid, already_killed=stopped))
 
 
 async def _relay_lines(stream: trio.abc.ReceiveStream, name: str, sink: LineSink) -> None:

@@ -200,22 +200,22 @@ class _RunWatch:
         except Exception as exc:
             self._on_bug("runner_output", exc)
 
-    def exited(self, exit_code: int) -> None:
+    def exited(self, exit_code: int, killed_processes: int | None = None) -> None:
         """Called when the runner is gone, also while the agent stops (the supervisor is being cancelled)."""
         try:
-            self._exited(exit_code)
+            self._exited(exit_code, killed_processes)
         except Exception as exc:
             self._on_bug("runner_output", exc)
 
-    def _exited(self, exit_code: int) -> None:
-        log.info("Runner exited", extra={"exit_code": exit_code})
+    def _exited(self, exit_code: int, killed_processes: int | None) -> None:
+        log.info("Runner exited", extra={"exit_code": exit_code, "killed_processes": killed_processes})
         self._holder.runner_pid = None
         if self.muted:
             return
         if self._holder.phase is Phase.REGISTERING_RUNNER:
             self._fail("runner_start_failed", f"runner exited with code {exit_code} before listening for jobs")
         else:
-            self._holder.apply(machine.RunnerExited(exit_code))
+            self._holder.apply(machine.RunnerExited(exit_code, killed_processes))
 
 
 async def _listen_deadline(holder: StateHolder, limit_s: float, run_scope: trio.CancelScope, watch: _RunWatch) -> None:
