@@ -30,10 +30,11 @@
 # token in its environment), and accept that a job can kill MIGlet. MIGlet warns at start in that setup.
 #
 # Stopping: on SIGTERM MIGlet sends the runner SIGINT, gives it MIGLET_SHUTDOWN_GRACE seconds (default 30), kills
-# what is left of it, then spends up to 10 s delivering the events it still owes the controller, and exits 0.
-# The platform's stop timeout must be longer than all of that, or the platform's SIGKILL cuts it short:
-# `docker stop -t 45` / `docker run --stop-timeout 45`, Kubernetes `terminationGracePeriodSeconds: 45` (both
-# default to 10 s and 30 s, too short), and raise them with MIGLET_SHUTDOWN_GRACE (grace + 15 s).
+# what is left of it, then spends up to MIGLET_FLUSH_TIMEOUT (default 60 s) delivering the events it still owes
+# the controller, and exits 0 (3 when the controller did not take them all). The platform's stop timeout must be
+# longer than all of that, or the platform's SIGKILL cuts it short: `docker stop -t 100` / `docker run
+# --stop-timeout 100`, Kubernetes `terminationGracePeriodSeconds: 100` (both default to 10 s and 30 s, too
+# short); keep it at grace + flush timeout + 10 s, or lower MIGLET_FLUSH_TIMEOUT to fit a shorter one.
 #
 # PID 1: MIGlet handles SIGTERM, SIGINT and SIGHUP itself, and reaps the orphans it adopts (it is their child
 # subreaper, and as PID 1 it adopts every orphan of the container); it needs no init in front of it.
