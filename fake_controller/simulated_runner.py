@@ -20,6 +20,8 @@ class Job(msgspec.Struct, frozen=True):
     name: str
     result: str = "Succeeded"
     duration_s: float = 1.0
+    # Printed one by one while the job runs, spread over its duration (a worker's progress, say).
+    lines: tuple[str, ...] = ()
 
 
 class Crash(msgspec.Struct, frozen=True):
@@ -114,7 +116,11 @@ class SimulatedRunner:
     async def _run_job(self, job: Job, on_line: LineSink) -> None:
         on_line("stdout", f"{_stamp()}: Running job: {job.name}")
         try:
-            await trio.sleep(job.duration_s)
+            pause = job.duration_s / (len(job.lines) + 1)
+            for line in job.lines:
+                await trio.sleep(pause)
+                on_line("stdout", line)
+            await trio.sleep(pause)
         except trio.Cancelled:
             # A graceful stop cancels the running job, as SIGINT does to the real runner.
             self.interrupted = True

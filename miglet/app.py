@@ -56,6 +56,7 @@ log = logging.getLogger(__name__)
 CUT_SHORT_FLUSH_S: Final = 3.0
 STATE_REFRESH_S: Final = 10.0
 REMOVE_TIMEOUT: Final = 60.0
+_BEFORE_ACKNOWLEDGMENT: Final = frozenset({Phase.INITIALIZING, Phase.WAITING_FOR_CONTROLLER})
 # How many of the events a stop could not deliver are named in its last error line.
 MISSING_LISTED: Final = 20
 
@@ -70,23 +71,28 @@ class StopPlan:
         self.flush_timeout = flush_timeout
         # Around the runner's removal, the one slow step of a stop that a second signal skips.
         self.removing = trio.CancelScope()
-        # Around the final delivery of what is owed, once it has begun.
-        self.flushing: trio.CancelScope | None = None
+        # When the final delivery of what is owed gives up: fixed when it begins, moved closer by a second signal.
+        self._flush_deadline: float | None = None
+        self._flushing: trio.CancelScope | None = None
 
     def cut_short(self) -> None:
         """Stop now: kill the runner without waiting out its grace, skip its removal, flush only briefly."""
         self.grace.cut_short()
         self.removing.cancel()
         self.flush_timeout = min(self.flush_timeout, CUT_SHORT_FLUSH_S)
-        if self.flushing is not None:
-            self.flushing.deadline = min(self.flushing.deadline, trio.current_time() + CUT_SHORT_FLUSH_S)
+        if self._flush_deadline is not None:
+            self._flush_deadline = min(self._flush_deadline, trio.current_time() + CUT_SHORT_FLUSH_S)
+            if self._flushing is not None:
+                self._flushing.deadline = self._flush_deadline
 
     async def flush(self, outbox: Outbox) -> None:
         """Wait until `outbox` has delivered everything, until the flush timeout (counted from the first call)."""
-        if self.flushing is None:
-            self.flushing = trio.CancelScope(deadline=trio.current_time() + self.flush_timeout)
-        with trio.CancelScope(deadline=self.flushing.deadline) as self.flushing:
+        if self._flush_deadline is None:
+            self._flush_deadline = trio.current_time() + self.flush_timeout
+        self._flushing = trio.move_on_at(self._flush_deadline)
+        with self._flushing:
             await outbox.wait_empty()
+        self._flushing = None
 
 
 class Agent:
@@ -158,9 +164,11 @@ class Agent:
         self.request_stop(params.reason, grace=params.grace_period_s, remove_token=params.remove_token)
 
     def _give_up(self) -> None:
-        """Internal errors keep recurring: stop the ordinary way (the runner is stopped, events delivered)."""
-        self.request_stop("internal_error")
-        self.stop_plan.exit_code = exitcodes.FAILURE
+        """Tasks keep failing: stop the ordinary way (the runner is stopped, events delivered), with exit code 1.
+
+        A stop already under way for another reason goes on as it is, with its own exit code.
+        """
+        self.request_stop("internal_error", exit_code=exitcodes.FAILURE)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> int:
         """Run until stopped; returns the process exit code."""
@@ -186,11 +194,17 @@ class Agent:
                     root.start_soon(supervise, "signals", self._watch_signals)
                 if is_child_subreaper():  # `miglet run`: orphans of the runner come to this process
                     root.start_soon(supervise, "reaper", reap_orphans_task)
-                root.start_soon(supervise, "outbox", partial(self.outbox.serve, client))
+                root.start_soon(supervise, "outbox", partial(self._serve_outbox, client))
                 root.start_soon(supervise, "state_refresh", partial(state_refresh_task, self.holder, STATE_REFRESH_S))
                 self.holder.apply(machine.Start(runner_name=config.effective_runner_name, ephemeral=config.ephemeral))
                 task_status.started()
-                await self._work(config, client, backend)
+                try:
+                    await self._work(config, client, backend)
+                except Exception as exc:
+                    # Supervision keeps bugs inside the tasks; should one get out all the same, the tasks (and the
+                    # runner with them) are gone, and what is left is to finish the stop as any stop is finished.
+                    self.supervision.bug("agent", exc)
+                    self._give_up()
                 await self._finish(backend)
                 root.cancel_scope.cancel()
         finally:
@@ -205,7 +219,7 @@ class Agent:
         here, so that it outlives a restart of either.
         """
         supervise = self.supervision.run
-        on_bug = self.supervision.failed
+        on_bug = self.supervision.bug
         send, receive = trio.open_memory_channel[protocol.RegisterRunner](0)
         vm_started = self.stamper.stamp(protocol.VmStarted())
         async with trio.open_nursery() as work:
@@ -233,7 +247,14 @@ class Agent:
             self._start_deadlines(work)
             await self.holder.value.wait_value(lambda state: state.phase is Phase.STOPPING)
             self.outbox.hurry()
+            self.supervision.hurry()
             work.cancel_scope.cancel()
+
+    async def _serve_outbox(self, client: ControllerClient) -> None:
+        """Deliver events once `vm_started` has been acknowledged (or the agent stops without it): nothing goes
+        to the controller before the VM has introduced itself."""
+        await self.holder.value.wait_value(lambda state: state.phase not in _BEFORE_ACKNOWLEDGMENT)
+        await self.outbox.serve(client)
 
     def _reread_token(self) -> Secret | None:
         """The controller token as MIGLET_CONTROLLER_TOKEN_FILE holds it now (None, logged, when unusable)."""
@@ -305,7 +326,7 @@ class Agent:
                 "Stopping without delivering every event owed to the controller",
                 extra={
                     "missing": [describe(event) for event in owed[:MISSING_LISTED]],
-                    "missing_count": len(owed) - len(self.outbox.lost) + self.outbox.lost_count,
+                    "missing_count": self.outbox.owed_count(),
                     "flush_timeout_s": self.config.flush_timeout,
                 },
             )

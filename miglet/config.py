@@ -363,7 +363,7 @@ def load_config(env: Mapping[str, str] | None = None) -> Config:
         idle_timeout=reader.number("MIGLET_IDLE_TIMEOUT", d.idle_timeout, minimum=0),
         clock_skew=reader.number("MIGLET_CLOCK_SKEW", d.clock_skew, minimum=0, maximum=3600),
         retry_base=reader.number("MIGLET_RETRY_BASE", d.retry_base, minimum=MIN_RETRY_BASE),
-        retry_cap=reader.number("MIGLET_RETRY_CAP", d.retry_cap, minimum=0, exclusive=True),
+        retry_cap=reader.number("MIGLET_RETRY_CAP", d.retry_cap, minimum=MIN_RETRY_BASE),
         outbox_capacity=reader.integer("MIGLET_OUTBOX_CAPACITY", d.outbox_capacity, minimum=10, maximum=1_000_000),
         log_format=reader.choice("MIGLET_LOG_FORMAT", d.log_format, ("auto", "json", "text")),  # type: ignore[arg-type]
         log_level=reader.choice("MIGLET_LOG_LEVEL", d.log_level, ("debug", "info", "warning", "error")),  # type: ignore[arg-type]

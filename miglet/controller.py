@@ -36,6 +36,8 @@ READ_TIMEOUT: Final = 10.0
 REQUEST_DEADLINE: Final = 20.0
 # A long poll may be held for `wait` seconds; its deadline (and read timeout) allows that plus this margin.
 LONG_POLL_MARGIN: Final = 10.0
+# Releasing a connection after an answer.
+CLOSE_TIMEOUT: Final = 1.0
 # Answers that mean "these credentials are not accepted": the token file is read again, in case it was rotated.
 _AUTH_REFUSED: Final = frozenset({401, 403})
 
@@ -113,11 +115,13 @@ class ControllerClient:
         request = self._http.build_request(
             method, path, content=content, headers=headers, params=params, extensions=extensions
         )
-        with trio.move_on_after(deadline) as scope:
-            response, body = await self._exchange(request, what, read_body)
-        if scope.cancelled_caught:
+        answer: tuple[httpx.Response, bytes] | None = None
+        with trio.move_on_after(deadline):
+            answer = await self._exchange(request, what, read_body)
+        if answer is None:
             log.warning("Controller request cut short by its deadline", extra={"request": what, "deadline_s": deadline})
             raise ControllerUnavailable(f"{what}: no complete answer within {deadline:g} s")
+        response, body = answer
         status = response.status_code
         if 200 <= status < 300:
             return body
@@ -149,7 +153,10 @@ class ControllerClient:
                 else:
                     body = b""  # a 2xx answer to an event is all that counts
             finally:
-                await response.aclose()
+                # Shielded (and bounded): an answer read in full is not thrown away because the deadline passed
+                # while the connection was being released.
+                with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT):
+                    await response.aclose()
         except httpx.TimeoutException as exc:
             raise ControllerUnavailable(f"{what}: timed out ({type(exc).__name__})") from None
         except httpx.HTTPError as exc:
@@ -183,28 +190,37 @@ def _describe(exc: BaseException) -> str:
     return messages[-1] if messages else "connection failed"
 
 
-def _declares_too_much(content_length: str | None) -> bool:
-    """Whether a Content-Length header announces more than MAX_BODY_BYTES (any text is accepted)."""
+def _declared_length(content_length: str | None) -> int | None:
+    """The length a Content-Length header announces (any text is accepted): None when there is none to trust,
+    and MAX_BODY_BYTES + 1 for anything longer than MIGlet reads."""
     if content_length is None:
-        return False
+        return None
     value = content_length.strip()
     if not (value.isascii() and value.isdigit()):
-        return False  # not a length: the transport decides what to make of it
+        return None  # not a length: the transport decides what to make of it
     # Compared as text first: int() refuses numbers of more than a few thousand digits (leading zeros included).
     digits = value.lstrip("0") or "0"
-    return len(digits) > len(str(MAX_BODY_BYTES)) or int(digits) > MAX_BODY_BYTES
+    if len(digits) > len(str(MAX_BODY_BYTES)):
+        return MAX_BODY_BYTES + 1
+    return min(int(digits), MAX_BODY_BYTES + 1)
 
 
 async def _read_capped(response: httpx.Response, what: str) -> bytes:
-    if _declares_too_much(response.headers.get("Content-Length")):
+    declared = _declared_length(response.headers.get("Content-Length"))
+    if declared is not None and declared > MAX_BODY_BYTES:
         raise protocol.ProtocolError(f"{what}: response body exceeds {MAX_BODY_BYTES} bytes")
+    if response.headers.get("Content-Encoding", "identity").strip().lower() != "identity":
+        declared = None  # the length counts the encoded bytes, not the ones read here
     chunks: list[bytes] = []
     size = 0
-    async for chunk in response.aiter_bytes():
-        size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            raise protocol.ProtocolError(f"{what}: response body exceeds {MAX_BODY_BYTES} bytes")
-        chunks.append(chunk)
+    async with aclosing(cast(AsyncGenerator[bytes, None], response.aiter_bytes())) as stream:
+        async for chunk in stream:
+            size += len(chunk)
+            if size > MAX_BODY_BYTES:
+                raise protocol.ProtocolError(f"{what}: response body exceeds {MAX_BODY_BYTES} bytes")
+            chunks.append(chunk)
+            if declared is not None and size >= declared:
+                break  # complete: releasing the connection is left to the caller, outside the deadline
     return b"".join(chunks)
 
 

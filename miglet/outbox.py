@@ -33,16 +33,22 @@ MAX_RETRY_WHILE_STOPPING: Final = 1.0
 EVENT_REFUSED: Final = frozenset({400, 404, 409, 410, 413, 415, 422})
 # Lifecycle events lost to a full queue, remembered for the report at the end.
 LOST_KEPT: Final = 100
+# An event whose delivery fails with a bug (not a fault of the controller) this many times running is given up,
+# so that it cannot hold up the events behind it for ever.
+MAX_BUG_STRIKES: Final = 3
 
 
 def is_lifecycle(event: protocol.AnyEvent) -> bool:
     return isinstance(event, protocol.LIFECYCLE_EVENTS)
 
 
+_HEARTBEAT_RANK: Final = 0
+
+
 def _rank(event: protocol.AnyEvent) -> int:
     """Which events a full queue gives up first: the lowest rank."""
     if isinstance(event, protocol.Heartbeat):
-        return 0
+        return _HEARTBEAT_RANK
     if not is_lifecycle(event):
         return 1
     # A controller can make the agent owe any number of these (a flood of unknown commands): they go before the
@@ -81,9 +87,12 @@ class Outbox:
         self.dropped = 0
         # Dropped because the queue was full, by event type: reported in heartbeats.
         self.overflow: Counter[str] = Counter()
-        # Lifecycle events dropped because the queue was full (the latest LOST_KEPT of them), and how many.
+        # Lifecycle events given up (the queue was full, or delivering them kept failing with a bug): the latest
+        # LOST_KEPT of them, and how many.
         self.lost: deque[protocol.AnyEvent] = deque(maxlen=LOST_KEPT)
         self.lost_count = 0
+        # The head of the queue and how many times running its delivery has failed with a bug.
+        self._strikes: tuple[str, int] = ("", 0)
 
     def __len__(self) -> int:
         return len(self._queue)
@@ -93,8 +102,12 @@ class Outbox:
         return list(self._queue)
 
     def owed(self) -> list[protocol.AnyEvent]:
-        """Lifecycle events the controller has not received: still queued, or lost to a full queue."""
+        """Lifecycle events the controller has not received: given up (the latest LOST_KEPT), then still queued."""
         return [*self.lost, *(event for event in self._queue if is_lifecycle(event))]
+
+    def owed_count(self) -> int:
+        """How many lifecycle events the controller has not received, all of them counted."""
+        return self.lost_count + sum(1 for event in self._queue if is_lifecycle(event))
 
     def put(self, event: protocol.AnyEvent) -> protocol.AnyEvent:
         """Queue `event` (stamped here) for delivery; never blocks."""
@@ -126,15 +139,22 @@ class Outbox:
         raise AssertionError("rank counts out of step with the queue")  # pragma: no cover
 
     def _overflowed(self, event: protocol.AnyEvent) -> None:
-        kind = type(event).__struct_config__.tag
+        self.overflow[str(type(event).__struct_config__.tag)] += 1
+        if is_lifecycle(event):
+            self._lost(event, "Outbox full: dropped an event owed to the controller")
+        else:
+            self.dropped += 1
+            log.warning("Outbox full: dropped an event", extra={"event": describe(event)})
+
+    def _lost(self, event: protocol.AnyEvent, why: str) -> None:
+        """`event` is dropped for good; a lifecycle event among them is remembered as owed."""
         self.dropped += 1
-        self.overflow[str(kind)] += 1
         if is_lifecycle(event):
             self.lost.append(event)
             self.lost_count += 1
-            log.error("Outbox full: dropped an event owed to the controller", extra={"event": describe(event)})
+            log.error(why, extra={"event": describe(event)})
         else:
-            log.warning("Outbox full: dropped an event", extra={"event": describe(event)})
+            log.warning(why, extra={"event": describe(event)})
 
     def hurry(self) -> None:
         """The agent is stopping: what is owed must go out in the little time left.
@@ -142,11 +162,15 @@ class Outbox:
         Queued heartbeats are dropped (they say nothing any more), and a retry waiting out a long backoff tries
         again now; further retries wait at most MAX_RETRY_WHILE_STOPPING.
         """
-        for queued in list(self._queue)[1:]:
-            if isinstance(queued, protocol.Heartbeat):
-                self._queue.remove(queued)
-                self._ranks[_rank(queued)] -= 1
-                self.dropped += 1
+        if self._queue:
+            head, *rest = self._queue
+            kept = [event for event in rest if not isinstance(event, protocol.Heartbeat)]
+            dropped = len(rest) - len(kept)
+            if dropped:
+                self._queue = deque([head, *kept])
+                self._ranks[_HEARTBEAT_RANK] -= dropped
+                self.dropped += dropped
+                log.info("Stopping: dropped the heartbeats still queued", extra={"dropped": dropped})
         self._length.value = len(self._queue)
         self._hurry.set()
 
@@ -162,10 +186,26 @@ class Outbox:
         while True:
             await self._length.wait_value(lambda n: n > 0)
             event = self._queue[0]
-            await self._deliver(client, event)
-            self._queue.popleft()
-            self._ranks[_rank(event)] -= 1
-            self._length.value = len(self._queue)
+            try:
+                await self._deliver(client, event)
+            except Exception:
+                if self._strike(event):
+                    self._remove_head(event)
+                    self._lost(event, "Giving up an event whose delivery keeps failing with an internal error")
+                raise
+            self._remove_head(event)
+
+    def _remove_head(self, event: protocol.AnyEvent) -> None:
+        self._queue.popleft()
+        self._ranks[_rank(event)] -= 1
+        self._length.value = len(self._queue)
+
+    def _strike(self, event: protocol.AnyEvent) -> bool:
+        """Count a bug met delivering `event`; True when it has had MAX_BUG_STRIKES running."""
+        event_id, count = self._strikes
+        count = count + 1 if event_id == event.event_id else 1
+        self._strikes = (event.event_id, count)
+        return count >= MAX_BUG_STRIKES
 
     async def _deliver(self, client: ControllerClient, event: protocol.AnyEvent) -> None:
         kind = type(event).__struct_config__.tag

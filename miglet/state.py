@@ -60,7 +60,10 @@ class StateHolder:
         return self.value.value.phase
 
     def apply(self, event: machine.Input) -> bool:
-        """Feed `event` to the machine; False (and nothing changes) when it does not apply now."""
+        """Feed `event` to the machine; False (and nothing changes) when it does not apply now.
+
+        Observers must not call `apply` themselves: the observers after them would see the changes out of order.
+        """
         before = self.value.value
         step = machine.transition(before, event)
         if not step.accepted:

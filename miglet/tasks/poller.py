@@ -123,14 +123,12 @@ async def _dispatch_registrations(
     `shutdown` is never held up behind a slow `config.sh`.
     """
     waiting: protocol.RegisterRunner | None = None
-    accepted = False
     async with pending:
         try:
             async for command in pending:
-                waiting, accepted = command, False
+                waiting = command
                 await holder.value.wait_value(lambda state: state.phase is not Phase.REGISTERING_RUNNER)
                 if holder.apply(machine.RegistrationReceived(command.id)):
-                    accepted = True
                     await registrations.send(command)
                 elif holder.phase in (Phase.STOPPING, Phase.STOPPED):
                     _refuse(outbox, command.id, "the agent is stopping")
@@ -142,10 +140,13 @@ async def _dispatch_registrations(
             # carried out, and a registration accepted but never handed over does not hold the agent in
             # RegisteringRunner.
             why = _interrupted(holder)
-            if waiting is not None and not (
-                accepted and holder.apply(machine.RegistrationFailed(waiting.id, "internal_error", why))
-            ):
-                _refuse(outbox, waiting.id, why)
+            if waiting is not None:
+                # Told by the state rather than by how far this code got: the machine may have taken the command
+                # even though applying it raised (in an observer, say).
+                state = holder.state
+                taken = state.phase is Phase.REGISTERING_RUNNER and state.command_id == waiting.id
+                if not (taken and holder.apply(machine.RegistrationFailed(waiting.id, "internal_error", why))):
+                    _refuse(outbox, waiting.id, why)
             while True:
                 try:
                     _refuse(outbox, pending.receive_nowait().id, why)
@@ -156,7 +157,7 @@ async def _dispatch_registrations(
 def _interrupted(holder: StateHolder) -> str:
     if holder.phase in (Phase.STOPPING, Phase.STOPPED):
         return "the agent is stopping"
-    return "an internal error interrupted it; send it again"
+    return "an internal error interrupted it; send it again, with a new id"
 
 
 def _refuse(outbox: Outbox, command_id: str, error: str) -> None:
