@@ -7,6 +7,7 @@ them as MIGLET_RUNNER_USER, or else allows the runner to run as root and says so
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import logging
 import os
@@ -24,7 +25,7 @@ import trio
 from miglet.procfs import read_stat
 from miglet.runner.backend import ConfigureFailed, Grace, LineSink, Registration, RunObserver
 from miglet.runner.output import clean
-from miglet.secret import Secret, redact
+from miglet.secret import Secret, redact, redact_partial
 
 log = logging.getLogger(__name__)
 
@@ -332,19 +333,64 @@ async def _relay_output(process: trio.Process, exited: trio.Event, sink: LineSin
 
 
 async def _relay_lines(stream: trio.abc.ReceiveStream, name: str, sink: LineSink) -> None:
-    buffer = b""
+    lines = _MaskedLines()
     async with stream:
         while chunk := await stream.receive_some(65536):
-            buffer += chunk
-            *lines, buffer = buffer.split(b"\n")
-            for line in lines:
-                sink(name, _decode(line))
-            if len(buffer) > MAX_LINE:
-                sink(name, _decode(buffer[:MAX_LINE]))
-                buffer = b""
-    if buffer:
-        sink(name, _decode(buffer))
+            for line in lines.feed(chunk):
+                sink(name, line)
+    for line in lines.finish():
+        sink(name, line)
 
 
-def _decode(line: bytes) -> str:
-    return line[:MAX_LINE].rstrip(b"\r").decode("utf-8", "replace")
+# Ends a line cut at MAX_LINE characters.
+CUT_MARK: Final = "…"
+
+
+class _MaskedLines:
+    """A runner's output as lines, secrets masked before a line is cut to MAX_LINE characters.
+
+    Decoding is incremental, so a character split across reads stays whole. A line is masked as it arrives,
+    holding back only what could be the start of a secret, so memory stays bounded whatever the runner prints:
+    once the masked line is longer than MAX_LINE, its first MAX_LINE characters are passed on (ending in
+    CUT_MARK) and the rest of it is dropped, never passed on as lines of their own that could be read as the
+    runner's.
+    """
+
+    def __init__(self) -> None:
+        self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        self._masked = ""  # the line so far, masked: nothing that follows can change it
+        self._raw = ""  # the rest of the line so far, too short yet to tell whether a secret starts in it
+        self._dropping = False  # the line was cut: the rest of it goes
+
+    def feed(self, data: bytes | bytearray) -> list[str]:
+        return self._split(self._decoder.decode(data))
+
+    def finish(self) -> list[str]:
+        """The lines left when the stream has ended, the last one without its newline."""
+        lines = self._split(self._decoder.decode(b"", final=True))
+        if (self._masked or self._raw) and not self._dropping:
+            lines.append(self._end_line())
+        return lines
+
+    def _split(self, text: str) -> list[str]:
+        lines: list[str] = []
+        *ended, rest = text.split("\n")
+        for part in ended:
+            if self._dropping:
+                self._dropping = False
+            else:
+                self._raw += part
+                lines.append(self._end_line())
+        if rest and not self._dropping:
+            done, self._raw = redact_partial(self._raw + rest)
+            self._masked += done
+            if len(self._masked) > MAX_LINE and len(self._masked.rstrip("\r")) > MAX_LINE:
+                lines.append(self._masked[:MAX_LINE] + CUT_MARK)
+                self._masked = self._raw = ""
+                self._dropping = True
+        return lines
+
+    def _end_line(self) -> str:
+        line = (self._masked + redact(self._raw)).rstrip("\r")
+        self._masked = self._raw = ""
+        return line if len(line) <= MAX_LINE else line[:MAX_LINE] + CUT_MARK
