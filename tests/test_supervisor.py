@@ -133,7 +133,8 @@ async def test_a_refused_token_is_reported_as_an_invalid_command(
     make_config: ConfigFactory, autojump_clock: trio.testing.MockClock
 ) -> None:
     runner = SimulatedRunner()
-    harness = await supervise(make_config, runner, command(registration_token="   "), Phase.READY)
+    with trio.fail_after(60):  # were the token taken, the runner would listen and the agent never be Ready again
+        harness = await supervise(make_config, runner, command(registration_token="   "), Phase.READY)
     [failed] = harness.events()
     assert isinstance(failed, protocol.RegistrationFailed)
     assert failed.reason == "invalid_command"
