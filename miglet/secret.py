@@ -96,6 +96,8 @@ class _Registry:
         # A secret starting before `safe` ends within `text`, so what follows cannot change how it is masked;
         # one starting later may go on past the end of `text`.
         safe = len(text) - compiled.longest + 1
+        if safe <= 0:
+            return "", text
         parts: list[str] = []
         position = 0
         for match in compiled.pattern.finditer(text):

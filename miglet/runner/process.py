@@ -359,7 +359,8 @@ class _MaskedLines:
     def __init__(self) -> None:
         self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
         self._masked = ""  # the line so far, masked: nothing that follows can change it
-        self._raw = ""  # the rest of the line so far, too short yet to tell whether a secret starts in it
+        self._raw = ""  # the rest of the line so far, not masked yet
+        self._held = 0  # how much of `_raw` the last masking held back, as a secret might start in it
         self._dropping = False  # the line was cut: the rest of it goes
 
     def feed(self, data: bytes | bytearray) -> list[str]:
@@ -382,15 +383,24 @@ class _MaskedLines:
                 self._raw += part
                 lines.append(self._end_line())
         if rest and not self._dropping:
-            done, self._raw = redact_partial(self._raw + rest)
-            self._masked += done
-            if len(self._masked) > MAX_LINE and len(self._masked.rstrip("\r")) > MAX_LINE:
-                lines.append(self._masked[:MAX_LINE] + CUT_MARK)
-                self._masked = self._raw = ""
-                self._dropping = True
+            self._raw += rest
+            # Masking scans what it held back last time (up to a JIT config's length): once per MAX_LINE new
+            # characters, not once per read, which may be a single byte.
+            if len(self._raw) > self._held + MAX_LINE:
+                done, self._raw = redact_partial(self._raw)
+                self._held = len(self._raw)
+                self._masked += done
+                if len(self._masked) > MAX_LINE and len(self._masked.rstrip("\r")) > MAX_LINE:
+                    lines.append(self._masked[:MAX_LINE] + CUT_MARK)
+                    self._reset()
+                    self._dropping = True
         return lines
 
     def _end_line(self) -> str:
         line = (self._masked + redact(self._raw)).rstrip("\r")
-        self._masked = self._raw = ""
+        self._reset()
         return line if len(line) <= MAX_LINE else line[:MAX_LINE] + CUT_MARK
+
+    def _reset(self) -> None:
+        self._masked = self._raw = ""
+        self._held = 0
