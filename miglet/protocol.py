@@ -261,7 +261,7 @@ def encode_event(event: AnyEvent) -> bytes:
 
 
 def _masked_event(event: AnyEvent) -> AnyEvent:
-    changes: dict[str, Any] = {}
+    changes: dict[str, object] = {}
     for name in event.__struct_fields__:
         value = getattr(event, name)
         masked = _masked(value)
@@ -271,7 +271,7 @@ def _masked_event(event: AnyEvent) -> AnyEvent:
     return msgspec.structs.replace(event, **changes) if changes else event
 
 
-def _masked(value: Any) -> Any:
+def _masked(value: object) -> object:
     """`value` itself when it holds no secret, else a masked copy."""
     if isinstance(value, str):
         masked = secret.redact(value)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import io
 import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import httpx
@@ -21,12 +23,12 @@ from hypothesis import strategies as st
 from fake_controller import FakeController, Settings
 from fake_controller.simulated_runner import Job, SimulatedRunner
 from miglet.app import Agent
+from miglet.config import Config
 from miglet.logs import configure_logging
 from miglet.machine import Phase
 from miglet.runner.backend import ConfigureFailed, LineSink, Registration, RunObserver
 from miglet.secret import Secret, redact, redact_partial
 from tests.conftest import ConfigFactory
-from tests.test_agent import running_agent
 
 CONTROLLER_TOKEN = "ctl-0123456789-controller-token"
 REJECTED_TOKEN = "AHTREJECTEDTOKEN0000000001"
@@ -139,6 +141,30 @@ def test_masking_a_text_in_parts_masks_it_as_a_whole(parts: list[str]) -> None:
         masked += done
         assert text.endswith(rest)
     assert masked + redact(rest) == redact("".join(parts))
+
+
+class RunningAgent:
+    """An agent run in the background of a test, against the fake controller."""
+
+    def __init__(self, config: Config, controller: FakeController, runner: SimulatedRunner) -> None:
+        self.agent = Agent(config, transport=httpx.ASGITransport(app=controller), backend=runner, handle_signals=False)
+        self.exit_code: int | None = None
+
+    async def run(self) -> None:
+        self.exit_code = await self.agent.run()
+
+    async def reach(self, phase: Phase) -> None:
+        await self.agent.holder.value.wait_value(lambda state: state.phase is phase)
+
+
+@asynccontextmanager
+async def running_agent(
+    config: Config, controller: FakeController, runner: SimulatedRunner
+) -> AsyncIterator[RunningAgent]:
+    running = RunningAgent(config, controller, runner)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(running.run)
+        yield running
 
 
 class TrimmingRunner(SimulatedRunner):
