@@ -161,7 +161,15 @@ class Agent:
 
     def _on_shutdown_command(self, command: protocol.Shutdown) -> None:
         params = command.parameters
-        self.request_stop(params.reason, grace=params.grace_period_s, remove_token=params.remove_token)
+        remove_token = params.remove_token
+        if remove_token is not None and (problem := protocol.token_problem(remove_token)) is not None:
+            # Whoever asks for a stop expects the VM to stop: only the removal is given up, and the controller
+            # hears why.
+            error = f"remove_token {problem}; the runner is not removed"
+            log.error("Unusable shutdown command parameter", extra={"command_id": command.id, "error": error})
+            self.outbox.put(protocol.CommandFailed(command_id=command.id, command_type="shutdown", error=error))
+            remove_token = None
+        self.request_stop(params.reason, grace=params.grace_period_s, remove_token=remove_token)
 
     def _give_up(self) -> None:
         """Tasks keep failing: stop the ordinary way (the runner is stopped, events delivered), with exit code 1.

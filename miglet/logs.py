@@ -3,13 +3,16 @@
 Records carry their structured fields as `extra=`; the agent's identity and current state come from a context
 variable set once per agent, so that many agents in one process (tests, benchmarks) each log as themselves.
 Every part of a line (message, fields, traceback) passes through `secret.redact` before it is encoded: the one
-place where log masking happens, early enough that no escaping can hide a secret from it.
+place where log masking happens, early enough that no escaping can hide a secret from it. After masking, both
+formats escape what could break a line (or drive a terminal), so that no value can forge a record: one record
+is one line, plus, in text, a traceback whose every line is indented.
 """
 
 from __future__ import annotations
 
 import contextvars
 import logging
+import re
 import sys
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -55,10 +58,38 @@ def _masked(value: Any) -> Any:
     return redact(str(value))
 
 
+# What JSON leaves unescaped but readers may take for a line break (U+0085, U+2028, U+2029) or a terminal may
+# obey (DEL and the C1 controls, such as U+009B, an escape sequence's start): as UTF-8 bytes, which only ever
+# occur inside a JSON string.
+_JSON_UNSAFE: Final = re.compile(rb"\x7f|\xc2[\x80-\x9f]|\xe2\x80[\xa8\xa9]")
+
+
+def _json_escape(match: re.Match[bytes]) -> bytes:
+    return b"\\u%04x" % ord(match[0].decode())
+
+
+def _without_surrogates(value: Any) -> Any:
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode()
+    if isinstance(value, dict):
+        return {key: _without_surrogates(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_without_surrogates(item) for item in value]
+    return value
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: ts, level, logger, msg, vm_id, pool_id, state, then the record's fields."""
 
     _encoder = msgspec.json.Encoder()
+
+    def _encode(self, line: dict[str, Any]) -> str:
+        try:
+            encoded = self._encoder.encode(line)
+        except UnicodeEncodeError:
+            # A lone surrogate (a file name or setting that was not UTF-8) cannot be encoded: keep the record.
+            encoded = self._encoder.encode(_without_surrogates(line))
+        return _JSON_UNSAFE.sub(_json_escape, encoded).decode()
 
     def format(self, record: logging.LogRecord) -> str:
         line: dict[str, Any] = {
@@ -74,7 +105,29 @@ class JsonFormatter(logging.Formatter):
             line.setdefault(key, value)
         if record.exc_info:
             line["exc"] = redact(self.formatException(record.exc_info))
-        return self._encoder.encode(line).decode()
+        return self._encode(line)
+
+
+_ESCAPES: Final = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+# Starts every line of a traceback in text: no record line starts so, so none can be forged inside one.
+TRACEBACK_INDENT: Final = "  | "
+
+
+def _escaped(character: str) -> str:
+    if character.isprintable():
+        return character
+    if character in _ESCAPES:
+        return _ESCAPES[character]
+    code = ord(character)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+
+
+def escape(text: str) -> str:
+    """`text` with every character that is not printable (line breaks, control, format and separator characters)
+    written as a Python escape, so that it stays on one line and cannot drive a terminal."""
+    if text.isprintable():  # the usual case, checked at C speed
+        return text
+    return "".join(map(_escaped, text))
 
 
 class TextFormatter(logging.Formatter):
@@ -82,11 +135,13 @@ class TextFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         context = agent_context.get()
-        state = f" [{context.state()}]" if context is not None else ""
-        fields = "".join(f" {key}={value}" for key, value in _fields(record).items())
-        text = f"{_timestamp(record)} {record.levelname:<7}{state} {redact(record.getMessage())}{fields}"
+        state = f" [{escape(context.state())}]" if context is not None else ""
+        fields = "".join(f" {escape(key)}={escape(str(value))}" for key, value in _fields(record).items())
+        text = f"{_timestamp(record)} {record.levelname:<7}{state} {escape(redact(record.getMessage()))}{fields}"
         if record.exc_info:
-            text += "\n" + redact(self.formatException(record.exc_info))
+            # Only the traceback's own line breaks (its structure) are kept; any other is escaped.
+            for line in redact(self.formatException(record.exc_info)).split("\n"):
+                text += "\n" + TRACEBACK_INDENT + escape(line)
         return text
 
 

@@ -6,6 +6,7 @@ are decoded one at a time from the raw list, so a malformed command is rejected 
 
 from __future__ import annotations
 
+import unicodedata
 from datetime import datetime
 from typing import Annotated, Final
 
@@ -223,6 +224,34 @@ class Shutdown(msgspec.Struct, kw_only=True, tag="shutdown", tag_field="type"):
     created_at: AwareDatetime | None = None
 
 
+MIN_TOKEN_LENGTH: Final = 8
+# Control characters (Cc), invisible format characters such as bidirectional overrides (Cf), line and paragraph
+# separators (Zl, Zp) and lone surrogates (Cs): in a token they would let a line break hide it from masking, and
+# in a label or runner group, hide or forge text wherever it is shown.
+_UNPRINTABLE_CATEGORIES: Final = frozenset({"Cc", "Cf", "Zl", "Zp", "Cs"})
+
+
+def unprintable_character(text: str) -> str | None:
+    """The first control, format or separator character in `text`, as U+XXXX; None when there is none."""
+    if text.isprintable():  # the usual case, checked at C speed
+        return None
+    for character in text:
+        if unicodedata.category(character) in _UNPRINTABLE_CATEGORIES:
+            return f"U+{ord(character):04X}"
+    return None
+
+
+def token_problem(token: Secret) -> str | None:
+    """Why `token` (a registration token, JIT config or remove token) cannot be used, without quoting it; None
+    when it can. White space around it is allowed: it is masked both with and without."""
+    value = token.reveal().strip()
+    if len(value) < MIN_TOKEN_LENGTH:
+        return f"must have at least {MIN_TOKEN_LENGTH} characters besides white space around it"
+    if (character := unprintable_character(value)) is not None:
+        return f"must not contain control or format characters ({character})"
+    return None
+
+
 Command = RegisterRunner | Shutdown
 KNOWN_COMMAND_TYPES: Final = frozenset({"register_runner", "shutdown"})
 
@@ -267,7 +296,37 @@ _encoder: Final = msgspec.json.Encoder()
 
 
 def encode_event(event: AnyEvent) -> bytes:
-    return _encoder.encode(event)
+    """The event as the controller receives it, every known secret masked in every string it carries.
+
+    The one door to the wire: whoever made the event, and whatever its strings came from (a job's name is
+    chosen by a workflow's author, an error may quote the runner), nothing passes unmasked.
+    """
+    return _encoder.encode(_masked_event(event))
+
+
+def _masked_event(event: AnyEvent) -> AnyEvent:
+    changes: dict[str, object] = {}
+    for name in event.__struct_fields__:
+        value = getattr(event, name)
+        masked = _masked(value)
+        if masked is not value:
+            changes[name] = masked
+    # Most events carry no secret: they are encoded as they are, without a copy.
+    return msgspec.structs.replace(event, **changes) if changes else event
+
+
+def _masked(value: object) -> object:
+    """`value` itself when it holds no secret, else a masked copy."""
+    if isinstance(value, str):
+        masked = secret.redact(value)
+        return value if masked == value else masked
+    if isinstance(value, dict):
+        items = {_masked(key): _masked(item) for key, item in value.items()}
+        return value if items == value else items
+    if isinstance(value, list | tuple):
+        elements = [_masked(item) for item in value]
+        return value if elements == list(value) else elements
+    return value
 
 
 # Everything msgspec raises for bad input: strings are checked for UTF-8 only when decoded (UnicodeDecodeError),

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 import threading
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 MASK: Final = "***"
 # Shorter values would mask ordinary words; nothing we treat as a secret is this short.
@@ -51,31 +51,63 @@ class Secret:
         raise TypeError("a Secret cannot be pickled")
 
 
+class _Compiled(NamedTuple):
+    pattern: re.Pattern[str]
+    longest: int
+
+
 class _Registry:
     """Every secret value seen by this process, compiled into one pattern for fast masking."""
 
     def __init__(self) -> None:
         self._values: set[str] = set()
-        self._pattern: re.Pattern[str] | None = None
+        self._compiled: _Compiled | None = None
         self._lock = threading.Lock()
 
     def add(self, value: str) -> None:
-        if len(value) < _MIN_REDACTED_LENGTH or value in self._values:
+        # A value arrives as it was sent, but may be printed trimmed (config.sh prints what it read, and a
+        # controller may add a newline): both forms are masked. A value that is mostly white space is neither,
+        # as it would mask ordinary text.
+        stripped = value.strip()
+        if len(stripped) < _MIN_REDACTED_LENGTH or (value in self._values and stripped in self._values):
             return
         with self._lock:
-            self._values.add(value)
-            self._pattern = None
+            self._values.update((value, stripped))
+            self._compiled = None
 
-    def redact(self, text: str) -> str:
-        if not self._values:
-            return text
-        pattern = self._pattern
-        if pattern is None:
+    def _current(self) -> _Compiled | None:
+        compiled = self._compiled
+        if compiled is None and self._values:
             with self._lock:
                 # Longest first, so a secret containing another is masked whole.
                 ordered = sorted(self._values, key=len, reverse=True)
-                pattern = self._pattern = re.compile("|".join(map(re.escape, ordered)))
-        return pattern.sub(MASK, text)
+                pattern = re.compile("|".join(map(re.escape, ordered)))
+                compiled = self._compiled = _Compiled(pattern, len(ordered[0]))
+        return compiled
+
+    def redact(self, text: str) -> str:
+        compiled = self._current()
+        return text if compiled is None else compiled.pattern.sub(MASK, text)
+
+    def redact_partial(self, text: str) -> tuple[str, str]:
+        compiled = self._current()
+        if compiled is None:
+            return text, ""
+        # A secret starting before `safe` ends within `text`, so what follows cannot change how it is masked;
+        # one starting later may go on past the end of `text`.
+        safe = len(text) - compiled.longest + 1
+        if safe <= 0:
+            return "", text
+        parts: list[str] = []
+        position = 0
+        for match in compiled.pattern.finditer(text):
+            if match.start() >= safe:
+                break
+            parts += (text[position : match.start()], MASK)
+            position = match.end()
+        end = max(position, safe)
+        parts.append(text[position:end])
+        return "".join(parts), text[end:]
 
 
 _registry = _Registry()
@@ -84,6 +116,15 @@ _registry = _Registry()
 def redact(text: str) -> str:
     """Replace every known secret value in `text` with a mask."""
     return _registry.redact(text)
+
+
+def redact_partial(text: str) -> tuple[str, str]:
+    """Mask the start of a text that goes on (a line still being read), without ever holding the whole of it.
+
+    Returns the masked part that nothing following can change, and the rest of `text` (shorter than the longest
+    secret, so bounded) to be masked with what follows: `done + redact(rest + more) == redact(text + more)`.
+    """
+    return _registry.redact_partial(text)
 
 
 def dec_hook(type_: type, obj: Any) -> Any:

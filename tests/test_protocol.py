@@ -170,6 +170,28 @@ def test_event_encoding_carries_type_first_and_omits_unset_org() -> None:
     assert decoded["type"] == "job_completed"
 
 
+ENCODED_SECRET = Secret("AHTENCODEDEVENTSECRET0001")
+
+
+@pytest.mark.parametrize(
+    "event",
+    [
+        protocol.JobStarted(job_name="deploy AHTENCODEDEVENTSECRET0001"),
+        protocol.JobCompleted(job_name="AHTENCODEDEVENTSECRET0001", result="Succeeded"),
+        protocol.RegistrationFailed(command_id="c1", reason="configure_failed", error="bad AHTENCODEDEVENTSECRET0001"),
+        protocol.CommandFailed(command_id="AHTENCODEDEVENTSECRET0001", command_type="shutdown", error="e"),
+        protocol.VmStopping(reason="asked by AHTENCODEDEVENTSECRET0001", runner_name="vm-123"),
+        protocol.RunnerRegistered(runner_name="r", command_id="c1", timings={"AHTENCODEDEVENTSECRET0001_s": 1.0}),
+        protocol.Heartbeat(vm_id="vm-AHTENCODEDEVENTSECRET0001", state="Idle", uptime_s=1.0),
+    ],
+)
+def test_every_string_an_event_carries_is_masked_on_the_wire(event: protocol.AnyEvent) -> None:
+    encoded = protocol.encode_event(event)
+    assert ENCODED_SECRET.reveal().encode() not in encoded
+    assert b"***" in encoded
+    assert ENCODED_SECRET.reveal() in repr(event)  # the event itself is left as it was
+
+
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
     lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=10), children, max_size=4),

@@ -1,27 +1,33 @@
 """Secrets never leave: a whole run, with every secret in play, and every byte MIGlet wrote searched for them.
 
 Rules: the agent runs in-process against the fake controller with a simulated runner that echoes what it was
-given (as a misbehaving runner might); logs are captured at debug level in both formats.
+given (as a misbehaving runner might); logs are captured at debug level in both formats. The masking itself is
+tested on `redact` directly; the secrets registered are shared by the whole process, so each test uses its own.
 """
 
 from __future__ import annotations
 
 import io
 import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import httpx
 import msgspec
 import pytest
 import trio
+from hypothesis import given
+from hypothesis import strategies as st
 
 from fake_controller import FakeController, Settings
 from fake_controller.simulated_runner import Job, SimulatedRunner
 from miglet.app import Agent
+from miglet.config import Config
 from miglet.logs import configure_logging
 from miglet.machine import Phase
-from miglet.runner.backend import LineSink, Registration, RunObserver
-from miglet.secret import Secret
+from miglet.runner.backend import ConfigureFailed, LineSink, Registration, RunObserver
+from miglet.secret import Secret, redact, redact_partial
 from tests.conftest import ConfigFactory
 
 CONTROLLER_TOKEN = "ctl-0123456789-controller-token"
@@ -101,3 +107,133 @@ async def test_no_secret_in_logs_state_file_or_events(
             assert value not in text, f"a secret reached the {where}"
     assert "***" in written["log"]
     assert len(controller.events_of("vm-123", "heartbeat")) > 0
+
+
+def test_a_secret_is_masked_with_and_without_the_white_space_around_it() -> None:
+    Secret("AHTSENTWITHANEWLINE000001\n")
+    assert redact("token AHTSENTWITHANEWLINE000001 rejected") == "token *** rejected"
+    assert redact("token AHTSENTWITHANEWLINE000001\n") == "token ***"
+
+
+def test_a_value_that_is_mostly_white_space_masks_nothing() -> None:
+    Secret("        ")
+    Secret("\n  ab  \n")
+    assert redact("a        b   ab  ") == "a        b   ab  "
+
+
+# Secrets that overlap, contain one another and share their starts, to put redact_partial's hold-back to work.
+_OVERLAPPING = [Secret(value).reveal() for value in ("PARTIALSECRET01", "PARTIALSECRET0123456", "SECRET0123456789")]
+_text_pieces = st.one_of(
+    st.sampled_from(_OVERLAPPING),
+    st.sampled_from(_OVERLAPPING).flatmap(lambda value: st.integers(1, len(value)).map(lambda n: value[:n])),
+    st.sampled_from(_OVERLAPPING).flatmap(lambda value: st.integers(1, len(value)).map(lambda n: value[-n:])),
+    st.text(alphabet="PARTIALSECRET0123456789 ", max_size=6),
+)
+
+
+@given(st.lists(st.lists(_text_pieces, max_size=6).map("".join), max_size=6))
+def test_masking_a_text_in_parts_masks_it_as_a_whole(parts: list[str]) -> None:
+    masked = ""
+    rest = ""
+    for part in parts:
+        text = rest + part
+        done, rest = redact_partial(text)
+        masked += done
+        assert text.endswith(rest)
+    assert masked + redact(rest) == redact("".join(parts))
+
+
+class RunningAgent:
+    """An agent run in the background of a test, against the fake controller."""
+
+    def __init__(self, config: Config, controller: FakeController, runner: SimulatedRunner) -> None:
+        self.agent = Agent(config, transport=httpx.ASGITransport(app=controller), backend=runner, handle_signals=False)
+        self.exit_code: int | None = None
+
+    async def run(self) -> None:
+        self.exit_code = await self.agent.run()
+
+    async def reach(self, phase: Phase) -> None:
+        await self.agent.holder.value.wait_value(lambda state: state.phase is phase)
+
+
+@asynccontextmanager
+async def running_agent(
+    config: Config, controller: FakeController, runner: SimulatedRunner
+) -> AsyncIterator[RunningAgent]:
+    running = RunningAgent(config, controller, runner)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(running.run)
+        yield running
+
+
+class TrimmingRunner(SimulatedRunner):
+    """Refuses the token, quoting it without the white space around it, as config.sh's own errors may."""
+
+    async def configure(self, registration: Registration, on_line: LineSink) -> None:
+        assert registration.token is not None
+        token = registration.token.reveal().strip()
+        on_line("stderr", f"Invalid registration token {token}")
+        raise ConfigureFailed(f"config.sh exited with code 1: Invalid registration token {token}")
+
+
+async def test_a_token_sent_with_a_trailing_newline_is_masked_in_logs_and_events(
+    make_config: ConfigFactory, autojump_clock: trio.testing.MockClock
+) -> None:
+    token = "AHTTRAILINGNEWLINE00000001"
+    stream = io.StringIO()
+    configure_logging("json", "debug", stream)
+    controller = FakeController(Settings(send_registration=False))
+    command = controller.registration_command("vm-123")
+    command["parameters"] = command["parameters"] | {"registration_token": token + "\n"}
+    try:
+        async with running_agent(make_config(), controller, TrimmingRunner()) as running:
+            await running.reach(Phase.READY)
+            controller.enqueue("vm-123", command)
+            await running.agent.holder.value.wait_value(lambda state: command["id"] in state.handled_commands)
+            await running.reach(Phase.READY)
+            running.agent.request_stop("test over")
+    finally:
+        logging.getLogger("miglet").handlers.clear()
+    [failed] = controller.events_of("vm-123", "registration_failed")
+    assert failed["reason"] == "configure_failed"
+    assert failed["error"] == "config.sh exited with code 1: Invalid registration token ***"
+    assert "Invalid registration token ***" in stream.getvalue()
+    assert token not in stream.getvalue()
+
+
+async def test_a_job_name_holding_a_secret_is_masked_in_job_events(
+    make_config: ConfigFactory,
+    controller: FakeController,
+    runner: SimulatedRunner,
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with running_agent(make_config(), controller, runner) as running:
+        await running.reach(Phase.IDLE)
+        token = controller.vm("vm-123").registration_token
+        assert token is not None
+        runner.submit_job(Job(f"deploy with {token}"))
+    [started] = controller.events_of("vm-123", "job_started")
+    [completed] = controller.events_of("vm-123", "job_completed")
+    assert started["job_name"] == completed["job_name"] == "deploy with ***"
+    assert completed["result"] == "Succeeded"
+
+
+async def test_an_unusable_remove_token_does_not_prevent_the_shutdown(
+    make_config: ConfigFactory,
+    controller: FakeController,
+    runner: SimulatedRunner,
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with running_agent(make_config(), controller, runner) as running:
+        await running.reach(Phase.IDLE)
+        shutdown = {"id": "stop-1", "type": "shutdown", "parameters": {"reason": "scale-in", "remove_token": " \n"}}
+        controller.enqueue("vm-123", shutdown)
+        await running.reach(Phase.STOPPED)
+    assert running.exit_code == 0
+    assert runner.remove_calls == []
+    [failed] = controller.events_of("vm-123", "command_failed")
+    assert (failed["command_id"], failed["command_type"]) == ("stop-1", "shutdown")
+    assert failed["error"].startswith("remove_token must have at least 8 characters")
+    assert failed["error"].endswith("the runner is not removed")
+    assert controller.events_of("vm-123", "vm_stopping")[0]["reason"] == "scale-in"

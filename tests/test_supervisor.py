@@ -19,6 +19,7 @@ from fake_controller.simulated_runner import SimulatedRunner
 from miglet import protocol, secret
 from miglet.machine import Acknowledged, Phase, RegistrationReceived, Start
 from miglet.outbox import Outbox
+from miglet.protocol import unprintable_character
 from miglet.runner.backend import RunObserver
 from miglet.stamp import Stamper
 from miglet.state import StateHolder
@@ -85,6 +86,62 @@ def test_bad_commands_are_refused_with_a_reason(
     assert message in str(caught.value)
 
 
+@pytest.mark.parametrize(
+    ("parameters", "message"),
+    [
+        ({"registration_token": ""}, "registration_token must have at least 8 characters"),
+        ({"registration_token": "AHT1234"}, "registration_token must have at least 8 characters"),
+        ({"registration_token": " \t\n \u2028\u3000  "}, "registration_token must have at least 8 characters"),
+        ({"registration_token": "  AHT12\n"}, "registration_token must have at least 8 characters"),
+        ({"registration_token": "AHTFIRSTHALF\nSECONDHALF"}, "registration_token must not contain control or format"),
+        ({"registration_token": "AHTINVISIBLE\u200bJOIN"}, "registration_token must not contain control or format"),
+        ({"registration_token": None, "jit_config": "", "labels": []}, "jit_config must have at least 8 characters"),
+        (
+            {"jit_config": "eyJqaXQi\r\nOiAiY29uZmlnIn0="},
+            "jit_config must not contain control or format characters (U+000D)",
+        ),
+        ({"labels": ["linux\x85"]}, "contains a control or format character (U+0085)"),
+        ({"labels": ["x64\u2028"]}, "contains a control or format character (U+2028)"),
+        ({"labels": ["gpu\u202e"]}, "contains a control or format character (U+202E)"),
+        ({"labels": ["arm\x9b2J"]}, "contains a control or format character (U+009B)"),
+        ({"labels": ["\ufeffbom"]}, "contains a control or format character (U+FEFF)"),
+        ({"runner_group": "group\u2029"}, "runner_group must not contain control or format characters (U+2029)"),
+        ({"runner_group": "my\u200dgroup"}, "runner_group must not contain control or format characters (U+200D)"),
+        ({"runner_group": "ops\x1b[2J"}, "runner_group must not contain control or format characters (U+001B)"),
+    ],
+)
+def test_unusable_tokens_labels_and_groups_are_refused(
+    make_config: ConfigFactory, parameters: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(InvalidRegistration) as caught:
+        registration_from_command(command(**parameters), make_config(), NOW)
+    assert caught.value.reason == "invalid_command"
+    assert message in str(caught.value)
+    assert "AHT" not in str(caught.value)
+
+
+def test_white_space_around_a_token_and_spaces_in_a_group_are_accepted(make_config: ConfigFactory) -> None:
+    registration = registration_from_command(
+        command(registration_token="AHTWHITESPACEAROUND0001\n", runner_group="Build Farm"), make_config(), NOW
+    )
+    assert registration.group == "Build Farm"
+    assert registration.token is not None
+    assert registration.token.reveal() == "AHTWHITESPACEAROUND0001\n"
+
+
+async def test_a_refused_token_is_reported_as_an_invalid_command(
+    make_config: ConfigFactory, autojump_clock: trio.testing.MockClock
+) -> None:
+    runner = SimulatedRunner()
+    with trio.fail_after(60):  # were the token taken, the runner would listen and the agent never be Ready again
+        harness = await supervise(make_config, runner, command(registration_token="   "), Phase.READY)
+    [failed] = harness.events()
+    assert isinstance(failed, protocol.RegistrationFailed)
+    assert failed.reason == "invalid_command"
+    assert failed.error.startswith("registration_token must have at least 8 characters")
+    assert runner.configure_calls == []
+
+
 def test_http_runner_url_needs_an_explicit_setting(make_config: ConfigFactory) -> None:
     ghe = command(runner_url="http://ghe.internal/org")
     assert registration_from_command(ghe, make_config(allow_http_runner_url=True), NOW).url == "http://ghe.internal/org"
@@ -133,6 +190,10 @@ def test_any_command_is_accepted_or_refused_with_a_reason(make_config: ConfigFac
             assert registration.url.startswith("https://")
             assert all(label and "," not in label and not label.startswith("-") for label in registration.labels)
             assert not registration.group.startswith("-")
+            assert not any(map(unprintable_character, (*registration.labels, registration.group)))
+            used = registration.jit_config if registration.jit_config is not None else registration.token
+            assert used is not None
+            assert len(used.reveal().strip()) >= 8
 
 
 def test_a_token_that_never_expires(make_config: ConfigFactory) -> None:

@@ -9,6 +9,7 @@ it starts and ends, for the state file.
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import logging
 import os
@@ -27,7 +28,7 @@ from miglet.procfs import read_stat
 from miglet.runner.backend import ConfigureFailed, Grace, LineSink, Registration, RunObserver
 from miglet.runner.output import clean
 from miglet.runner.reaper import Leftover, kill_leftovers, trio_children
-from miglet.secret import Secret, redact
+from miglet.secret import Secret, redact, redact_partial
 
 log = logging.getLogger(__name__)
 
@@ -358,19 +359,74 @@ async def _relay_output(
 
 
 async def _relay_lines(stream: trio.abc.ReceiveStream, name: str, sink: LineSink) -> None:
-    buffer = b""
+    lines = _MaskedLines()
     async with stream:
         while chunk := await stream.receive_some(65536):
-            buffer += chunk
-            *lines, buffer = buffer.split(b"\n")
-            for line in lines:
-                sink(name, _decode(line))
-            if len(buffer) > MAX_LINE:
-                sink(name, _decode(buffer[:MAX_LINE]))
-                buffer = b""
-    if buffer:
-        sink(name, _decode(buffer))
+            for line in lines.feed(chunk):
+                sink(name, line)
+    for line in lines.finish():
+        sink(name, line)
 
 
-def _decode(line: bytes) -> str:
-    return line[:MAX_LINE].rstrip(b"\r").decode("utf-8", "replace")
+# Ends a line cut at MAX_LINE characters.
+CUT_MARK: Final = "…"
+
+
+class _MaskedLines:
+    """A runner's output as lines, secrets masked before a line is cut to MAX_LINE characters.
+
+    Decoding is incremental, so a character split across reads stays whole. A line is masked as it arrives,
+    holding back only what could be the start of a secret, so memory stays bounded whatever the runner prints:
+    once the masked line is longer than MAX_LINE, its first MAX_LINE characters are passed on (ending in
+    CUT_MARK) and the rest of it is dropped, never passed on as lines of their own that could be read as the
+    runner's.
+    """
+
+    def __init__(self) -> None:
+        self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        self._masked = ""  # the line so far, masked: nothing that follows can change it
+        self._raw = ""  # the rest of the line so far, not masked yet
+        self._held = 0  # how much of `_raw` the last masking held back, as a secret might start in it
+        self._dropping = False  # the line was cut: the rest of it goes
+
+    def feed(self, data: bytes | bytearray) -> list[str]:
+        return self._split(self._decoder.decode(data))
+
+    def finish(self) -> list[str]:
+        """The lines left when the stream has ended, the last one without its newline."""
+        lines = self._split(self._decoder.decode(b"", final=True))
+        if (self._masked or self._raw) and not self._dropping:
+            lines.append(self._end_line())
+        return lines
+
+    def _split(self, text: str) -> list[str]:
+        lines: list[str] = []
+        *ended, rest = text.split("\n")
+        for part in ended:
+            if self._dropping:
+                self._dropping = False
+            else:
+                self._raw += part
+                lines.append(self._end_line())
+        if rest and not self._dropping:
+            self._raw += rest
+            # Masking scans what it held back last time (up to a JIT config's length): once per MAX_LINE new
+            # characters, not once per read, which may be a single byte.
+            if len(self._raw) > self._held + MAX_LINE:
+                done, self._raw = redact_partial(self._raw)
+                self._held = len(self._raw)
+                self._masked += done
+                if len(self._masked) > MAX_LINE and len(self._masked.rstrip("\r")) > MAX_LINE:
+                    lines.append(self._masked[:MAX_LINE] + CUT_MARK)
+                    self._reset()
+                    self._dropping = True
+        return lines
+
+    def _end_line(self) -> str:
+        line = (self._masked + redact(self._raw)).rstrip("\r")
+        self._reset()
+        return line if len(line) <= MAX_LINE else line[:MAX_LINE] + CUT_MARK
+
+    def _reset(self) -> None:
+        self._masked = self._raw = ""
+        self._held = 0

@@ -20,11 +20,11 @@ import trio
 from miglet import machine
 from miglet.config import Config
 from miglet.machine import Phase
-from miglet.protocol import RegisterRunner
+from miglet.protocol import RegisterRunner, token_problem, unprintable_character
 from miglet.runner import output
 from miglet.runner.backend import ConfigureFailed, Registration, RunnerBackend
 from miglet.runner.output import relay_line
-from miglet.secret import redact
+from miglet.secret import Secret, redact
 from miglet.state import StateHolder
 from miglet.supervision import BugReport, error_text, log_bug
 from miglet.timings import PhaseTimings
@@ -49,7 +49,12 @@ def registration_from_command(
 ) -> Registration:
     """Check a `register_runner` command and combine it with the config; raises InvalidRegistration."""
     params = command.parameters
-    if params.registration_token is None and params.jit_config is None:
+    if params.jit_config is not None:
+        # The runner is started with it directly; a registration token given as well is not used.
+        _check_token("jit_config", params.jit_config)
+    elif params.registration_token is not None:
+        _check_token("registration_token", params.registration_token)
+    else:
         raise InvalidRegistration("invalid_command", "neither registration_token nor jit_config is given")
     if params.expires_at is not None and params.expires_at <= now - clock_skew:
         raise InvalidRegistration("token_expired", f"registration token expired at {params.expires_at.isoformat()}")
@@ -59,10 +64,19 @@ def registration_from_command(
     if len(params.labels) > MAX_LABELS:
         raise InvalidRegistration("invalid_command", f"at most {MAX_LABELS} labels are allowed")
     for label in params.labels:
+        # Masked before repr(), whose escaping could hide a secret from the mask.
+        if (character := unprintable_character(label)) is not None:
+            raise InvalidRegistration(
+                "invalid_command", f"label {redact(label)!r} contains a control or format character ({character})"
+            )
         if not _LABEL.fullmatch(label):
             raise InvalidRegistration(
-                "invalid_command", f"label {label!r} is empty, has commas or white space, or starts with '-'"
+                "invalid_command", f"label {redact(label)!r} is empty, has commas or white space, or starts with '-'"
             )
+    if (character := unprintable_character(params.runner_group)) is not None:
+        raise InvalidRegistration(
+            "invalid_command", f"runner_group must not contain control or format characters ({character})"
+        )
     if not _GROUP.fullmatch(params.runner_group):
         raise InvalidRegistration(
             "invalid_command", "runner_group must be 1-256 printable characters, not starting with '-'"
@@ -78,6 +92,11 @@ def registration_from_command(
         jit_config=params.jit_config,
         disable_update=config.runner_disable_update,
     )
+
+
+def _check_token(name: str, token: Secret) -> None:
+    if (problem := token_problem(token)) is not None:
+        raise InvalidRegistration("invalid_command", f"{name} {problem}")
 
 
 def _check_runner_url(url: str, allow_http: bool) -> None:
