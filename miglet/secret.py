@@ -3,18 +3,23 @@
 A `Secret` never shows its value through `str`, `repr`, f-strings or msgspec encoding; `reveal()` is the one
 door, used only where the value is handed to its consumer (an HTTP header, a runner's environment). Every secret
 made is also remembered so that `redact()` can mask it in text that came from elsewhere: a runner's output line,
-an exception message, a log record.
+an exception message, a log record. A secret that has been handed over is remembered for good; of those never
+handed over (the tokens of commands that were refused, say), only the latest are, so that a controller sending
+floods of commands cannot make masking ever slower, nor the process ever larger.
 """
 
 from __future__ import annotations
 
 import re
 import threading
+from collections import OrderedDict
 from typing import Any, Final, NamedTuple
 
 MASK: Final = "***"
 # Shorter values would mask ordinary words; nothing we treat as a secret is this short.
 _MIN_REDACTED_LENGTH: Final = 6
+# Secrets never handed over that are still masked: the latest this many forms (a secret has one or two).
+RECENT_KEPT: Final = 512
 
 
 class Secret:
@@ -27,6 +32,7 @@ class Secret:
         _registry.add(value)
 
     def reveal(self) -> str:
+        _registry.pin(self._value)
         return self._value
 
     def __repr__(self) -> str:
@@ -57,30 +63,57 @@ class _Compiled(NamedTuple):
 
 
 class _Registry:
-    """Every secret value seen by this process, compiled into one pattern for fast masking."""
+    """The secret values seen by this process, compiled into one pattern for fast masking."""
 
     def __init__(self) -> None:
-        self._values: set[str] = set()
+        # Handed over to a consumer: masked for as long as the process lives.
+        self._pinned: set[str] = set()
+        # Never handed over: the latest RECENT_KEPT, oldest first.
+        self._recent: OrderedDict[str, None] = OrderedDict()
         self._compiled: _Compiled | None = None
         self._lock = threading.Lock()
 
-    def add(self, value: str) -> None:
+    @staticmethod
+    def _forms(value: str) -> tuple[str, ...]:
         # A value arrives as it was sent, but may be printed trimmed (config.sh prints what it read, and a
         # controller may add a newline): both forms are masked. A value that is mostly white space is neither,
         # as it would mask ordinary text.
         stripped = value.strip()
-        if len(stripped) < _MIN_REDACTED_LENGTH or (value in self._values and stripped in self._values):
+        if len(stripped) < _MIN_REDACTED_LENGTH:
+            return ()
+        return (value,) if stripped == value else (value, stripped)
+
+    def add(self, value: str) -> None:
+        forms = [form for form in self._forms(value) if form not in self._pinned]
+        if not forms:
             return
         with self._lock:
-            self._values.update((value, stripped))
+            for form in forms:
+                if form in self._recent:
+                    self._recent.move_to_end(form)
+                    continue
+                self._recent[form] = None
+                self._compiled = None
+            while len(self._recent) > RECENT_KEPT:
+                self._recent.popitem(last=False)
+                self._compiled = None
+
+    def pin(self, value: str) -> None:
+        forms = self._forms(value)
+        if all(form in self._pinned for form in forms):
+            return
+        with self._lock:
+            for form in forms:
+                self._pinned.add(form)
+                self._recent.pop(form, None)
             self._compiled = None
 
     def _current(self) -> _Compiled | None:
         compiled = self._compiled
-        if compiled is None and self._values:
+        if compiled is None and (self._pinned or self._recent):
             with self._lock:
                 # Longest first, so a secret containing another is masked whole.
-                ordered = sorted(self._values, key=len, reverse=True)
+                ordered = sorted({*self._pinned, *self._recent}, key=len, reverse=True)
                 pattern = re.compile("|".join(map(re.escape, ordered)))
                 compiled = self._compiled = _Compiled(pattern, len(ordered[0]))
         return compiled

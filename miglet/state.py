@@ -16,6 +16,7 @@ from trio_util import AsyncValue
 
 from miglet import __version__, machine, protocol
 from miglet.machine import AgentState, Phase
+from miglet.secret import redact
 from miglet.stamp import utc_timestamp
 from miglet.statefile import StateFileWriter, StateRecord
 
@@ -103,11 +104,13 @@ class StateHolder:
                 vm_id=self._vm_id,
                 pool_id=self._pool_id,
                 runner_name=state.runner_name,
-                job=state.job,
+                # Both come from outside (a job's name from the runner's output, a reason from a shutdown command):
+                # masked, so that the file never holds a secret whatever they carry.
+                job=None if state.job is None else redact(state.job),
                 pid=os.getpid(),
                 version=__version__,
                 runner_pid=self.runner_pid,
-                stop_reason=state.stop_reason,
+                stop_reason=None if state.stop_reason is None else redact(state.stop_reason),
                 refresh_s=self.refresh_s,
             )
         )

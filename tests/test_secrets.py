@@ -27,7 +27,7 @@ from miglet.config import Config
 from miglet.logs import configure_logging
 from miglet.machine import Phase
 from miglet.runner.backend import ConfigureFailed, LineSink, Registration, RunObserver
-from miglet.secret import Secret, redact, redact_partial
+from miglet.secret import RECENT_KEPT, Secret, redact, redact_partial
 from tests.conftest import ConfigFactory
 
 CONTROLLER_TOKEN = "ctl-0123456789-controller-token"
@@ -237,3 +237,39 @@ async def test_an_unusable_remove_token_does_not_prevent_the_shutdown(
     assert failed["error"].startswith("remove_token must have at least 8 characters")
     assert failed["error"].endswith("the runner is not removed")
     assert controller.events_of("vm-123", "vm_stopping")[0]["reason"] == "scale-in"
+
+
+def test_secrets_never_handed_over_are_forgotten_after_many_others_but_those_handed_over_never_are() -> None:
+    used = Secret("AHT-HANDED-TO-CONFIG-SH-0001")
+    used.reveal()
+    unused = Secret("AHT-FROM-A-REFUSED-COMMAND-0001")
+    assert unused  # made, never handed over
+    assert redact("AHT-HANDED-TO-CONFIG-SH-0001 AHT-FROM-A-REFUSED-COMMAND-0001") == "*** ***"
+    # A controller floods the agent with commands, each with a token of its own.
+    flood = [Secret(f"AHT-FLOOD-{index:08d}") for index in range(20 * RECENT_KEPT)]
+    assert redact(flood[-1].reveal()) == "***"
+    assert redact("AHT-FROM-A-REFUSED-COMMAND-0001") == "AHT-FROM-A-REFUSED-COMMAND-0001"
+    assert redact("AHT-HANDED-TO-CONFIG-SH-0001") == "***"
+
+
+async def test_the_state_file_masks_a_job_name_and_a_stop_reason_that_carry_a_secret(
+    make_config: ConfigFactory, autojump_clock: trio.testing.MockClock
+) -> None:
+    secret = Secret("AHT-STATE-FILE-SECRET-0001")
+    controller = FakeController()
+    runner = SimulatedRunner()
+    config = make_config()
+    agent = Agent(config, transport=httpx.ASGITransport(app=controller), backend=runner, handle_signals=False)
+    written: list[str] = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(agent.run)
+        await agent.holder.value.wait_value(lambda state: state.phase is Phase.IDLE)
+        runner.submit_job(Job(f"deploy {secret.reveal()}", duration_s=600))
+        await agent.holder.value.wait_value(lambda state: state.phase is Phase.BUSY)
+        written.append(config.state_file.read_text())
+        controller.enqueue("vm-123", {"type": "shutdown", "parameters": {"reason": f"rotate {secret.reveal()}"}})
+        await agent.holder.value.wait_value(lambda state: state.phase is Phase.STOPPING)
+        written.append(config.state_file.read_text())
+    assert '"job":"deploy ***"' in written[0]
+    assert '"stop_reason":"rotate ***"' in written[1]
+    assert not any(secret.reveal() in text for text in written)
