@@ -35,7 +35,7 @@ from miglet.retry import RetryPolicy
 from miglet.runner.backend import ConfigureFailed, Grace, RunnerBackend
 from miglet.runner.output import relay_line
 from miglet.runner.process import ProcessRunner, kill_leftover_runner
-from miglet.runner.reaper import reap_orphans_task
+from miglet.runner.reaper import reap_orphans_task, sweep_descendants
 from miglet.secret import Secret
 from miglet.stamp import Stamper
 from miglet.state import StateHolder
@@ -324,6 +324,9 @@ class Agent:
         if plan.removing.cancelled_caught:
             log.warning("Second signal: the runner is not removed")
         await plan.flush(self.outbox)
+        # Whatever escaped the sweeps after each runner process (it started while the runner was being removed,
+        # say) goes now: nothing the runner started outlives MIGlet.
+        await sweep_descendants()
         self.holder.apply(machine.Finished())
         if len(self.outbox):
             # Stopped can still owe something (a job the runner never finished): it gets what is left of the time.

@@ -1,4 +1,4 @@
-"""Configuration from the environment (SPEC section 1).
+"""Configuration from the environment (docs/operations.md lists every setting).
 
 Every value is checked before MIGlet touches the network: a bad one raises `ConfigError`, which names the
 variable and the problem in one line, and the command line turns it into exit code 2.

@@ -22,7 +22,7 @@ import trio
 from miglet import __version__, protocol
 from miglet.config import Config
 from miglet.retry import is_retryable_status, parse_retry_after
-from miglet.secret import Secret, redact
+from miglet.secret import Secret, redact, redact_partial
 
 log = logging.getLogger(__name__)
 
@@ -225,20 +225,24 @@ async def _read_capped(response: httpx.Response, what: str) -> bytes:
 
 
 async def _read_prefix(response: httpx.Response, limit: int) -> bytes:
-    """At most `limit` bytes of the body: enough to say what an error answer was about."""
+    """The body's first `limit` bytes, and one more when there are more: enough to say what an error answer was
+    about, and whether it was cut."""
     prefix = b""
     async with aclosing(cast(AsyncGenerator[bytes, None], response.aiter_bytes())) as chunks:
         async for chunk in chunks:
             prefix += chunk
-            if len(prefix) >= limit:
+            if len(prefix) > limit:
                 break
-    return prefix[:limit]
+    return prefix[: limit + 1]
 
 
 def _summarise(body: bytes) -> str:
     # Masked before it is cut (a secret across the cut would leak its first part) and before repr() (escaping
-    # could hide a secret from the log formatter's masking).
-    text = redact(body.decode("utf-8", "replace")).strip()[:QUOTED_CHARS]
+    # could hide a secret from the log formatter's masking). Of a body read only in part, what may be the start
+    # of a secret cut off at its end is left out.
+    text = body[:ERROR_BODY_BYTES].decode("utf-8", "replace")
+    masked = redact_partial(text)[0] if len(body) > ERROR_BODY_BYTES else redact(text)
+    text = masked.strip()[:QUOTED_CHARS]
     return f": {text!r}" if text else ""
 
 

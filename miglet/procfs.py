@@ -42,6 +42,7 @@ class ProcEntry(NamedTuple):
     name: str  # the command name (comm: at most 15 characters, chosen by the process itself)
     state: bytes
     ppid: int
+    group: int  # the process group
     session: int
     start_ticks: int
 
@@ -58,7 +59,7 @@ def read_entry(pid: int) -> ProcEntry:
     name = stat[stat.find(b"(") + 1 : stat.rfind(b")")].decode("utf-8", "replace")
     fields = stat[stat.rfind(b")") + 2 :].split()
     try:
-        return ProcEntry(name, fields[0], int(fields[1]), int(fields[3]), int(fields[19]))
+        return ProcEntry(name, fields[0], int(fields[1]), int(fields[2]), int(fields[3]), int(fields[19]))
     except IndexError:
         raise ValueError(f"unreadable /proc/{pid}/stat") from None
 

@@ -1,4 +1,4 @@
-"""Wire types of the controller API (seed plus SPEC section 3), and their decoders.
+"""Wire types of the controller API (the seed's and MIGlet's extensions, docs/protocol.md), and their decoders.
 
 Every type tolerates unknown fields, so a controller can add to its answers without breaking agents. Commands
 are decoded one at a time from the raw list, so a malformed command is rejected alone and the rest are kept.
@@ -376,7 +376,8 @@ def _rejection(raw: msgspec.Raw, exc: Exception) -> RejectedCommand:
         header = CommandHeader()
     command_id, command_type = _text(header.id), _text(header.type)
     if command_type is not None and command_type not in KNOWN_COMMAND_TYPES:
-        return RejectedCommand(command_id, command_type, f"unknown command type {command_type!r}")
+        # Masked before repr(), whose escaping could hide a secret from the mask.
+        return RejectedCommand(command_id, command_type, f"unknown command type {secret.redact(command_type)!r}")
     return RejectedCommand(command_id, command_type, f"malformed command: {_reason(exc)}")
 
 

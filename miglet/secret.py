@@ -112,35 +112,64 @@ class _Registry:
         compiled = self._compiled
         if compiled is None and (self._pinned or self._recent):
             with self._lock:
-                # Longest first, so a secret containing another is masked whole.
+                # Longest first, so that at each position the longest secret starting there is the one found;
+                # a lookahead, so that a match is found at every position, overlapping ones included.
                 ordered = sorted({*self._pinned, *self._recent}, key=len, reverse=True)
-                pattern = re.compile("|".join(map(re.escape, ordered)))
+                pattern = re.compile("(?=(" + "|".join(map(re.escape, ordered)) + "))")
                 compiled = self._compiled = _Compiled(pattern, len(ordered[0]))
         return compiled
 
+    @staticmethod
+    def _spans(compiled: _Compiled, text: str) -> list[tuple[int, int]]:
+        """Where `text` holds secrets: the union of every match, so that two secrets sharing characters (one
+        ending where the other begins) are masked whole, not the first and what is left of the second."""
+        spans: list[tuple[int, int]] = []
+        for match in compiled.pattern.finditer(text):
+            start, end = match.span(1)
+            if spans and start < spans[-1][1]:
+                if end > spans[-1][1]:
+                    spans[-1] = (spans[-1][0], end)
+            else:
+                spans.append((start, end))
+        return spans
+
+    @staticmethod
+    def _masked(text: str, spans: list[tuple[int, int]], end: int) -> str:
+        parts: list[str] = []
+        position = 0
+        for start, stop in spans:
+            parts += (text[position:start], MASK)
+            position = stop
+        parts.append(text[position:end])
+        return "".join(parts)
+
     def redact(self, text: str) -> str:
         compiled = self._current()
-        return text if compiled is None else compiled.pattern.sub(MASK, text)
+        if compiled is None:
+            return text
+        spans = self._spans(compiled, text)
+        return self._masked(text, spans, len(text)) if spans else text
 
     def redact_partial(self, text: str) -> tuple[str, str]:
         compiled = self._current()
         if compiled is None:
             return text, ""
-        # A secret starting before `safe` ends within `text`, so what follows cannot change how it is masked;
-        # one starting later may go on past the end of `text`.
+        # A secret starting before `safe` ends within `text`; one starting later may go on past its end. The text
+        # is split there, or, when a masked stretch reaches that far, where the stretch begins: a secret starting
+        # later may overlap it, and must be masked together with it.
         safe = len(text) - compiled.longest + 1
         if safe <= 0:
             return "", text
-        parts: list[str] = []
-        position = 0
-        for match in compiled.pattern.finditer(text):
-            if match.start() >= safe:
+        spans = self._spans(compiled, text)
+        split = safe
+        complete = []
+        for start, stop in spans:
+            if stop <= safe:
+                complete.append((start, stop))
+            else:
+                split = min(split, start)
                 break
-            parts += (text[position : match.start()], MASK)
-            position = match.end()
-        end = max(position, safe)
-        parts.append(text[position:end])
-        return "".join(parts), text[end:]
+        return self._masked(text, complete, split), text[split:]
 
 
 _registry = _Registry()

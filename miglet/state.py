@@ -29,6 +29,17 @@ TRANSITION_MESSAGES: Final = {
 }
 
 
+# How much of a value from outside (a job's name, a stop reason) the state file keeps.
+OUTSIDE_CHARS: Final = 256
+
+
+def _outside(text: str | None) -> str | None:
+    if text is None:
+        return None
+    masked = redact(text)
+    return masked if len(masked) <= OUTSIDE_CHARS else masked[:OUTSIDE_CHARS] + "…"
+
+
 class StateHolder:
     """Owns the current `AgentState` of one agent."""
 
@@ -105,12 +116,12 @@ class StateHolder:
                 pool_id=self._pool_id,
                 runner_name=state.runner_name,
                 # Both come from outside (a job's name from the runner's output, a reason from a shutdown command):
-                # masked, so that the file never holds a secret whatever they carry.
-                job=None if state.job is None else redact(state.job),
+                # masked and bounded, so that the file never holds a secret, nor grows too large to be read.
+                job=_outside(state.job),
                 pid=os.getpid(),
                 version=__version__,
                 runner_pid=self.runner_pid,
-                stop_reason=None if state.stop_reason is None else redact(state.stop_reason),
+                stop_reason=_outside(state.stop_reason),
                 refresh_s=self.refresh_s,
             )
         )

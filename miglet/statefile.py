@@ -1,4 +1,4 @@
-"""The local state file (SPEC section 5): what `miglet status` and a container health check read.
+"""The local state file: what `miglet status` and a container health check read.
 
 Written atomically (a temporary file in the same directory, then rename) so a reader never sees half a file,
 with owner-only permissions. It never holds a secret: its type has no field that could carry one.

@@ -23,7 +23,15 @@ import pytest
 import trio
 
 from fake_controller import FakeController, Settings
-from fake_controller.fake_runner import Behaviour, enqueue_job, install, read_calls, read_left_behind
+from fake_controller.fake_runner import (
+    Behaviour,
+    enqueue_job,
+    hopping,
+    install,
+    read_calls,
+    read_left_behind,
+    stop_hopping,
+)
 from miglet.procfs import read_stat
 from miglet.runner.process import _session_members
 from tests.test_end_to_end import TIMEOUT, Miglet, miglet_against
@@ -84,6 +92,23 @@ async def test_what_the_runner_leaves_behind_is_killed_and_counted(
 
 
 KILLED = "Killed a process the runner left behind"
+
+
+async def test_a_leftover_that_keeps_starting_copies_of_itself_is_stopped_and_killed(tmp_path: Path) -> None:
+    controller = FakeController()
+    runner_dir = install(tmp_path / "runner")
+    try:
+        with trio.fail_after(TIMEOUT):
+            async with miglet_against(tmp_path, controller, runner_dir=runner_dir) as (miglet, _):
+                await miglet.wait_state("Idle")
+                enqueue_job(runner_dir, "hostile", duration_s=0.5, leave_behind=("hop",))
+        assert miglet.process.returncode == 0
+        # Each copy lives for a moment only, and the next is already running: look again and again.
+        assert not any(hopping(runner_dir) for _ in range(50))
+        [exited] = controller.events_of("vm-123", "runner_exited")
+        assert exited["killed_processes"] >= 1
+    finally:
+        stop_hopping(runner_dir)
 
 
 async def test_sighup_stops_miglet_gracefully(tmp_path: Path) -> None:

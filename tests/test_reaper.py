@@ -27,7 +27,7 @@ TIMEOUT = 20
 
 
 def entry(ppid: int) -> ProcEntry:
-    return ProcEntry("sleep", b"S", ppid, 1, 0)
+    return ProcEntry("sleep", b"S", ppid, 1, 1, 0)
 
 
 def test_descendants_follow_the_parents_down_the_tree() -> None:

@@ -8,6 +8,7 @@ docstring says which part of the real runner it mirrors.
 
 from .behaviour import Behaviour, Job
 from .install import enqueue_job, install, read_calls, read_left_behind, write_behaviour
+from .leftovers import hopping, stop_hopping
 from .store import encode_jitconfig
 
 __all__ = [
@@ -15,8 +16,10 @@ __all__ = [
     "Job",
     "encode_jitconfig",
     "enqueue_job",
+    "hopping",
     "install",
     "read_calls",
     "read_left_behind",
+    "stop_hopping",
     "write_behaviour",
 ]

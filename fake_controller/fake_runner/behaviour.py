@@ -22,7 +22,7 @@ RESULTS = ("Succeeded", "SucceededWithIssues", "Failed", "Canceled", "Skipped", 
 
 COLOUR_MODES = ("auto", "always", "never")
 
-LEAVE_BEHIND_WAYS = ("setsid", "double-fork")
+LEAVE_BEHIND_WAYS = ("setsid", "double-fork", "hop")
 """How a process can be left behind to outlive the runner (see `leftovers`)."""
 
 

@@ -1,7 +1,9 @@
-"""Reading the runner's console output (SPEC section 4).
+"""Reading the runner's console output.
 
 The runner prints its progress as lines such as `2024-01-15 10:30:00Z: Listening for Jobs`, sometimes wrapped in
-ANSI colour codes. `interpret` turns such a line into the machine input it means, or None.
+ANSI colour codes. `interpret` turns such a line into the machine input it means, or None. A job's name, which a
+workflow's author chooses, enters the machine masked: colour codes or control characters inside a secret hide it
+from the masking of the raw line, and are removed here.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import re
 from typing import Final
 
 from miglet import machine
+from miglet.secret import redact
 
 _ANSI: Final = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b[@-Z\\-_]")
 _CONTROL: Final = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
@@ -35,15 +38,15 @@ def interpret(line: str) -> RunnerSignal | None:
     if _LISTENING.fullmatch(line):
         return machine.RunnerListening()
     if match := _COMPLETED.fullmatch(line):
-        return machine.JobCompleted(name=match["name"], result=match["result"])
+        return machine.JobCompleted(name=redact(match["name"]), result=match["result"])
     if match := _RUNNING.fullmatch(line):
-        return machine.JobStarted(name=match["name"])
+        return machine.JobStarted(name=redact(match["name"]))
     return None
 
 
 def relay_line(stream: str, line: str) -> str:
-    """Log one line of runner output (as the runner's; secrets are masked by the log formatter) and return
-    it cleaned."""
+    """Log one line of runner output (as the runner's; secrets are masked by the log formatter, also those that
+    cleaning joined up) and return it cleaned."""
     cleaned = clean(line)
     if cleaned:
         runner_log.info(cleaned, extra={"source": "runner", "stream": stream})

@@ -31,11 +31,12 @@ from miglet.procfs import ProcEntry, process_table, read_entry
 
 log = logging.getLogger(__name__)
 
-# How long a sweep waits for what it killed to die (a process stuck in the kernel may take longer; it has its
-# SIGKILL and dies on its way out of the kernel, later).
+# How long a sweep may take, stopping what is left and waiting for it to die (a process stuck in the kernel may
+# take longer; it has its SIGKILL and dies on its way out of the kernel, later).
 SWEEP_WAIT_S: Final = 1.0
-# Each round kills what the previous round's processes forked before they died; a few rounds catch them all.
-MAX_ROUNDS: Final = 10
+# Each round stops what the processes found before forked before they were stopped; a few rounds catch them all,
+# even a process that keeps starting a copy of itself and exiting.
+MAX_ROUNDS: Final = 100
 # Between two passes of reaping on SIGCHLD: a zombie waits at most this long.
 REAP_PAUSE_S: Final = 0.05
 # One log line per killed process up to this many, then one line with the total.
@@ -107,23 +108,38 @@ def descendants(root: int, table: Mapping[int, ProcEntry]) -> set[int]:
     return found
 
 
-def _targets(sid: int, table: Mapping[int, ProcEntry], subreaper: bool) -> set[int]:
-    """The live processes a runner process with session `sid` left behind."""
-    found = {pid for pid, entry in table.items() if entry.session == sid}
+def _scope(sid: int | None, table: Mapping[int, ProcEntry], subreaper: bool) -> set[int]:
+    """The processes, dead or alive, that a runner process with session `sid` left behind (with no session: every
+    descendant)."""
+    found = {pid for pid, entry in table.items() if entry.session == sid} if sid is not None else set()
     if subreaper:
         found |= descendants(os.getpid(), table)
-    return {pid for pid in found if table[pid].alive and pid not in trio_children and pid != os.getpid()}
+    return {pid for pid in found if pid not in trio_children and pid != os.getpid()}
 
 
-def _kill(pid: int, entry: ProcEntry) -> tuple[bool, int | None]:
-    """SIGKILL `pid` if it is still the process `entry` describes: (killed, a pidfd to wait on it with)."""
+def _own_groups(scope: set[int], table: Mapping[int, ProcEntry]) -> set[int]:
+    """The process groups of the processes in `scope` that hold nothing else (never MIGlet's own).
+
+    Dead processes count: of a process that keeps starting a copy of itself and exiting, a scan of the table may
+    find only the dead copies, and their group holds the live one.
+    """
+    groups = {table[pid].group for pid in scope} - {os.getpgrp(), 0, 1}
+    for pid, entry in table.items():
+        if entry.group in groups and pid not in scope:
+            groups.discard(entry.group)
+    return groups
+
+
+def _stop(pid: int, entry: ProcEntry) -> tuple[bool, int | None]:
+    """SIGSTOP `pid` if it is still the process `entry` describes: (stopped, a pidfd to signal it and wait on it
+    with). A stopped process can neither fork nor exit, so the sweep's picture of the tree stays true."""
     try:
         pidfd = os.pidfd_open(pid)
     except ProcessLookupError:
         return False, None
-    except OSError:  # no pidfds here: kill by pid, and wait for nothing
+    except OSError:  # no pidfds here: signal by pid, and wait for nothing
         with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
+            os.kill(pid, signal.SIGSTOP)
             return True, None
         return False, None
     try:
@@ -131,7 +147,7 @@ def _kill(pid: int, entry: ProcEntry) -> tuple[bool, int | None]:
         if read_entry(pid).start_ticks != entry.start_ticks:
             os.close(pidfd)
             return False, None
-        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+        signal.pidfd_send_signal(pidfd, signal.SIGSTOP)
     except (OSError, ValueError) as exc:
         os.close(pidfd)
         if isinstance(exc, PermissionError):
@@ -145,26 +161,40 @@ async def _wait_gone(pidfds: list[int]) -> None:
         await trio.lowlevel.wait_readable(pidfd)  # readable once the process has exited
 
 
-async def kill_leftovers(sid: int, *, already_killed: Collection[int] = ()) -> list[Leftover]:
+async def kill_leftovers(sid: int | None, *, already_killed: Collection[int] = ()) -> list[Leftover]:
     """SIGKILL what a runner process that led session `sid` left behind, wait (briefly) until it is dead, reap it.
 
-    Returns the processes killed and logs them, except those in `already_killed` (killed as part of stopping
-    the runner: not left behind). Outside a subreaper, only the session is swept.
+    Everything found is stopped first, round after round until nothing new turns up, and only then killed: a
+    process that keeps starting a copy of itself and exiting is caught in a round, stopped, and cannot start
+    another. Returns the processes killed and logs them, except those in `already_killed` (killed as part of
+    stopping the runner: not left behind). Outside a subreaper, only the session is swept; with no session
+    (`sid` None), every descendant is.
     """
     subreaper = is_child_subreaper()
-    killed: dict[int, Leftover] = {}
+    stopped: dict[int, Leftover] = {}
     refused: set[int] = set()
-    pidfds: list[int] = []
+    pidfds: dict[int, int] = {}
+    stopped_groups: set[int] = set()
+    settled = False
     try:
         with trio.move_on_after(SWEEP_WAIT_S):
             for _ in range(MAX_ROUNDS):
                 table = process_table()
-                targets = _targets(sid, table, subreaper) - killed.keys() - refused
-                if not targets:
+                scope = _scope(sid, table, subreaper)
+                targets = {pid for pid in scope if table[pid].alive} - stopped.keys() - refused
+                groups = _own_groups(scope, table) - stopped_groups
+                if not targets and not groups:
+                    settled = True
                     break
+                # A whole process group at once first: a process forking as it is signalled cannot slip out of
+                # its group's signal, as it can out of a list of pids read a moment before.
+                for group in groups:
+                    with contextlib.suppress(ProcessLookupError, PermissionError):
+                        os.killpg(group, signal.SIGSTOP)
+                        stopped_groups.add(group)
                 for pid in sorted(targets):
                     try:
-                        done, pidfd = _kill(pid, table[pid])
+                        done, pidfd = _stop(pid, table[pid])
                     except PermissionError:
                         log.warning(
                             "Cannot kill a process the runner left behind",
@@ -173,18 +203,51 @@ async def kill_leftovers(sid: int, *, already_killed: Collection[int] = ()) -> l
                         refused.add(pid)
                         continue
                     if done:
-                        killed[pid] = Leftover(pid, table[pid].name)
+                        stopped[pid] = Leftover(pid, table[pid].name)
                     if pidfd is not None:
-                        pidfds.append(pidfd)
-                await _wait_gone(pidfds)
+                        pidfds[pid] = pidfd
+                await trio.lowlevel.checkpoint()
     finally:
-        for pidfd in pidfds:
+        # Whatever was stopped is killed, however the rounds ended (cancelled too): a process must never be left
+        # stopped.
+        for group in stopped_groups:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(group, signal.SIGKILL)
+        for pid in stopped:
+            _kill(pid, pidfds.get(pid))
+    try:
+        if not settled:
+            log.error(
+                "The runner left processes that kept multiplying faster than they could be stopped",
+                extra={"stopped": len(stopped)},
+            )
+        with trio.move_on_after(SWEEP_WAIT_S):
+            await _wait_gone(list(pidfds.values()))
+    finally:
+        for pidfd in pidfds.values():
             os.close(pidfd)
     if subreaper:
         reap_orphans()
-    leftovers = [leftover for pid, leftover in killed.items() if pid not in already_killed]
+    leftovers = [leftover for pid, leftover in stopped.items() if pid not in already_killed]
     _log_kills(leftovers)
     return leftovers
+
+
+async def sweep_descendants() -> list[Leftover]:
+    """Kill and reap every descendant this (subreaper) process still has: the last step of a stop, for whatever
+    escaped every sweep before it. Nothing happens outside a subreaper."""
+    if not is_child_subreaper():
+        return []
+    return await kill_leftovers(None)
+
+
+def _kill(pid: int, pidfd: int | None) -> None:
+    """SIGKILL a process stopped by the sweep (through its pidfd, which cannot reach a reused pid)."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        if pidfd is not None:
+            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+        else:
+            os.kill(pid, signal.SIGKILL)
 
 
 def _log_kills(leftovers: list[Leftover]) -> None:

@@ -16,6 +16,7 @@ from miglet import machine, protocol
 from miglet.controller import ControllerClient, ControllerError, ControllerRejected, ControllerUnavailable
 from miglet.machine import Phase
 from miglet.retry import RetryPolicy
+from miglet.secret import redact
 from miglet.state import StateHolder
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,9 @@ async def handshake_task(
         else:
             if ack.is_acknowledged:
                 break
-            problem = f"controller did not acknowledge vm_started (status={ack.status!r}, message={ack.message!r})"
+            # Masked before repr(), whose escaping could hide a secret from the mask.
+            status, message = (None if text is None else redact(text) for text in (ack.status, ack.message))
+            problem = f"controller did not acknowledge vm_started (status={status!r}, message={message!r})"
         delay = policy.delay(attempt, rng, retry_after)
         # A refusal (401, 403, 404...) will not go away by itself: someone has to fix the token or the controller.
         level = logging.ERROR if refused else logging.WARNING

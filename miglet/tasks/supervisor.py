@@ -81,6 +81,13 @@ def registration_from_command(
         raise InvalidRegistration(
             "invalid_command", "runner_group must be 1-256 printable characters, not starting with '-'"
         )
+    # These go into config.sh's argument list, which every process on the VM can read (and the labels and the
+    # group to GitHub, which shows them): none may carry a secret.
+    for name, value in (("runner_url", params.runner_url), ("runner_group", params.runner_group)):
+        if redact(value) != value:
+            raise InvalidRegistration("invalid_command", f"{name} must not contain a secret")
+    if any(redact(label) != label for label in params.labels):
+        raise InvalidRegistration("invalid_command", "labels must not contain a secret")
     return Registration(
         command_id=command.id,
         url=params.runner_url,
@@ -112,6 +119,9 @@ def _check_runner_url(url: str, allow_http: bool) -> None:
         raise InvalidRegistration(
             "invalid_command", "runner_url must not carry credentials, spaces or control characters"
         )
+    if parts.query or parts.fragment:
+        # A repository, organisation or enterprise URL has neither; a query is where a token would hide.
+        raise InvalidRegistration("invalid_command", "runner_url must not carry a query or a fragment")
 
 
 async def supervisor_task(
