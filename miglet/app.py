@@ -40,6 +40,7 @@ from miglet.secret import Secret
 from miglet.stamp import Stamper
 from miglet.state import StateHolder
 from miglet.statefile import StateFileError, StateFileMissing, StateFileWriter, read_state_file
+from miglet.status import health
 from miglet.stop_signals import STOP_SIGNALS, HeldSignals
 from miglet.supervision import TaskSupervisor
 from miglet.tasks.deadlines import phase_deadline_task
@@ -290,7 +291,17 @@ class Agent:
             )
             return
         pid = previous.runner_pid
-        if pid is not None and previous.pid != os.getpid() and kill_leftover_runner(pid, self.config.runner_dir):
+        if pid is None or previous.pid == os.getpid():
+            return
+        if health(previous) is None:
+            # Its agent still runs and keeps the file fresh: two agents on one state file is a mistake of
+            # configuration, and killing the other's runner would cost its job.
+            log.error(
+                "Another MIGlet is running with this state file; leaving its runner alone",
+                extra={"path": str(self.config.state_file), "pid": previous.pid},
+            )
+            return
+        if kill_leftover_runner(pid, self.config.runner_dir):
             log.warning("Killed a runner left running by an earlier MIGlet", extra={"pid": pid})
 
     def _start_deadlines(self, nursery: trio.Nursery) -> None:

@@ -10,6 +10,7 @@ from functools import partial
 from pathlib import Path
 
 import httpx
+import msgspec
 import pytest
 import trio
 import trustme
@@ -17,7 +18,7 @@ import trustme
 from fake_controller import FakeController
 from fake_controller.server import serve
 from miglet import protocol
-from miglet.controller import ControllerUnavailable, open_controller_client
+from miglet.controller import ControllerRejected, ControllerUnavailable, open_controller_client
 from miglet.secret import Secret
 from tests.conftest import ConfigFactory
 
@@ -111,3 +112,26 @@ async def test_an_undecodable_answer_is_retryable_not_fatal(make_config: ConfigF
             await client.get_commands()
         with pytest.raises(ControllerUnavailable, match="DecodingError"):
             await client.post_event(protocol.VmStarted(), read_answer=True)
+
+
+@pytest.mark.parametrize("offset", [0, 100, 3000, 4090, 4096])
+async def test_an_error_body_read_in_part_never_quotes_part_of_a_secret(
+    make_config: ConfigFactory, offset: int
+) -> None:
+    jit = Secret("eyJ" + "Q" * 5000 + "=")
+    body = b" " * offset + jit.reveal().encode() + b" and more"
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(400, content=body)
+
+    async with open_controller_client(make_config(), httpx.MockTransport(handler)) as client:
+        with pytest.raises(ControllerRejected) as caught:
+            await client.get_commands()
+    assert "QQQQQQQQQQQQ" not in str(caught.value)
+
+
+async def test_an_unknown_command_type_is_masked_before_it_is_quoted() -> None:
+    token = Secret("AHT\\BACKSLASH\\TOKEN01")
+    body = msgspec.json.encode({"commands": [{"id": "c", "type": token.reveal()}]})
+    [rejected] = protocol.decode_commands(body).rejected
+    assert rejected.error == "unknown command type '***'"

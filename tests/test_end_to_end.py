@@ -15,6 +15,7 @@ import sys
 import tempfile
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -474,3 +475,33 @@ async def test_a_runner_left_by_an_earlier_miglet_is_stopped(tmp_path: Path) -> 
             for process in (leftover, bystander):
                 process.kill()
                 await process.wait()
+
+
+async def test_the_runner_of_an_agent_still_running_with_the_same_state_file_is_left_alone(tmp_path: Path) -> None:
+    runner_dir = install(tmp_path / "runner")
+    other_runner = await trio.lowlevel.open_process(["sleep", "600"], cwd=runner_dir, start_new_session=True)
+    state_file = tmp_path / "state" / "state.json"
+    live = {
+        "state": "Busy",
+        "since": "",
+        "updated_at": datetime.now(UTC).isoformat(),
+        "vm_id": "vm-123",
+        "pool_id": "p",
+        "runner_name": "r",
+        "job": "build",
+        "pid": os.getpid(),  # alive, and its file fresh: another agent at work
+        "version": "0",
+        "runner_pid": other_runner.pid,
+    }
+    state_file.parent.mkdir()
+    state_file.write_bytes(msgspec.json.encode(live))
+    try:
+        with trio.fail_after(TIMEOUT):
+            async with miglet_against(tmp_path, FakeController(), runner_dir=runner_dir) as (miglet, _):
+                await miglet.wait_for(lambda record: record["msg"].startswith("Another MIGlet is running"))
+                miglet.process.send_signal(signal.SIGTERM)
+        assert other_runner.poll() is None
+    finally:
+        with trio.CancelScope(shield=True):
+            other_runner.kill()
+            await other_runner.wait()

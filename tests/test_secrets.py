@@ -25,8 +25,9 @@ from fake_controller.simulated_runner import Job, SimulatedRunner
 from miglet.app import Agent
 from miglet.config import Config
 from miglet.logs import configure_logging
-from miglet.machine import Phase
+from miglet.machine import JobStarted, Phase
 from miglet.runner.backend import ConfigureFailed, LineSink, Registration, RunObserver
+from miglet.runner.output import clean, interpret
 from miglet.secret import RECENT_KEPT, Secret, redact, redact_partial
 from tests.conftest import ConfigFactory
 
@@ -273,3 +274,24 @@ async def test_the_state_file_masks_a_job_name_and_a_stop_reason_that_carry_a_se
     assert '"job":"deploy ***"' in written[0]
     assert '"stop_reason":"rotate ***"' in written[1]
     assert not any(secret.reveal() in text for text in written)
+
+
+@given(split=st.integers(min_value=0, max_value=80), extra=st.text(alphabet="xyz-", max_size=20))
+def test_secrets_that_share_characters_are_masked_whole_at_once_and_in_parts(split: int, extra: str) -> None:
+    Secret("OVERLAP-FIRST-PART")
+    Secret("FIRST-PART-AND-SECOND-HALF-XYZ")
+    text = f"{extra}OVERLAP-FIRST-PART-AND-SECOND-HALF-XYZ{extra}"
+    assert redact(text) == f"{extra}***{extra}"
+    # Masked in two goes (a line still being read), the result is the same.
+    head, tail = text[:split], text[split:]
+    done, rest = redact_partial(head)
+    assert done + redact(rest + tail) == redact(text)
+
+
+def test_a_job_name_enters_the_machine_masked_even_with_a_colour_code_inside_its_secret() -> None:
+    token = Secret("AHTCOLOURSPLITTOKEN0001")
+    raw = "Running job: deploy AHTCOLOUR\x1b[0mSPLITTOKEN0001"
+    assert redact(raw) == raw  # the colour code hides the secret from masking the raw line
+    signal = interpret(clean(raw))
+    assert signal == JobStarted(name="deploy ***")
+    assert token

@@ -14,7 +14,9 @@ import msgspec
 import pytest
 
 from miglet.cli import main
-from miglet.statefile import StateRecord, write_atomic
+from miglet.machine import Acknowledged, JobStarted, RegistrationReceived, RunnerListening, Start, StopRequested
+from miglet.state import OUTSIDE_CHARS, StateHolder
+from miglet.statefile import StateFileWriter, StateRecord, read_state_file, write_atomic
 
 
 def exited_pid() -> int:
@@ -86,3 +88,22 @@ def test_missing_or_corrupt_file(tmp_path: Path, capsys: pytest.CaptureFixture[s
 def test_state_file_is_private(tmp_path: Path) -> None:
     path = write(tmp_path / "dir" / "state.json", record())
     assert path.stat().st_mode & 0o777 == 0o600
+
+
+def test_a_huge_job_name_or_stop_reason_keeps_the_state_file_readable(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "state.json"
+    holder = StateHolder(vm_id="vm-123", pool_id="pool-001", emit=lambda event: None, state_file=StateFileWriter(path))
+    holder.apply(Start(runner_name="vm-123", ephemeral=True))
+    holder.apply(Acknowledged())
+    holder.apply(RegistrationReceived("c1"))
+    holder.apply(RunnerListening())
+    # The longest name a runner's output line can carry, of characters that take four bytes each.
+    holder.apply(JobStarted(name="\U0001f680" * 16_000))
+    holder.apply(StopRequested("\U0001f6d1" * 100_000))
+    written = read_state_file(path)
+    assert written.job is not None
+    assert written.stop_reason is not None
+    assert (len(written.job), len(written.stop_reason)) == (OUTSIDE_CHARS + 1, OUTSIDE_CHARS + 1)
+    assert main(["status", "--state-file", str(path)]) == 0

@@ -120,6 +120,29 @@ def test_unusable_tokens_labels_and_groups_are_refused(
     assert "AHT" not in str(caught.value)
 
 
+@pytest.mark.parametrize(
+    ("where", "parameters"),
+    [
+        ("runner_url", {"runner_url": "https://github.com/org/AHTXXXXXXXXXXXXXXXXXXXX"}),
+        ("labels", {"labels": ["self-hosted", "AHTXXXXXXXXXXXXXXXXXXXX"]}),
+        ("runner_group", {"runner_group": "group-AHTXXXXXXXXXXXXXXXXXXXX"}),
+    ],
+)
+def test_a_secret_never_goes_into_config_sh_arguments(
+    make_config: ConfigFactory, where: str, parameters: dict[str, Any]
+) -> None:
+    with pytest.raises(InvalidRegistration) as caught:
+        registration_from_command(command(**parameters), make_config(), NOW)
+    assert caught.value.reason == "invalid_command"
+    assert f"{where} must not contain a secret" in str(caught.value)
+
+
+@pytest.mark.parametrize("url", ["https://github.com/org/repo?token=abc", "https://github.com/org/repo#frag"])
+def test_a_runner_url_with_a_query_or_fragment_is_refused(make_config: ConfigFactory, url: str) -> None:
+    with pytest.raises(InvalidRegistration, match="must not carry a query or a fragment"):
+        registration_from_command(command(runner_url=url), make_config(), NOW)
+
+
 def test_white_space_around_a_token_and_spaces_in_a_group_are_accepted(make_config: ConfigFactory) -> None:
     registration = registration_from_command(
         command(registration_token="AHTWHITESPACEAROUND0001\n", runner_group="Build Farm"), make_config(), NOW
