@@ -130,13 +130,21 @@ def escape(text: str) -> str:
     return "".join(map(_escaped, text))
 
 
+def _quoted(text: str) -> str:
+    """A field's value as `key=value` shows it: quoted when it holds a space, `=` or `"`, so that no value can
+    pass for a field of its own (`command_id=c1 error=none`)."""
+    if text and not any(character in text for character in ' ="'):
+        return text
+    return '"' + text.replace('"', '\\"') + '"'
+
+
 class TextFormatter(logging.Formatter):
     """`ts LEVEL [State] message key=value ...` for people reading a terminal."""
 
     def format(self, record: logging.LogRecord) -> str:
         context = agent_context.get()
         state = f" [{escape(context.state())}]" if context is not None else ""
-        fields = "".join(f" {escape(key)}={escape(str(value))}" for key, value in _fields(record).items())
+        fields = "".join(f" {escape(key)}={_quoted(escape(str(value)))}" for key, value in _fields(record).items())
         text = f"{_timestamp(record)} {record.levelname:<7}{state} {escape(redact(record.getMessage()))}{fields}"
         if record.exc_info:
             # Only the traceback's own line breaks (its structure) are kept; any other is escaped.

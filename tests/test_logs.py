@@ -83,7 +83,7 @@ def test_text_values_and_messages_cannot_forge_a_line(stream: io.StringIO, break
     [line] = output.splitlines()
     assert output == line + "\n"
     assert line.isprintable()
-    assert line.endswith(f"[Ready] Received cmd-1{escape(breaker)}{FORGED} command_id=cmd-1{escape(breaker)}{FORGED}")
+    assert line.endswith(f'[Ready] Received cmd-1{escape(breaker)}{FORGED} command_id="cmd-1{escape(breaker)}{FORGED}"')
 
 
 def test_text_tracebacks_keep_their_lines_but_cannot_forge_one(stream: io.StringIO) -> None:
@@ -128,3 +128,10 @@ def test_secrets_are_masked_before_they_are_escaped(stream: io.StringIO, fmt: st
     output = stream.getvalue()
     assert "separated-secret-0001" not in output
     assert output.count("***") == 2
+
+
+def test_a_text_value_cannot_pass_for_a_field_of_its_own(stream: io.StringIO) -> None:
+    configure_logging("text", "info", stream)
+    log.warning("Rejected", extra={"command_id": "c1 error=none", "n": 3})
+    line = stream.getvalue().strip()
+    assert line.endswith('Rejected command_id="c1 error=none" n=3')
