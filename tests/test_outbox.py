@@ -187,3 +187,61 @@ async def test_a_stop_cuts_a_long_backoff_short_and_drops_heartbeats(
     assert [kind for kind, _ in delivered] == ["job_started", "vm_stopping"]
     assert delivered[-1][1] - stop_began < 1
     assert outbox.dropped == 1
+
+
+@pytest.mark.parametrize("status", [400, 404, 409, 410, 413, 415, 422])
+async def test_an_answer_that_says_the_event_itself_is_wrong_drops_it_with_a_log_line(
+    make_config: ConfigFactory, caplog: pytest.LogCaptureFixture, autojump_clock: trio.testing.MockClock, status: int
+) -> None:
+    answers = iter([status, 200])
+    received: list[str] = []
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        received.append(msgspec.json.decode(request.content)["type"])
+        return httpx.Response(next(answers), json={"error": "no such job"})
+
+    outbox = Outbox(stamper())
+    outbox.put(protocol.JobCompleted(job_name="a", result="Succeeded"))
+    outbox.put(protocol.VmStopping(reason="signal", runner_name="r"))
+    async with open_controller_client(make_config(), httpx.MockTransport(handler)) as client, trio.open_nursery() as n:
+        n.start_soon(outbox.serve, client)
+        await outbox.wait_empty()
+        n.cancel_scope.cancel()
+    assert received == ["job_completed", "vm_stopping"]
+    assert (outbox.delivered, outbox.dropped, outbox.owed()) == (1, 1, [])
+    [record] = [r for r in caplog.records if r.getMessage() == "Controller refused event; dropping it"]
+    assert f"HTTP {status}" in record.__dict__["error"]
+    assert "no such job" in record.__dict__["error"]
+
+
+@pytest.mark.parametrize("status", [401, 403, 405, 408, 429, 500, 503])
+async def test_any_other_refusal_of_a_lifecycle_event_is_retried_until_it_is_taken(
+    make_config: ConfigFactory, autojump_clock: trio.testing.MockClock, status: int
+) -> None:
+    answers = iter([status] * 20 + [200])
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(next(answers), json={})
+
+    outbox = Outbox(stamper(), policy=RetryPolicy(base=1, cap=8), rng=random.Random(3))
+    outbox.put(protocol.JobStarted(job_name="a"))
+    async with open_controller_client(make_config(), httpx.MockTransport(handler)) as client, trio.open_nursery() as n:
+        n.start_soon(outbox.serve, client)
+        await outbox.wait_empty()
+        n.cancel_scope.cancel()
+    assert (outbox.delivered, outbox.dropped) == (1, 0)
+
+
+async def test_a_heartbeat_is_dropped_on_a_refusal_that_would_keep_a_lifecycle_event(
+    make_config: ConfigFactory, autojump_clock: trio.testing.MockClock
+) -> None:
+    async def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(401, json={})
+
+    outbox = Outbox(stamper())
+    outbox.put(protocol.Heartbeat(state="Idle", uptime_s=1))
+    async with open_controller_client(make_config(), httpx.MockTransport(handler)) as client, trio.open_nursery() as n:
+        n.start_soon(outbox.serve, client)
+        await outbox.wait_empty()
+        n.cancel_scope.cancel()
+    assert (outbox.delivered, outbox.dropped) == (0, 1)
