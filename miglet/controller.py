@@ -190,37 +190,29 @@ def _describe(exc: BaseException) -> str:
     return messages[-1] if messages else "connection failed"
 
 
-def _declared_length(content_length: str | None) -> int | None:
-    """The length a Content-Length header announces (any text is accepted): None when there is none to trust,
-    and MAX_BODY_BYTES + 1 for anything longer than MIGlet reads."""
+def _declares_too_much(content_length: str | None) -> bool:
+    """Whether a Content-Length header announces more than MAX_BODY_BYTES (any text is accepted)."""
     if content_length is None:
-        return None
+        return False
     value = content_length.strip()
     if not (value.isascii() and value.isdigit()):
-        return None  # not a length: the transport decides what to make of it
+        return False  # not a length: the transport decides what to make of it
     # Compared as text first: int() refuses numbers of more than a few thousand digits (leading zeros included).
     digits = value.lstrip("0") or "0"
-    if len(digits) > len(str(MAX_BODY_BYTES)):
-        return MAX_BODY_BYTES + 1
-    return min(int(digits), MAX_BODY_BYTES + 1)
+    return len(digits) > len(str(MAX_BODY_BYTES)) or int(digits) > MAX_BODY_BYTES
 
 
 async def _read_capped(response: httpx.Response, what: str) -> bytes:
-    declared = _declared_length(response.headers.get("Content-Length"))
-    if declared is not None and declared > MAX_BODY_BYTES:
+    if _declares_too_much(response.headers.get("Content-Length")):
         raise protocol.ProtocolError(f"{what}: response body exceeds {MAX_BODY_BYTES} bytes")
-    if response.headers.get("Content-Encoding", "identity").strip().lower() != "identity":
-        declared = None  # the length counts the encoded bytes, not the ones read here
     chunks: list[bytes] = []
     size = 0
-    async with aclosing(cast(AsyncGenerator[bytes, None], response.aiter_bytes())) as stream:
-        async for chunk in stream:
-            size += len(chunk)
-            if size > MAX_BODY_BYTES:
-                raise protocol.ProtocolError(f"{what}: response body exceeds {MAX_BODY_BYTES} bytes")
-            chunks.append(chunk)
-            if declared is not None and size >= declared:
-                break  # complete: releasing the connection is left to the caller, outside the deadline
+    # Read to the end (not only to the length announced), so that the connection is released for the next request.
+    async for chunk in response.aiter_bytes():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise protocol.ProtocolError(f"{what}: response body exceeds {MAX_BODY_BYTES} bytes")
+        chunks.append(chunk)
     return b"".join(chunks)
 
 

@@ -296,7 +296,8 @@ _encoder: Final = msgspec.json.Encoder()
 
 
 def encode_event(event: AnyEvent) -> bytes:
-    """The event as the controller receives it, every known secret masked in every string it carries.
+    """The event as the controller receives it, every known secret masked in every string it carries but the
+    header's.
 
     The one door to the wire: whoever made the event, and whatever its strings came from (a job's name is
     chosen by a workflow's author, an error may quote the runner), nothing passes unmasked.
@@ -304,9 +305,15 @@ def encode_event(event: AnyEvent) -> bytes:
     return _encoder.encode(_masked_event(event))
 
 
+# The header's fields come from the configuration (checked identifiers) and from MIGlet itself: nothing to mask.
+_HEADER_FIELDS: Final = frozenset({"vm_id", "pool_id", "org_id", "event_id", "timestamp"})
+
+
 def _masked_event(event: AnyEvent) -> AnyEvent:
     changes: dict[str, object] = {}
     for name in event.__struct_fields__:
+        if name in _HEADER_FIELDS:
+            continue
         value = getattr(event, name)
         masked = _masked(value)
         if masked is not value:

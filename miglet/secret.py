@@ -58,19 +58,40 @@ class Secret:
 
 
 class _Compiled(NamedTuple):
+    """One generation of secrets, compiled into one pattern."""
+
     pattern: re.Pattern[str]
+    values: frozenset[str]
     longest: int
 
 
+def _compile(values: frozenset[str]) -> _Compiled:
+    # Longest first, so that at each position the longest secret starting there is the one found; a lookahead,
+    # so that a match is found at every position, overlapping ones included.
+    ordered = sorted(values, key=len, reverse=True)
+    pattern = re.compile("(?=(" + "|".join(map(re.escape, ordered)) + "))")
+    return _Compiled(pattern, values, len(ordered[0]))
+
+
 class _Registry:
-    """The secret values seen by this process, compiled into one pattern for fast masking."""
+    """The secret values seen by this process, compiled into patterns for fast masking.
+
+    Compiling a pattern costs time in proportion to the secrets in it, so secrets are compiled in generations,
+    as a binary counter adds: a new secret makes a small generation, and two of about the same size merge. A
+    process that learns many secrets one by one (many agents in one process) compiles each only a few times,
+    and masking runs one pattern per generation, a few at most.
+    """
 
     def __init__(self) -> None:
         # Handed over to a consumer: masked for as long as the process lives.
         self._pinned: set[str] = set()
         # Never handed over: the latest RECENT_KEPT, oldest first.
         self._recent: OrderedDict[str, None] = OrderedDict()
-        self._compiled: _Compiled | None = None
+        self._generations: tuple[_Compiled, ...] = ()
+        # Secrets not compiled yet, and how many compiled ones have been forgotten since (a full rebuild drops
+        # them once they are as many as those kept).
+        self._pending: set[str] = set()
+        self._forgotten = 0
         self._lock = threading.Lock()
 
     @staticmethod
@@ -93,10 +114,13 @@ class _Registry:
                     self._recent.move_to_end(form)
                     continue
                 self._recent[form] = None
-                self._compiled = None
+                self._pending.add(form)
             while len(self._recent) > RECENT_KEPT:
-                self._recent.popitem(last=False)
-                self._compiled = None
+                forgotten, _ = self._recent.popitem(last=False)
+                if forgotten in self._pending:
+                    self._pending.discard(forgotten)
+                else:
+                    self._forgotten += 1
 
     def pin(self, value: str) -> None:
         forms = self._forms(value)
@@ -104,28 +128,41 @@ class _Registry:
             return
         with self._lock:
             for form in forms:
+                if form not in self._pinned and form not in self._recent:
+                    self._pending.add(form)
                 self._pinned.add(form)
                 self._recent.pop(form, None)
-            self._compiled = None
 
-    def _current(self) -> _Compiled | None:
-        compiled = self._compiled
-        if compiled is None and (self._pinned or self._recent):
-            with self._lock:
-                # Longest first, so that at each position the longest secret starting there is the one found;
-                # a lookahead, so that a match is found at every position, overlapping ones included.
-                ordered = sorted({*self._pinned, *self._recent}, key=len, reverse=True)
-                pattern = re.compile("(?=(" + "|".join(map(re.escape, ordered)) + "))")
-                compiled = self._compiled = _Compiled(pattern, len(ordered[0]))
-        return compiled
+    def _current(self) -> tuple[_Compiled, ...]:
+        if not self._pending and self._forgotten <= len(self._pinned) + len(self._recent):
+            return self._generations
+        with self._lock:
+            kept = frozenset({*self._pinned, *self._recent})
+            if self._forgotten > len(kept):
+                # Mostly forgotten secrets: start again from those kept.
+                generations = [_compile(kept)] if kept else []
+                self._forgotten = 0
+            else:
+                generations = list(self._generations)
+                pending = frozenset(self._pending & kept)
+                if pending:
+                    generations.append(_compile(pending))
+                while len(generations) > 1 and len(generations[-1].values) * 2 > len(generations[-2].values):
+                    newer, older = generations.pop(), generations.pop()
+                    generations.append(_compile(older.values | newer.values))
+            self._pending.clear()
+            self._generations = tuple(generations)
+        return self._generations
 
     @staticmethod
-    def _spans(compiled: _Compiled, text: str) -> list[tuple[int, int]]:
+    def _spans(generations: tuple[_Compiled, ...], text: str) -> list[tuple[int, int]]:
         """Where `text` holds secrets: the union of every match, so that two secrets sharing characters (one
         ending where the other begins) are masked whole, not the first and what is left of the second."""
+        found = [match.span(1) for compiled in generations for match in compiled.pattern.finditer(text)]
+        if len(generations) > 1:
+            found.sort()
         spans: list[tuple[int, int]] = []
-        for match in compiled.pattern.finditer(text):
-            start, end = match.span(1)
+        for start, end in found:
             if spans and start < spans[-1][1]:
                 if end > spans[-1][1]:
                     spans[-1] = (spans[-1][0], end)
@@ -144,23 +181,23 @@ class _Registry:
         return "".join(parts)
 
     def redact(self, text: str) -> str:
-        compiled = self._current()
-        if compiled is None:
+        generations = self._current()
+        if not generations:
             return text
-        spans = self._spans(compiled, text)
+        spans = self._spans(generations, text)
         return self._masked(text, spans, len(text)) if spans else text
 
     def redact_partial(self, text: str) -> tuple[str, str]:
-        compiled = self._current()
-        if compiled is None:
+        generations = self._current()
+        if not generations:
             return text, ""
         # A secret starting before `safe` ends within `text`; one starting later may go on past its end. The text
         # is split there, or, when a masked stretch reaches that far, where the stretch begins: a secret starting
         # later may overlap it, and must be masked together with it.
-        safe = len(text) - compiled.longest + 1
+        safe = len(text) - max(compiled.longest for compiled in generations) + 1
         if safe <= 0:
             return "", text
-        spans = self._spans(compiled, text)
+        spans = self._spans(generations, text)
         split = safe
         complete = []
         for start, stop in spans:

@@ -8,7 +8,6 @@ checks what the controller finally received, and the exit code.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,7 @@ from fake_controller import FakeController, Settings
 from fake_controller.faults import Fault
 from fake_controller.simulated_runner import Job, SimulatedRunner
 from miglet import exitcodes
-from miglet.controller import CLOSE_TIMEOUT, LONG_POLL_MARGIN, REQUEST_DEADLINE, open_controller_client
+from miglet.controller import LONG_POLL_MARGIN, REQUEST_DEADLINE
 from miglet.machine import Phase
 from miglet.secret import Secret
 from tests.agents import running_agent
@@ -235,25 +234,3 @@ async def test_a_second_signal_still_leaves_a_short_flush(
     # The controller came back within the short flush: everything owed arrived, and the exit code says so.
     assert running.exit_code == exitcodes.OK
     assert running.event_types() == ["vm_started", "runner_registered", "vm_stopping", "runner_exited"]
-
-
-async def test_an_answer_read_in_full_is_kept_when_the_deadline_passes_while_the_connection_is_released(
-    make_config: ConfigFactory, autojump_clock: trio.testing.MockClock
-) -> None:
-    class SlowToRelease(httpx.AsyncByteStream):
-        async def __aiter__(self) -> AsyncIterator[bytes]:
-            await trio.sleep(REQUEST_DEADLINE - 1)
-            yield body
-
-        async def aclose(self) -> None:
-            await trio.sleep(3600)
-
-    body = b'{"commands": [{"id": "stop-1", "type": "shutdown"}]}'
-
-    async def handler(request: httpx.Request) -> httpx.Response:
-        return httpx.Response(200, headers={"Content-Length": str(len(body))}, stream=SlowToRelease())
-
-    async with open_controller_client(make_config(), httpx.MockTransport(handler)) as client:
-        batch = await client.get_commands()
-    assert [command.id for command in batch.commands] == ["stop-1"]
-    assert trio.current_time() <= REQUEST_DEADLINE + CLOSE_TIMEOUT

@@ -182,7 +182,8 @@ ENCODED_SECRET = Secret("AHTENCODEDEVENTSECRET0001")
         protocol.CommandFailed(command_id="AHTENCODEDEVENTSECRET0001", command_type="shutdown", error="e"),
         protocol.VmStopping(reason="asked by AHTENCODEDEVENTSECRET0001", runner_name="vm-123"),
         protocol.RunnerRegistered(runner_name="r", command_id="c1", timings={"AHTENCODEDEVENTSECRET0001_s": 1.0}),
-        protocol.Heartbeat(vm_id="vm-AHTENCODEDEVENTSECRET0001", state="Idle", uptime_s=1.0),
+        protocol.Heartbeat(state="Idle AHTENCODEDEVENTSECRET0001", uptime_s=1.0),
+        protocol.InternalError(task="poller", error_class="KeyError", error="AHTENCODEDEVENTSECRET0001"),
     ],
 )
 def test_every_string_an_event_carries_is_masked_on_the_wire(event: protocol.AnyEvent) -> None:

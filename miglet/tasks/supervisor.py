@@ -32,6 +32,8 @@ from miglet.timings import PhaseTimings
 log = logging.getLogger(__name__)
 
 MAX_LABELS: Final = 100
+# Shorter values are not looked for in a command's other parameters (they would match ordinary words).
+MIN_SECRET_IN_TEXT: Final = 6
 MAX_URL: Final = 2048
 # Neither may start with "-": config.sh would read a value starting with "--" as a flag of its own.
 _LABEL: Final = re.compile(r"(?!-)[^\s,\x00-\x1f\x7f]{1,256}")
@@ -82,11 +84,12 @@ def registration_from_command(
             "invalid_command", "runner_group must be 1-256 printable characters, not starting with '-'"
         )
     # These go into config.sh's argument list, which every process on the VM can read (and the labels and the
-    # group to GitHub, which shows them): none may carry a secret.
+    # group to GitHub, which shows them): none may carry a secret of this command's or the controller token.
+    secrets = _secret_forms(params.registration_token, params.jit_config, config.controller_token)
     for name, value in (("runner_url", params.runner_url), ("runner_group", params.runner_group)):
-        if redact(value) != value:
+        if _holds_any(value, secrets):
             raise InvalidRegistration("invalid_command", f"{name} must not contain a secret")
-    if any(redact(label) != label for label in params.labels):
+    if any(_holds_any(label, secrets) for label in params.labels):
         raise InvalidRegistration("invalid_command", "labels must not contain a secret")
     return Registration(
         command_id=command.id,
@@ -99,6 +102,20 @@ def registration_from_command(
         jit_config=params.jit_config,
         disable_update=config.runner_disable_update,
     )
+
+
+def _secret_forms(*secrets: Secret | None) -> tuple[str, ...]:
+    """The values to look for: each secret as given and trimmed (only those long enough to be told apart)."""
+    forms: list[str] = []
+    for secret in secrets:
+        if secret is not None:
+            value = secret.reveal()
+            forms += [form for form in {value, value.strip()} if len(form) >= MIN_SECRET_IN_TEXT]
+    return tuple(forms)
+
+
+def _holds_any(text: str, secrets: tuple[str, ...]) -> bool:
+    return any(secret in text for secret in secrets)
 
 
 def _check_token(name: str, token: Secret) -> None:
