@@ -153,8 +153,8 @@ class ControllerClient:
                 else:
                     body = b""  # a 2xx answer to an event is all that counts
             finally:
-                # Shielded (and bounded): an answer read in full is not thrown away because the deadline passed
-                # while the connection was being released.
+                # Shielded (and bounded): the connection is released (or closed, for an answer read in part) even
+                # when the deadline has just passed.
                 with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT):
                     await response.aclose()
         except httpx.TimeoutException as exc:
