@@ -75,7 +75,8 @@ class VmRecord:
         self.registration_token: str | None = None
         self.pending: deque[dict[str, Any]] = deque()
         self.sent: list[dict[str, Any]] = []
-        self.events: list[dict[str, Any]] = []
+        self.events: list[dict[str, Any]] = []  # each event once, by event_id
+        self.deliveries: list[dict[str, Any]] = []  # every event received, repeats included
         self.event_ids: set[str] = set()
         self.duplicates = 0
         self.changed = trio.Event()
@@ -204,6 +205,7 @@ class FakeController:
         if not isinstance(event, dict):
             return 400, {"error": "event must be an object"}
         vm = self.vm(vm_id)
+        vm.deliveries.append(event)
         event_id = event.get("event_id")
         duplicate = event_id is not None and event_id in vm.event_ids
         if duplicate:

@@ -43,7 +43,6 @@ from miglet.statefile import StateFileError, StateFileMissing, StateFileWriter, 
 from miglet.status import health
 from miglet.stop_signals import STOP_SIGNALS, HeldSignals
 from miglet.supervision import TaskSupervisor
-from miglet.tasks.deadlines import phase_deadline_task
 from miglet.tasks.handshake import handshake_task
 from miglet.tasks.heartbeat import heartbeat_task, state_refresh_task
 from miglet.tasks.poller import SeenCommands, poller_task
@@ -305,6 +304,7 @@ class Agent:
             log.warning("Killed a runner left running by an earlier MIGlet", extra={"pid": pid})
 
     def _start_deadlines(self, nursery: trio.Nursery) -> None:
+        """Limits on how long the agent may stay in a phase at a stretch (0: none); a limit passed stops it."""
         config = self.config
         deadlines = [
             (Phase.WAITING_FOR_CONTROLLER, config.ack_timeout, "ack_timeout", exitcodes.FAILURE),
@@ -312,12 +312,15 @@ class Agent:
             (Phase.IDLE, config.idle_timeout, "idle_timeout", exitcodes.OK),
         ]
         for phase, seconds, reason, exit_code in deadlines:
-            expire = partial(self.request_stop, reason, exit_code=exit_code)
-            nursery.start_soon(
-                self.supervision.run,
-                reason,
-                partial(phase_deadline_task, self.holder, phase, seconds, expire),
-            )
+            if seconds > 0:
+                deadline = partial(self._deadline, phase, seconds, reason, exit_code)
+                nursery.start_soon(self.supervision.run, reason, deadline)
+
+    async def _deadline(self, phase: Phase, seconds: float, reason: str, exit_code: int) -> None:
+        """Stop with `reason` once the agent has stayed in `phase` for `seconds` at a stretch."""
+        await self.holder.value.wait_value(lambda state: state.phase is phase, held_for=seconds)
+        log.warning("Deadline passed", extra={"phase": phase.value, "limit_s": seconds})
+        self.request_stop(reason, exit_code=exit_code)
 
     async def _finish(self, backend: RunnerBackend) -> None:
         """After the runner has stopped: deregister if asked, flush owed events, and record Stopped."""

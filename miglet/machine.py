@@ -43,7 +43,6 @@ LEGAL_TRANSITIONS: Final = frozenset(
     }
     | {(phase, _P.STOPPING) for phase in Phase if phase not in (_P.STOPPING, _P.STOPPED)}
 )
-RUNNER_PHASES: Final = frozenset({_P.REGISTERING_RUNNER, _P.IDLE, _P.BUSY})
 
 
 class AgentState(msgspec.Struct, frozen=True, kw_only=True):

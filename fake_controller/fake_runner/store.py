@@ -26,7 +26,6 @@ CALLS_FILE = "calls.jsonl"
 LEFT_BEHIND_FILE = "left_behind.jsonl"
 JOBS_DIR = "jobs"
 REGISTRY_FILE = "runners.json"
-CONFIG_FILES = (".runner", ".credentials", ".credentials_rsaparams")
 
 
 def runner_root() -> Path:
