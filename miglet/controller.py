@@ -48,6 +48,9 @@ TokenSource = Callable[[], Secret | None]
 class ControllerError(Exception):
     """A controller call that did not succeed."""
 
+    # How long the controller asked to be left alone (`Retry-After`), when it did.
+    retry_after: float | None = None
+
 
 class ControllerUnavailable(ControllerError):
     """Worth trying again: a network failure, a timeout, 408, 429 or 5xx."""
@@ -55,6 +58,11 @@ class ControllerUnavailable(ControllerError):
     def __init__(self, message: str, retry_after: float | None = None) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+def retry_after_of(exc: Exception) -> float | None:
+    """The wait the controller asked for with a failed call, if any (an unusable answer asks for none)."""
+    return exc.retry_after if isinstance(exc, ControllerError) else None
 
 
 class ControllerRejected(ControllerError):

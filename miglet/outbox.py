@@ -20,8 +20,8 @@ import trio
 from trio_util import AsyncValue
 
 from miglet import protocol
-from miglet.controller import ControllerClient, ControllerRejected, ControllerUnavailable
-from miglet.retry import RetryPolicy
+from miglet.controller import ControllerClient, ControllerRejected, ControllerUnavailable, retry_after_of
+from miglet.retry import Backoff, RetryPolicy
 from miglet.stamp import Stamper
 
 log = logging.getLogger(__name__)
@@ -209,12 +209,12 @@ class Outbox:
 
     async def _deliver(self, client: ControllerClient, event: protocol.AnyEvent) -> None:
         kind = type(event).__struct_config__.tag
-        attempt = 0
+        backoff = Backoff(self._policy, self._rng)
         while True:
             try:
                 await client.post_event(event)
             except (ControllerUnavailable, protocol.ProtocolError) as exc:
-                retry_after = exc.retry_after if isinstance(exc, ControllerUnavailable) else None
+                retry_after = retry_after_of(exc)
                 error, level = str(exc), logging.WARNING
             except ControllerRejected as exc:
                 if exc.status in EVENT_REFUSED or not is_lifecycle(event):
@@ -232,7 +232,7 @@ class Outbox:
                 self.delivered += 1
                 log.debug("Event delivered", extra={"event": kind, "event_id": event.event_id})
                 return
-            delay = self._policy.delay(attempt, self._rng, retry_after=retry_after)
+            delay = backoff.next_delay(retry_after)
             stopping = self._hurry.is_set()
             if stopping:
                 delay = min(delay, MAX_RETRY_WHILE_STOPPING)
@@ -241,7 +241,6 @@ class Outbox:
                 "Event not delivered; will retry",
                 extra={"event": kind, "event_id": event.event_id, "error": error, "retry_in_s": round(delay, 3)},
             )
-            attempt += 1
             if stopping:
                 await trio.sleep(delay)
             else:

@@ -31,6 +31,24 @@ class RetryPolicy(msgspec.Struct, frozen=True):
         return (rng or random).uniform(0, ceiling)
 
 
+class Backoff:
+    """The waits between the tries of one request, attempt after attempt, under a policy; `reset` once it works."""
+
+    def __init__(self, policy: RetryPolicy, rng: random.Random | None = None) -> None:
+        self._policy = policy
+        self._rng = rng
+        self.attempts = 0
+
+    def next_delay(self, retry_after: float | None = None) -> float:
+        """Seconds to wait before the next try (the controller's `Retry-After` when it gave one)."""
+        delay = self._policy.delay(self.attempts, self._rng, retry_after)
+        self.attempts += 1
+        return delay
+
+    def reset(self) -> None:
+        self.attempts = 0
+
+
 def is_retryable_status(status: int) -> bool:
     return status in RETRYABLE_STATUS or status >= 500
 

@@ -13,9 +13,9 @@ import random
 import trio
 
 from miglet import machine, protocol
-from miglet.controller import ControllerClient, ControllerError, ControllerRejected, ControllerUnavailable
+from miglet.controller import ControllerClient, ControllerError, ControllerRejected, retry_after_of
 from miglet.machine import Phase
-from miglet.retry import RetryPolicy
+from miglet.retry import Backoff, RetryPolicy
 from miglet.secret import redact
 from miglet.state import StateHolder
 
@@ -32,18 +32,16 @@ async def handshake_task(
     """Return once the controller has acknowledged `vm_started` (at once when it already has)."""
     if holder.phase is not Phase.WAITING_FOR_CONTROLLER:
         return
-    attempt = 0
+    backoff = Backoff(policy, rng)
     while True:
         retry_after: float | None = None
         refused = False
         try:
             body = await client.post_event(event, read_answer=True)
             ack = protocol.decode_acknowledgment(body)
-        except ControllerError as exc:
-            retry_after = exc.retry_after if isinstance(exc, ControllerUnavailable) else None
+        except (ControllerError, protocol.ProtocolError) as exc:
+            retry_after = retry_after_of(exc)
             refused = isinstance(exc, ControllerRejected)
-            problem = str(exc)
-        except protocol.ProtocolError as exc:
             problem = str(exc)
         else:
             if ack.is_acknowledged:
@@ -51,14 +49,18 @@ async def handshake_task(
             # Masked before repr(), whose escaping could hide a secret from the mask.
             status, message = (None if text is None else redact(text) for text in (ack.status, ack.message))
             problem = f"controller did not acknowledge vm_started (status={status!r}, message={message!r})"
-        delay = policy.delay(attempt, rng, retry_after)
+        delay = backoff.next_delay(retry_after)
         # A refusal (401, 403, 404...) will not go away by itself: someone has to fix the token or the controller.
         level = logging.ERROR if refused else logging.WARNING
         log.log(
             level,
             "vm_started not acknowledged; will retry",
-            extra={"event_id": event.event_id, "error": problem, "attempt": attempt + 1, "retry_in_s": round(delay, 3)},
+            extra={
+                "event_id": event.event_id,
+                "error": problem,
+                "attempt": backoff.attempts,
+                "retry_in_s": round(delay, 3),
+            },
         )
-        attempt += 1
         await trio.sleep(delay)
     holder.apply(machine.Acknowledged())

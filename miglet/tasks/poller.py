@@ -21,10 +21,10 @@ import trio
 
 from miglet import machine, protocol
 from miglet.config import Config
-from miglet.controller import ControllerClient, ControllerError, ControllerUnavailable
+from miglet.controller import ControllerClient, ControllerError, retry_after_of
 from miglet.machine import Phase
 from miglet.outbox import Outbox
-from miglet.retry import RetryPolicy
+from miglet.retry import Backoff, RetryPolicy
 from miglet.state import StateHolder
 from miglet.supervision import BugReport, error_text, log_bug
 
@@ -84,7 +84,7 @@ async def _poll(
 ) -> None:
     """Poll until the agent stops, handing each answer to the router."""
     announced = False
-    failures = 0
+    backoff = Backoff(policy, rng)
     while holder.phase not in (Phase.STOPPING, Phase.STOPPED):
         if holder.phase is Phase.READY:
             if not announced:
@@ -96,16 +96,14 @@ async def _poll(
         try:
             batch = await client.get_commands(config.command_wait)
         except (ControllerError, protocol.ProtocolError) as exc:
-            retry_after = exc.retry_after if isinstance(exc, ControllerUnavailable) else None
-            delay = max(config.poll_interval, policy.delay(failures, rng, retry_after))
-            failures += 1
+            delay = max(config.poll_interval, backoff.next_delay(retry_after_of(exc)))
             log.warning(
                 "Command poll failed; will retry",
-                extra={"error": str(exc), "attempt": failures, "retry_in_s": round(delay, 3)},
+                extra={"error": str(exc), "attempt": backoff.attempts, "retry_in_s": round(delay, 3)},
             )
             await trio.sleep(delay)
             continue
-        failures = 0
+        backoff.reset()
         router.route(batch)
         await trio.sleep_until(started + config.poll_interval)
 
