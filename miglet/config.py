@@ -1,7 +1,10 @@
 """Configuration from the environment (docs/operations.md lists every setting).
 
-Every value is checked before MIGlet touches the network: a bad one raises `ConfigError`, which names the
-variable and the problem in one line, and the command line turns it into exit code 2.
+Each setting is described once, by the `Setting` that annotates its field of `Config`: its variable, its
+meaning and how it is read; the field holds its default. `load_config`, `--help` (through `VARIABLES`) and the
+checks of the docs and the packaging all come from there. Every value is checked before MIGlet touches the
+network: a bad one raises `ConfigError`, which names the variable and the problem in one line, and the command
+line turns it into exit code 2.
 """
 
 from __future__ import annotations
@@ -11,9 +14,9 @@ import pwd
 import re
 import ssl
 import stat
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Final, Literal
+from typing import Annotated, Any, Final, Literal, get_type_hints
 from urllib.parse import urlsplit
 
 import msgspec
@@ -34,6 +37,8 @@ MIN_RETRY_BASE: Final = 0.01
 
 
 class Variable(msgspec.Struct, frozen=True):
+    """A setting as an operator sees it: its variable, its default as shown, what it means."""
+
     name: str
     default: str
     meaning: str
@@ -44,44 +49,21 @@ class Variable(msgspec.Struct, frozen=True):
         return "--" + self.name.removeprefix("MIGLET_").lower().replace("_", "-")
 
 
-VARIABLES: Final = (
-    Variable("MIGLET_VM_ID", "required", "this VM's id, used in every URL and event"),
-    Variable("MIGLET_POOL_ID", "required", "pool id, sent in events"),
-    Variable("MIGLET_CONTROLLER_ENDPOINT", "required", "controller base URL, e.g. https://controller:8080"),
-    Variable("MIGLET_ORG_ID", "unset", "org id, sent in events when set"),
-    Variable("MIGLET_CONTROLLER_TOKEN", "unset", "bearer token for every controller request", secret=True),
-    Variable(
-        "MIGLET_CONTROLLER_TOKEN_FILE",
-        "unset",
-        "file holding the bearer token (read again when the controller refuses it)",
-    ),
-    Variable("MIGLET_CA_BUNDLE", "system", "CA file for TLS to the controller (default: the OS trust store)"),
-    Variable("MIGLET_ALLOW_INSECURE", "false", "allow plain http:// to a non-loopback controller"),
-    Variable("MIGLET_POLL_INTERVAL", "5", "seconds between command polls"),
-    Variable("MIGLET_COMMAND_WAIT", "20", "long-poll: ask the controller to hold a poll up to N s (0: off)"),
-    Variable("MIGLET_HEARTBEAT_INTERVAL", "30", "seconds between heartbeat events once acknowledged (0: off)"),
-    Variable("MIGLET_RUNNER_DIR", "/opt/actions-runner", "directory holding the runner's config.sh and run.sh"),
-    Variable("MIGLET_RUNNER_NAME", "the VM id", "runner name at GitHub"),
-    Variable("MIGLET_RUNNER_USER", "unset", "when MIGlet runs as root, run the runner as this user"),
-    Variable("MIGLET_RUNNER_DISABLE_UPDATE", "false", "register with --disableupdate"),
-    Variable("MIGLET_ALLOW_HTTP_RUNNER_URL", "false", "accept an http:// runner_url (a GitHub Enterprise Server)"),
-    Variable("MIGLET_EPHEMERAL", "true", "register with --ephemeral: one job, then the VM is done"),
-    Variable("MIGLET_SHUTDOWN_GRACE", "30", "seconds a stopping runner gets before it is killed"),
-    Variable("MIGLET_FLUSH_TIMEOUT", "60", "seconds a stop waits to deliver the events still owed to the controller"),
-    Variable("MIGLET_STATE_FILE", "/run/miglet/state.json", "where the current state is written"),
-    Variable("MIGLET_LISTEN_TIMEOUT", "300", "seconds the runner gets to start listening for jobs"),
-    Variable("MIGLET_ACK_TIMEOUT", "0", "give up (exit 1) when vm_started is not acknowledged in N s (0: never)"),
-    Variable(
-        "MIGLET_REGISTRATION_TIMEOUT", "0", "give up (exit 1) after N s in Ready without a registration (0: never)"
-    ),
-    Variable("MIGLET_IDLE_TIMEOUT", "0", "stop (exit 0) when no job starts within N s of Idle (0: never)"),
-    Variable("MIGLET_CLOCK_SKEW", "30", "seconds of clock skew allowed when checking a token's expires_at"),
-    Variable("MIGLET_RETRY_BASE", "0.5", "first retry delay ceiling in seconds (exponential backoff, full jitter)"),
-    Variable("MIGLET_RETRY_CAP", "30", "largest retry delay in seconds"),
-    Variable("MIGLET_OUTBOX_CAPACITY", "1000", "events kept while the controller is unreachable (heartbeats go first)"),
-    Variable("MIGLET_LOG_FORMAT", "auto", "json or text; auto: text on a terminal, json otherwise"),
-    Variable("MIGLET_LOG_LEVEL", "info", "debug, info, warning or error"),
-)
+# Reads one setting: (the reader, the variable's name, the field's default) -> the value.
+ReadSetting = Callable[["_Reader", str, Any], Any]
+
+
+class Setting(msgspec.Struct, frozen=True):
+    """What a field of `Config` is to the operator: a `Config` field's annotation, the one place it is described.
+
+    `shown` is the default as the help and the docs show it, where the field's own default does not say it.
+    """
+
+    variable: str
+    meaning: str
+    read: ReadSetting
+    shown: str | None = None
+    secret: bool = False
 
 
 class ConfigError(Exception):
@@ -94,39 +76,158 @@ class ConfigError(Exception):
 
 
 class Config(msgspec.Struct, frozen=True, kw_only=True):
-    """The agent's effective configuration."""
+    """The agent's effective configuration; each field's `Setting` says which variable sets it and how."""
 
-    vm_id: str
-    pool_id: str
-    controller_endpoint: str
-    org_id: str | None = None
-    controller_token: Secret | None = None
+    vm_id: Annotated[str, Setting("MIGLET_VM_ID", "this VM's id, used in every URL and event", _identifier())]
+    pool_id: Annotated[str, Setting("MIGLET_POOL_ID", "pool id, sent in events", _identifier())]
+    controller_endpoint: Annotated[
+        str, Setting("MIGLET_CONTROLLER_ENDPOINT", "controller base URL, e.g. https://controller:8080", _endpoint)
+    ]
+    org_id: Annotated[str | None, Setting("MIGLET_ORG_ID", "org id, sent in events when set", _optional_id())] = None
+    controller_token: Annotated[
+        Secret | None,
+        Setting("MIGLET_CONTROLLER_TOKEN", "bearer token for every controller request", _controller_token, secret=True),
+    ] = None
     # Where the token came from, read again when the controller refuses it (a rotated token).
-    controller_token_file: Path | None = None
-    ca_bundle: Path | None = None
-    allow_insecure: bool = False
-    poll_interval: float = 5.0
-    command_wait: int = 20
-    heartbeat_interval: float = 30.0
-    runner_dir: Path = Path("/opt/actions-runner")
-    runner_name: str = ""
-    runner_user: str | None = None
-    runner_disable_update: bool = False
-    allow_http_runner_url: bool = False
-    ephemeral: bool = True
-    shutdown_grace: float = 30.0
-    flush_timeout: float = 60.0
-    state_file: Path = Path("/run/miglet/state.json")
-    listen_timeout: float = 300.0
-    ack_timeout: float = 0.0
-    registration_timeout: float = 0.0
-    idle_timeout: float = 0.0
-    clock_skew: float = 30.0
-    retry_base: float = 0.5
-    retry_cap: float = 30.0
-    outbox_capacity: int = 1000
-    log_format: LogFormat = "auto"
-    log_level: LogLevel = "info"
+    controller_token_file: Annotated[
+        Path | None,
+        Setting(
+            "MIGLET_CONTROLLER_TOKEN_FILE",
+            "file holding the bearer token (read again when the controller refuses it)",
+            _path,
+        ),
+    ] = None
+    ca_bundle: Annotated[
+        Path | None,
+        Setting(
+            "MIGLET_CA_BUNDLE", "CA file for TLS to the controller (default: the OS trust store)", _ca_bundle, "system"
+        ),
+    ] = None
+    allow_insecure: Annotated[
+        bool, Setting("MIGLET_ALLOW_INSECURE", "allow plain http:// to a non-loopback controller", _boolean)
+    ] = False
+    poll_interval: Annotated[
+        float, Setting("MIGLET_POLL_INTERVAL", "seconds between command polls", _number(minimum=MIN_INTERVAL))
+    ] = 5.0
+    command_wait: Annotated[
+        int,
+        Setting(
+            "MIGLET_COMMAND_WAIT",
+            "long-poll: ask the controller to hold a poll up to N s (0: off)",
+            _integer(minimum=0, maximum=600),
+        ),
+    ] = 20
+    heartbeat_interval: Annotated[
+        float,
+        Setting(
+            "MIGLET_HEARTBEAT_INTERVAL",
+            "seconds between heartbeat events once acknowledged (0: off)",
+            _number(minimum=MIN_INTERVAL, zero_is_off=True),
+        ),
+    ] = 30.0
+    runner_dir: Annotated[
+        Path, Setting("MIGLET_RUNNER_DIR", "directory holding the runner's config.sh and run.sh", _path)
+    ] = Path("/opt/actions-runner")
+    runner_name: Annotated[str, Setting("MIGLET_RUNNER_NAME", "runner name at GitHub", _optional_id(), "the VM id")] = (
+        ""
+    )
+    runner_user: Annotated[
+        str | None, Setting("MIGLET_RUNNER_USER", "when MIGlet runs as root, run the runner as this user", _runner_user)
+    ] = None
+    runner_disable_update: Annotated[
+        bool, Setting("MIGLET_RUNNER_DISABLE_UPDATE", "register with --disableupdate", _boolean)
+    ] = False
+    allow_http_runner_url: Annotated[
+        bool,
+        Setting("MIGLET_ALLOW_HTTP_RUNNER_URL", "accept an http:// runner_url (a GitHub Enterprise Server)", _boolean),
+    ] = False
+    ephemeral: Annotated[
+        bool, Setting("MIGLET_EPHEMERAL", "register with --ephemeral: one job, then the VM is done", _boolean)
+    ] = True
+    shutdown_grace: Annotated[
+        float,
+        Setting("MIGLET_SHUTDOWN_GRACE", "seconds a stopping runner gets before it is killed", _number(minimum=0)),
+    ] = 30.0
+    flush_timeout: Annotated[
+        float,
+        Setting(
+            "MIGLET_FLUSH_TIMEOUT",
+            "seconds a stop waits to deliver the events still owed to the controller",
+            _number(minimum=0, maximum=3600),
+        ),
+    ] = 60.0
+    state_file: Annotated[Path, Setting("MIGLET_STATE_FILE", "where the current state is written", _path)] = Path(
+        "/run/miglet/state.json"
+    )
+    listen_timeout: Annotated[
+        float,
+        Setting(
+            "MIGLET_LISTEN_TIMEOUT",
+            "seconds the runner gets to start listening for jobs",
+            _number(minimum=0, exclusive=True),
+        ),
+    ] = 300.0
+    ack_timeout: Annotated[
+        float,
+        Setting(
+            "MIGLET_ACK_TIMEOUT",
+            "give up (exit 1) when vm_started is not acknowledged in N s (0: never)",
+            _number(minimum=0),
+        ),
+    ] = 0.0
+    registration_timeout: Annotated[
+        float,
+        Setting(
+            "MIGLET_REGISTRATION_TIMEOUT",
+            "give up (exit 1) after N s in Ready without a registration (0: never)",
+            _number(minimum=0),
+        ),
+    ] = 0.0
+    idle_timeout: Annotated[
+        float,
+        Setting(
+            "MIGLET_IDLE_TIMEOUT", "stop (exit 0) when no job starts within N s of Idle (0: never)", _number(minimum=0)
+        ),
+    ] = 0.0
+    clock_skew: Annotated[
+        float,
+        Setting(
+            "MIGLET_CLOCK_SKEW",
+            "seconds of clock skew allowed when checking a token's expires_at",
+            _number(minimum=0, maximum=3600),
+        ),
+    ] = 30.0
+    retry_base: Annotated[
+        float,
+        Setting(
+            "MIGLET_RETRY_BASE",
+            "first retry delay ceiling in seconds (exponential backoff, full jitter)",
+            _number(minimum=MIN_RETRY_BASE),
+        ),
+    ] = 0.5
+    retry_cap: Annotated[
+        float, Setting("MIGLET_RETRY_CAP", "largest retry delay in seconds", _number(minimum=MIN_RETRY_BASE))
+    ] = 30.0
+    outbox_capacity: Annotated[
+        int,
+        Setting(
+            "MIGLET_OUTBOX_CAPACITY",
+            "events kept while the controller is unreachable (heartbeats go first)",
+            _integer(minimum=10, maximum=1_000_000),
+        ),
+    ] = 1000
+    log_format: Annotated[
+        LogFormat,
+        Setting(
+            "MIGLET_LOG_FORMAT",
+            "json or text; auto: text on a terminal, json otherwise",
+            _choice("auto", "json", "text"),
+        ),
+    ] = "auto"
+    log_level: Annotated[
+        LogLevel,
+        Setting("MIGLET_LOG_LEVEL", "debug, info, warning or error", _choice("debug", "info", "warning", "error")),
+    ] = "info"
 
     @property
     def effective_runner_name(self) -> str:
@@ -229,8 +330,46 @@ class _Reader:
         return default if text is None else Path(text)
 
 
-def _endpoint(reader: _Reader, allow_insecure: bool) -> str:
-    name = "MIGLET_CONTROLLER_ENDPOINT"
+# --- Reading each setting (a `ReadSetting` each) ----------------------------------------------------------
+
+
+def _identifier() -> ReadSetting:
+    return lambda reader, name, default: reader.identifier(name)
+
+
+def _optional_id() -> ReadSetting:
+    return lambda reader, name, default: reader.identifier(name, required=False) or default
+
+
+def _number(
+    *, minimum: float, exclusive: bool = False, maximum: float | None = None, zero_is_off: bool = False
+) -> ReadSetting:
+    def read(reader: _Reader, name: str, default: float) -> float:
+        return reader.number(
+            name, default, minimum=minimum, exclusive=exclusive, maximum=maximum, zero_is_off=zero_is_off
+        )
+
+    return read
+
+
+def _integer(*, minimum: int, maximum: int) -> ReadSetting:
+    return lambda reader, name, default: reader.integer(name, default, minimum=minimum, maximum=maximum)
+
+
+def _choice(*choices: str) -> ReadSetting:
+    return lambda reader, name, default: reader.choice(name, default, choices)
+
+
+def _boolean(reader: _Reader, name: str, default: bool) -> bool:
+    return reader.boolean(name, default)
+
+
+def _path(reader: _Reader, name: str, default: Path | None) -> Path | None:
+    return reader.path(name, default)
+
+
+def _endpoint(reader: _Reader, name: str, default: object) -> str:
+    allow_insecure = reader.boolean("MIGLET_ALLOW_INSECURE", _DEFAULTS.allow_insecure)
     text = reader.required(name)
     if "@" in text:
         # Checked first, so that no message below can echo a password.
@@ -264,8 +403,8 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def _ca_bundle(reader: _Reader) -> Path | None:
-    ca_bundle = reader.path("MIGLET_CA_BUNDLE", None)
+def _ca_bundle(reader: _Reader, name: str, default: Path | None) -> Path | None:
+    ca_bundle = reader.path(name, default)
     if ca_bundle is None:
         return None
     try:
@@ -280,7 +419,7 @@ def _ca_bundle(reader: _Reader) -> Path | None:
     return ca_bundle
 
 
-def _controller_token(reader: _Reader) -> Secret | None:
+def _controller_token(reader: _Reader, name: str, default: Secret | None) -> Secret | None:
     token = reader.raw("MIGLET_CONTROLLER_TOKEN")
     token_file = reader.raw("MIGLET_CONTROLLER_TOKEN_FILE")
     if token is not None and token_file is not None:
@@ -296,8 +435,8 @@ def _controller_token(reader: _Reader) -> Secret | None:
     return None if token is None else Secret(token)
 
 
-def _runner_user(reader: _Reader, runner_dir: Path) -> str | None:
-    name = "MIGLET_RUNNER_USER"
+def _runner_user(reader: _Reader, name: str, default: str | None) -> str | None:
+    runner_dir = reader.path("MIGLET_RUNNER_DIR", _DEFAULTS.runner_dir) or _DEFAULTS.runner_dir
     user = reader.raw(name)
     if user is None:
         return None
@@ -325,46 +464,41 @@ def _runner_user(reader: _Reader, runner_dir: Path) -> str | None:
 def load_config(env: Mapping[str, str] | None = None) -> Config:
     """Build the configuration from `env` (default: the process environment), checking every value."""
     reader = _Reader(os.environ if env is None else env)
-    vm_id = reader.identifier("MIGLET_VM_ID")
-    pool_id = reader.identifier("MIGLET_POOL_ID")
-    allow_insecure = reader.boolean("MIGLET_ALLOW_INSECURE", _DEFAULTS.allow_insecure)
-    endpoint = _endpoint(reader, allow_insecure)
-    ca_bundle = _ca_bundle(reader)
-    assert vm_id is not None
-    assert pool_id is not None
-    d = _DEFAULTS
-    runner_dir = reader.path("MIGLET_RUNNER_DIR", d.runner_dir) or d.runner_dir
-    return Config(
-        vm_id=vm_id,
-        pool_id=pool_id,
-        controller_endpoint=endpoint,
-        org_id=reader.identifier("MIGLET_ORG_ID", required=False),
-        controller_token=_controller_token(reader),
-        controller_token_file=reader.path("MIGLET_CONTROLLER_TOKEN_FILE", None),
-        ca_bundle=ca_bundle,
-        allow_insecure=allow_insecure,
-        poll_interval=reader.number("MIGLET_POLL_INTERVAL", d.poll_interval, minimum=MIN_INTERVAL),
-        command_wait=reader.integer("MIGLET_COMMAND_WAIT", d.command_wait, minimum=0, maximum=600),
-        heartbeat_interval=reader.number(
-            "MIGLET_HEARTBEAT_INTERVAL", d.heartbeat_interval, minimum=MIN_INTERVAL, zero_is_off=True
-        ),
-        runner_dir=runner_dir,
-        runner_name=reader.identifier("MIGLET_RUNNER_NAME", required=False) or "",
-        runner_user=_runner_user(reader, runner_dir),
-        runner_disable_update=reader.boolean("MIGLET_RUNNER_DISABLE_UPDATE", d.runner_disable_update),
-        allow_http_runner_url=reader.boolean("MIGLET_ALLOW_HTTP_RUNNER_URL", d.allow_http_runner_url),
-        ephemeral=reader.boolean("MIGLET_EPHEMERAL", d.ephemeral),
-        shutdown_grace=reader.number("MIGLET_SHUTDOWN_GRACE", d.shutdown_grace, minimum=0),
-        flush_timeout=reader.number("MIGLET_FLUSH_TIMEOUT", d.flush_timeout, minimum=0, maximum=3600),
-        state_file=reader.path("MIGLET_STATE_FILE", d.state_file) or d.state_file,
-        listen_timeout=reader.number("MIGLET_LISTEN_TIMEOUT", d.listen_timeout, minimum=0, exclusive=True),
-        ack_timeout=reader.number("MIGLET_ACK_TIMEOUT", d.ack_timeout, minimum=0),
-        registration_timeout=reader.number("MIGLET_REGISTRATION_TIMEOUT", d.registration_timeout, minimum=0),
-        idle_timeout=reader.number("MIGLET_IDLE_TIMEOUT", d.idle_timeout, minimum=0),
-        clock_skew=reader.number("MIGLET_CLOCK_SKEW", d.clock_skew, minimum=0, maximum=3600),
-        retry_base=reader.number("MIGLET_RETRY_BASE", d.retry_base, minimum=MIN_RETRY_BASE),
-        retry_cap=reader.number("MIGLET_RETRY_CAP", d.retry_cap, minimum=MIN_RETRY_BASE),
-        outbox_capacity=reader.integer("MIGLET_OUTBOX_CAPACITY", d.outbox_capacity, minimum=10, maximum=1_000_000),
-        log_format=reader.choice("MIGLET_LOG_FORMAT", d.log_format, ("auto", "json", "text")),  # type: ignore[arg-type]
-        log_level=reader.choice("MIGLET_LOG_LEVEL", d.log_level, ("debug", "info", "warning", "error")),  # type: ignore[arg-type]
-    )
+    defaults = msgspec.structs.asdict(_DEFAULTS)
+    return Config(**{field: setting.read(reader, setting.variable, defaults[field]) for field, setting in SETTINGS})
+
+
+def _settings() -> tuple[tuple[str, Setting], ...]:
+    hints = get_type_hints(Config, include_extras=True)
+    found = []
+    for field in Config.__struct_fields__:
+        [setting] = [meta for meta in getattr(hints[field], "__metadata__", ()) if isinstance(meta, Setting)]
+        found.append((field, setting))
+    return tuple(found)
+
+
+# Every setting, in the order the help and the docs list them: (the `Config` field, its `Setting`).
+SETTINGS: Final = _settings()
+_REQUIRED: Final = frozenset(
+    Config.__struct_fields__[: len(Config.__struct_fields__) - len(Config.__struct_defaults__)]
+)
+
+
+def _shown(field: str, setting: Setting) -> str:
+    if setting.shown is not None:
+        return setting.shown
+    if field in _REQUIRED:
+        return "required"
+    default = Config.__struct_defaults__[Config.__struct_fields__.index(field) - len(_REQUIRED)]
+    if default is None:
+        return "unset"
+    if isinstance(default, bool):
+        return "true" if default else "false"
+    if isinstance(default, float):
+        return f"{default:g}"
+    return str(default)
+
+
+VARIABLES: Final = tuple(
+    Variable(setting.variable, _shown(field, setting), setting.meaning, setting.secret) for field, setting in SETTINGS
+)
