@@ -73,7 +73,7 @@ class RegistrationReceived(msgspec.Struct, frozen=True):
     command_id: str
 
 
-class RegistrationFailed(msgspec.Struct, frozen=True):
+class RegistrationAborted(msgspec.Struct, frozen=True):
     command_id: str
     reason: str  # token_expired | invalid_command | configure_failed | runner_start_failed
     error: str
@@ -83,16 +83,16 @@ class RunnerListening(msgspec.Struct, frozen=True):
     timings: dict[str, float] | None = None
 
 
-class JobStarted(msgspec.Struct, frozen=True):
+class JobRunning(msgspec.Struct, frozen=True):
     name: str
 
 
-class JobCompleted(msgspec.Struct, frozen=True):
+class JobDone(msgspec.Struct, frozen=True):
     name: str
     result: str
 
 
-class RunnerExited(msgspec.Struct, frozen=True):
+class RunnerGone(msgspec.Struct, frozen=True):
     exit_code: int
     killed_processes: int | None = None  # what the runner left behind, killed once it had exited
 
@@ -109,11 +109,11 @@ Input = (
     Start
     | Acknowledged
     | RegistrationReceived
-    | RegistrationFailed
+    | RegistrationAborted
     | RunnerListening
-    | JobStarted
-    | JobCompleted
-    | RunnerExited
+    | JobRunning
+    | JobDone
+    | RunnerGone
     | StopRequested
     | Finished
 )
@@ -143,7 +143,7 @@ def transition(state: AgentState, event: Input) -> Step:
                     handled_commands=state.handled_commands | {cid},
                 )
             )
-        case RegistrationFailed(command_id=cid, reason=reason, error=error) if (
+        case RegistrationAborted(command_id=cid, reason=reason, error=error) if (
             phase is _P.REGISTERING_RUNNER and cid == state.command_id
         ):
             failed = protocol.RegistrationFailed(command_id=cid, reason=reason, error=error)
@@ -153,15 +153,15 @@ def transition(state: AgentState, event: Input) -> Step:
                 runner_name=state.runner_name, command_id=state.command_id or "", timings=timings
             )
             return Step(replace(state, phase=_P.IDLE, listening=True), (registered,))
-        case JobStarted(name=name) if phase is _P.IDLE:
+        case JobRunning(name=name) if phase is _P.IDLE:
             return Step(replace(state, phase=_P.BUSY, job=name), (protocol.JobStarted(job_name=name),))
-        case JobStarted(name=name) if phase is _P.BUSY:
+        case JobRunning(name=name) if phase is _P.BUSY:
             # The runner never said how the job before ended (it can drop one it could not renew): that one is over.
             started = protocol.JobStarted(job_name=name)
             return Step(
                 replace(state, job=name, jobs_completed=state.jobs_completed + 1), (*_abandoned(state), started)
             )
-        case JobStarted(name=name) if phase is _P.STOPPING and state.listening:
+        case JobRunning(name=name) if phase is _P.STOPPING and state.listening:
             # GitHub handed the runner a job just as the stop began: the controller still hears of it (and of the
             # end of one the runner dropped without a result, if there was one).
             started = protocol.JobStarted(job_name=name)
@@ -169,14 +169,12 @@ def transition(state: AgentState, event: Input) -> Step:
         case RunnerListening() if phase is _P.STOPPING:
             # A runner that came up as the stop began: what it does until it has stopped is still reported.
             return Step(replace(state, listening=True))
-        case JobCompleted(name=name, result=result) if phase is _P.BUSY or (
-            phase is _P.STOPPING and state.job is not None
-        ):
+        case JobDone(name=name, result=result) if phase is _P.BUSY or (phase is _P.STOPPING and state.job is not None):
             # While stopping, the runner still reports the job it was running (usually as Canceled).
             completed = protocol.JobCompleted(job_name=name, result=result)
             after = _P.IDLE if phase is _P.BUSY else phase
             return Step(replace(state, phase=after, job=None, jobs_completed=state.jobs_completed + 1), (completed,))
-        case RunnerExited(exit_code=code, killed_processes=killed) if phase in (_P.IDLE, _P.BUSY, _P.STOPPING):
+        case RunnerGone(exit_code=code, killed_processes=killed) if phase in (_P.IDLE, _P.BUSY, _P.STOPPING):
             return _runner_exited(state, code, killed)
         case StopRequested(reason=reason) if phase not in (_P.STOPPING, _P.STOPPED):
             stopping = protocol.VmStopping(reason=reason, runner_name=state.runner_name)

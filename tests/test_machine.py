@@ -16,12 +16,12 @@ from miglet.machine import (
     AgentState,
     Finished,
     Input,
-    JobCompleted,
-    JobStarted,
+    JobDone,
+    JobRunning,
     Phase,
-    RegistrationFailed,
+    RegistrationAborted,
     RegistrationReceived,
-    RunnerExited,
+    RunnerGone,
     RunnerListening,
     Start,
     StopRequested,
@@ -54,14 +54,14 @@ def test_seed_flow_reaches_idle_and_reports_registration() -> None:
 def test_runner_exited_reports_what_the_runner_left_behind() -> None:
     listening, _ = run([START, Acknowledged(), RegistrationReceived("c1"), RunnerListening()])
     stopping, _ = run([StopRequested("signal")], listening)
-    assert run([RunnerExited(0, killed_processes=2)], stopping)[1] == [
+    assert run([RunnerGone(0, killed_processes=2)], stopping)[1] == [
         protocol.RunnerExited(exit_code=0, reason="stopped", killed_processes=2)
     ]
-    assert run([RunnerExited(1, killed_processes=0)], listening)[1][-1] == protocol.RunnerExited(
+    assert run([RunnerGone(1, killed_processes=0)], listening)[1][-1] == protocol.RunnerExited(
         exit_code=1, reason="unexpected", killed_processes=0
     )
     # A backend that cannot tell says nothing of it, and neither does the event.
-    [exited] = run([RunnerExited(0)], stopping)[1]
+    [exited] = run([RunnerGone(0)], stopping)[1]
     assert b"killed_processes" not in protocol.encode_event(exited)
 
 
@@ -73,7 +73,7 @@ def test_registration_is_only_accepted_when_ready() -> None:
 
 def test_failed_registration_returns_to_ready_and_reports() -> None:
     state, events = run(
-        [START, Acknowledged(), RegistrationReceived("c1"), RegistrationFailed("c1", "configure_failed", "404")]
+        [START, Acknowledged(), RegistrationReceived("c1"), RegistrationAborted("c1", "configure_failed", "404")]
     )
     assert state.phase is Phase.READY
     assert events == [protocol.RegistrationFailed(command_id="c1", reason="configure_failed", error="404")]
@@ -81,7 +81,7 @@ def test_failed_registration_returns_to_ready_and_reports() -> None:
 
 def test_a_command_id_is_acted_on_once() -> None:
     state, _ = run(
-        [START, Acknowledged(), RegistrationReceived("c1"), RegistrationFailed("c1", "token_expired", "expired")]
+        [START, Acknowledged(), RegistrationReceived("c1"), RegistrationAborted("c1", "token_expired", "expired")]
     )
     assert not transition(state, RegistrationReceived("c1")).accepted
     assert transition(state, RegistrationReceived("c2")).state.phase is Phase.REGISTERING_RUNNER
@@ -94,9 +94,9 @@ def test_job_cycle_and_ephemeral_end() -> None:
             Acknowledged(),
             RegistrationReceived("c1"),
             RunnerListening(),
-            JobStarted("build"),
-            JobCompleted("build", "Succeeded"),
-            RunnerExited(0),
+            JobRunning("build"),
+            JobDone("build", "Succeeded"),
+            RunnerGone(0),
         ]
     )
     assert state.phase is Phase.STOPPING
@@ -111,7 +111,7 @@ def test_job_cycle_and_ephemeral_end() -> None:
 
 
 def test_unexpected_runner_exit_returns_to_ready() -> None:
-    state, events = run([START, Acknowledged(), RegistrationReceived("c1"), RunnerListening(), RunnerExited(1)])
+    state, events = run([START, Acknowledged(), RegistrationReceived("c1"), RunnerListening(), RunnerGone(1)])
     assert state.phase is Phase.READY
     assert events[-1] == protocol.RunnerExited(exit_code=1, reason="unexpected")
 
@@ -119,7 +119,7 @@ def test_unexpected_runner_exit_returns_to_ready() -> None:
 def test_an_ephemeral_runner_that_took_a_job_is_done_however_it_ends() -> None:
     # The runner can drop a job it could not renew without a "completed" line, then leave as after any job.
     state, events = run(
-        [START, Acknowledged(), RegistrationReceived("c1"), RunnerListening(), JobStarted("b"), RunnerExited(0)]
+        [START, Acknowledged(), RegistrationReceived("c1"), RunnerListening(), JobRunning("b"), RunnerGone(0)]
     )
     assert state.phase is Phase.STOPPING
     assert state.job is None
@@ -133,7 +133,7 @@ def test_an_ephemeral_runner_that_took_a_job_is_done_however_it_ends() -> None:
 def test_a_new_job_while_busy_ends_the_one_never_reported_finished() -> None:
     persistent = Start(runner_name="r", ephemeral=False)
     state, events = run(
-        [persistent, Acknowledged(), RegistrationReceived("c1"), RunnerListening(), JobStarted("a"), JobStarted("b")]
+        [persistent, Acknowledged(), RegistrationReceived("c1"), RunnerListening(), JobRunning("a"), JobRunning("b")]
     )
     assert (state.phase, state.job) == (Phase.BUSY, "b")
     assert events[-2:] == [protocol.JobCompleted(job_name="a", result="Abandoned"), protocol.JobStarted(job_name="b")]
@@ -145,9 +145,9 @@ def test_non_ephemeral_runner_exit_is_unexpected_even_after_jobs() -> None:
         Acknowledged(),
         RegistrationReceived("c"),
         RunnerListening(),
-        JobStarted("b"),
-        JobCompleted("b", "Failed"),
-        RunnerExited(0),
+        JobRunning("b"),
+        JobDone("b", "Failed"),
+        RunnerGone(0),
     ]
     state, _ = run(inputs)
     assert state.phase is Phase.READY
@@ -159,9 +159,9 @@ def test_a_job_that_starts_as_the_stop_begins_is_reported() -> None:
         [
             *idle,
             StopRequested("signal"),
-            JobStarted("build"),
-            JobCompleted("build", "Canceled"),
-            RunnerExited(0),
+            JobRunning("build"),
+            JobDone("build", "Canceled"),
+            RunnerGone(0),
             Finished(),
         ]
     )
@@ -177,8 +177,8 @@ def test_a_job_that_starts_as_the_stop_begins_is_reported() -> None:
 def test_jobs_taken_while_stopping_are_paired_even_when_one_is_dropped() -> None:
     registering: list[Input] = [START, Acknowledged(), RegistrationReceived("c1")]
     # The stop came before the runner listened; it listens anyway, takes a job, drops it, takes another.
-    inputs = [*registering, StopRequested("signal"), RunnerListening(), JobStarted("a"), JobStarted("b")]
-    state, events = run([*inputs, JobCompleted("b", "Canceled"), RunnerExited(0)])
+    inputs = [*registering, StopRequested("signal"), RunnerListening(), JobRunning("a"), JobRunning("b")]
+    state, events = run([*inputs, JobDone("b", "Canceled"), RunnerGone(0)])
     assert state.job is None
     assert events[1:] == [
         protocol.JobStarted(job_name="a"),
@@ -193,9 +193,9 @@ def test_jobs_taken_while_stopping_are_paired_even_when_one_is_dropped() -> None
 def test_a_job_the_runner_never_finished_is_reported_abandoned(stop_first: bool) -> None:
     # The runner crashed mid-job, or was killed at the end of its grace with the job still running.
     persistent = Start(runner_name="vm-123", ephemeral=False)
-    inputs: list[Input] = [persistent, Acknowledged(), RegistrationReceived("c1"), RunnerListening(), JobStarted("b")]
+    inputs: list[Input] = [persistent, Acknowledged(), RegistrationReceived("c1"), RunnerListening(), JobRunning("b")]
     inputs += [StopRequested("signal")] if stop_first else []
-    state, events = run([*inputs, RunnerExited(137)])
+    state, events = run([*inputs, RunnerGone(137)])
     assert state.job is None
     assert events[-2:] == [
         protocol.JobCompleted(job_name="b", result="Abandoned"),
@@ -215,11 +215,11 @@ inputs = st.one_of(
     st.builds(Start, runner_name=st.just("r"), ephemeral=st.booleans()),
     st.just(Acknowledged()),
     st.builds(RegistrationReceived, command_ids),
-    st.builds(RegistrationFailed, command_ids, st.sampled_from(["token_expired", "configure_failed"]), st.just("e")),
+    st.builds(RegistrationAborted, command_ids, st.sampled_from(["token_expired", "configure_failed"]), st.just("e")),
     st.just(RunnerListening()),
-    st.builds(JobStarted, st.sampled_from(["a", "b"])),
-    st.builds(JobCompleted, st.sampled_from(["a", "b"]), st.sampled_from(["Succeeded", "Failed"])),
-    st.builds(RunnerExited, st.integers(0, 3)),
+    st.builds(JobRunning, st.sampled_from(["a", "b"])),
+    st.builds(JobDone, st.sampled_from(["a", "b"]), st.sampled_from(["Succeeded", "Failed"])),
+    st.builds(RunnerGone, st.integers(0, 3)),
     st.builds(StopRequested, st.just("signal")),
     st.just(Finished()),
 )

@@ -99,7 +99,7 @@ async def test_the_rest_of_an_overlong_line_is_dropped_not_read_as_lines_of_its_
     lines = await relay([first, second])
     assert lines == [first.decode()[:MAX_LINE] + CUT_MARK, "2024-01-15 10:30:05Z: Listening for Jobs"]
     signals = [type(interpret(clean(line))).__name__ for line in lines]
-    assert signals == ["JobStarted", "RunnerListening"]
+    assert signals == ["JobRunning", "RunnerListening"]
 
 
 async def test_lines_are_cut_at_characters_never_inside_one() -> None:

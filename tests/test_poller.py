@@ -21,7 +21,7 @@ from fake_controller import FakeController, Settings
 from miglet import protocol
 from miglet.config import Config
 from miglet.controller import open_controller_client
-from miglet.machine import Acknowledged, Phase, RegistrationFailed, RunnerListening, Start, StopRequested
+from miglet.machine import Acknowledged, Phase, RegistrationAborted, RunnerListening, Start, StopRequested
 from miglet.outbox import Outbox
 from miglet.retry import RetryPolicy
 from miglet.stamp import Stamper
@@ -196,7 +196,7 @@ async def test_a_later_registration_waits_for_the_outcome_of_the_current_one(
         await harness.holder.value.wait_value(lambda state: state.phase is Phase.REGISTERING_RUNNER)
         await trio.sleep(30)
         assert [command.id for command in harness.registrations] == ["r-1"]
-        harness.holder.apply(RegistrationFailed("r-1", "configure_failed", "404"))
+        harness.holder.apply(RegistrationAborted("r-1", "configure_failed", "404"))
         await harness.holder.value.wait_value(lambda state: state.command_id == "r-2")
         await trio.testing.wait_all_tasks_blocked()
     assert [command.id for command in harness.registrations] == ["r-1", "r-2"]

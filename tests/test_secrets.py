@@ -26,7 +26,7 @@ from miglet import secret
 from miglet.app import Agent
 from miglet.config import Config
 from miglet.logs import configure_logging
-from miglet.machine import JobStarted, Phase
+from miglet.machine import JobRunning, Phase
 from miglet.runner.backend import ConfigureFailed, LineSink, Registration, RunObserver
 from miglet.runner.output import clean, interpret
 from miglet.secret import RECENT_KEPT, Secret, redact, redact_partial
@@ -295,5 +295,5 @@ def test_a_job_name_enters_the_machine_masked_even_with_a_colour_code_inside_its
     raw = "Running job: deploy AHTCOLOUR\x1b[0mSPLITTOKEN0001"
     assert redact(raw) == raw  # the colour code hides the secret from masking the raw line
     signal = interpret(clean(raw))
-    assert signal == JobStarted(name="deploy ***")
+    assert signal == JobRunning(name="deploy ***")
     assert token

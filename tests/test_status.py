@@ -14,7 +14,7 @@ import msgspec
 import pytest
 
 from miglet.cli import main
-from miglet.machine import Acknowledged, JobStarted, RegistrationReceived, RunnerListening, Start, StopRequested
+from miglet.machine import Acknowledged, JobRunning, RegistrationReceived, RunnerListening, Start, StopRequested
 from miglet.state import OUTSIDE_CHARS, StateHolder
 from miglet.statefile import StateFileWriter, StateRecord, read_state_file, write_atomic
 
@@ -100,7 +100,7 @@ def test_a_huge_job_name_or_stop_reason_keeps_the_state_file_readable(
     holder.apply(RegistrationReceived("c1"))
     holder.apply(RunnerListening())
     # The longest name a runner's output line can carry, of characters that take four bytes each.
-    holder.apply(JobStarted(name="\U0001f680" * 16_000))
+    holder.apply(JobRunning(name="\U0001f680" * 16_000))
     holder.apply(StopRequested("\U0001f6d1" * 100_000))
     written = read_state_file(path)
     assert written.job is not None

@@ -22,7 +22,7 @@ _LISTENING: Final = re.compile(_STAMP + r"Listening for Jobs")
 _RUNNING: Final = re.compile(_STAMP + r"Running job: (?P<name>.+)")
 _COMPLETED: Final = re.compile(_STAMP + r"Job (?P<name>.+) completed with result: (?P<result>[A-Za-z]+)")
 
-RunnerSignal = machine.RunnerListening | machine.JobStarted | machine.JobCompleted
+RunnerSignal = machine.RunnerListening | machine.JobRunning | machine.JobDone
 
 # The runner's own lines, tagged as such, so that log readers can tell them from MIGlet's.
 runner_log = logging.getLogger("miglet.runner.output")
@@ -38,9 +38,9 @@ def interpret(line: str) -> RunnerSignal | None:
     if _LISTENING.fullmatch(line):
         return machine.RunnerListening()
     if match := _COMPLETED.fullmatch(line):
-        return machine.JobCompleted(name=redact(match["name"]), result=match["result"])
+        return machine.JobDone(name=redact(match["name"]), result=match["result"])
     if match := _RUNNING.fullmatch(line):
-        return machine.JobStarted(name=redact(match["name"]))
+        return machine.JobRunning(name=redact(match["name"]))
     return None
 
 

@@ -143,7 +143,7 @@ async def _dispatch_registrations(
                 # even though applying it raised (in an observer, say).
                 state = holder.state
                 taken = state.phase is Phase.REGISTERING_RUNNER and state.command_id == waiting.id
-                if not (taken and holder.apply(machine.RegistrationFailed(waiting.id, "internal_error", why))):
+                if not (taken and holder.apply(machine.RegistrationAborted(waiting.id, "internal_error", why))):
                     _refuse(outbox, waiting.id, why)
             while True:
                 try:

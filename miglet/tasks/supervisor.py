@@ -159,7 +159,7 @@ async def supervisor_task(
             # A bug: the agent must not stay in RegisteringRunner for a registration nobody carries out.
             on_bug("runner_supervisor", exc)
             error = f"internal error: {type(exc).__name__}: {error_text(exc)}"
-            holder.apply(machine.RegistrationFailed(command.id, "internal_error", error))
+            holder.apply(machine.RegistrationAborted(command.id, "internal_error", error))
 
 
 async def _serve_registration(
@@ -173,7 +173,7 @@ async def _serve_registration(
 ) -> None:
     def fail(reason: str, error: str) -> None:
         log.error("Runner registration failed", extra={"command_id": command.id, "reason": reason, "error": error})
-        holder.apply(machine.RegistrationFailed(command.id, reason, redact(error)))
+        holder.apply(machine.RegistrationAborted(command.id, reason, redact(error)))
 
     try:
         registration = registration_from_command(command, config, now, timedelta(seconds=config.clock_skew))
@@ -261,7 +261,7 @@ class _RunWatch:
         if self._holder.phase is Phase.REGISTERING_RUNNER:
             self._fail("runner_start_failed", f"runner exited with code {exit_code} before listening for jobs")
         else:
-            self._holder.apply(machine.RunnerExited(exit_code, killed_processes))
+            self._holder.apply(machine.RunnerGone(exit_code, killed_processes))
 
 
 async def _listen_deadline(holder: StateHolder, limit_s: float, run_scope: trio.CancelScope, watch: _RunWatch) -> None:
