@@ -75,7 +75,7 @@ class RegistrationReceived(msgspec.Struct, frozen=True):
 
 class RegistrationAborted(msgspec.Struct, frozen=True):
     command_id: str
-    reason: str  # token_expired | invalid_command | configure_failed | runner_start_failed
+    reason: protocol.RegistrationFailure
     error: str
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+import typing
 from typing import Any, Final
 
 import msgspec
@@ -57,11 +58,23 @@ def _schemas() -> dict[str, Schema]:
     commands = schemas["CommandsEnvelope"]["properties"]["commands"]
     array = next(option for option in commands["anyOf"] if option.get("type") == "array")
     array["items"] = _ref("Command")
+    # The header's fields have defaults in the types (the outbox stamps them), but are on every event sent.
+    for name in _event_type_names(schemas):
+        schema = schemas[name]
+        schema["required"] = sorted({*schema.get("required", ()), *_HEADER_ALWAYS_SENT})
     return {
         "Event": {"description": _EVENT_DESCRIPTION, **event},
         "Command": {"description": _COMMAND_DESCRIPTION, **command},
         **schemas,
     }
+
+
+_HEADER_ALWAYS_SENT: Final = ("vm_id", "pool_id", "event_id", "timestamp", "type")
+
+
+def _event_type_names(schemas: dict[str, Schema]) -> list[str]:
+    """The schema names of the event types."""
+    return [event.__name__ for event in typing.get_args(protocol.AnyEvent) if event.__name__ in schemas]
 
 
 def _vm_id() -> Schema:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import unicodedata
 from datetime import datetime
-from typing import Annotated, Final
+from typing import Annotated, Final, Literal
 
 import msgspec
 
@@ -45,17 +45,19 @@ class RunnerRegistered(Event, tag="runner_registered"):
     ) = None
 
 
+# Why a register_runner command was not carried out.
+RegistrationFailure = Literal[
+    "token_expired", "invalid_command", "configure_failed", "runner_start_failed", "internal_error"
+]
+# Why the runner process ended.
+RunnerExit = Literal["job_done", "stopped", "unexpected"]
+
+
 class RegistrationFailed(Event, tag="registration_failed"):
     """A register_runner command could not be carried out; the agent is Ready for another."""
 
     command_id: str
-    reason: Annotated[
-        str,
-        msgspec.Meta(
-            description="token_expired | invalid_command | configure_failed | runner_start_failed",
-            examples=["token_expired", "invalid_command", "configure_failed", "runner_start_failed"],
-        ),
-    ]
+    reason: Annotated[RegistrationFailure, msgspec.Meta(description="Why; docs/protocol.md says what each means.")]
     error: Annotated[str, msgspec.Meta(description="What went wrong, for people; secrets masked.")]
 
 
@@ -77,10 +79,9 @@ class RunnerExited(Event, tag="runner_exited"):
 
     exit_code: int
     reason: Annotated[
-        str,
+        RunnerExit,
         msgspec.Meta(
-            description="job_done (ephemeral runner after its job) | stopped (the agent stopped it) | unexpected",
-            examples=["job_done", "stopped", "unexpected"],
+            description="job_done (ephemeral runner after its job), stopped (the agent stopped it), or unexpected"
         ),
     ]
     killed_processes: (

@@ -229,9 +229,12 @@ def test_every_event_matches_the_request_schema(
     assert ("org_id" in body) == (org_id is not None)
 
 
-def test_unstamped_event_still_matches(document: dict[str, Any]) -> None:
-    """The header fields have defaults in the types, so the schema does not require them."""
-    component(document, "Event").validate(json.loads(protocol.encode_event(protocol.VmStarted())))
+def test_the_header_is_required_on_every_event(document: dict[str, Any]) -> None:
+    """The header fields have defaults in the types (the outbox stamps them), yet every event sent has them: the
+    document requires them, so that a controller can rely on `event_id`."""
+    assert not component(document, "Event").is_valid(json.loads(protocol.encode_event(protocol.VmStarted())))
+    stamped = Stamper("vm-123", "pool-001", None).stamp(protocol.VmStarted())
+    component(document, "Event").validate(json.loads(protocol.encode_event(stamped)))
 
 
 # --- docs/protocol.md: its JSON examples hold to the document ---------------------------------------------------
@@ -250,6 +253,9 @@ def json_examples(text: str) -> list[Any]:
     return values
 
 
+HEADER = {"vm_id": "vm-123", "pool_id": "pool-001", "event_id": "e1", "timestamp": "2024-01-15T10:30:00.000Z"}
+
+
 def test_protocol_md_examples_match_the_document(document: dict[str, Any]) -> None:
     event_types = set(document["components"]["schemas"]["Event"]["discriminator"]["mapping"])
     command_types = set(document["components"]["schemas"]["Command"]["discriminator"]["mapping"])
@@ -260,6 +266,8 @@ def test_protocol_md_examples_match_the_document(document: dict[str, Any]) -> No
             schema = "CommandsEnvelope"
         elif example.get("type") in event_types:
             schema = "Event"
+            # The examples leave out the header every event carries.
+            example = {**HEADER, **example}
         elif example.get("type") in command_types:
             schema = "Command"
         else:

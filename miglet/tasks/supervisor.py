@@ -20,7 +20,7 @@ import trio
 from miglet import machine
 from miglet.config import Config
 from miglet.machine import Phase
-from miglet.protocol import RegisterRunner, token_problem, unprintable_character
+from miglet.protocol import RegisterRunner, RegistrationFailure, token_problem, unprintable_character
 from miglet.runner import output
 from miglet.runner.backend import ConfigureFailed, Registration, RunnerBackend
 from miglet.runner.output import relay_line
@@ -41,7 +41,7 @@ _GROUP: Final = re.compile(r"(?!-)[^\x00-\x1f\x7f]{1,256}")
 
 
 class InvalidRegistration(Exception):
-    def __init__(self, reason: str, error: str) -> None:
+    def __init__(self, reason: RegistrationFailure, error: str) -> None:
         super().__init__(error)
         self.reason = reason
 
@@ -171,7 +171,7 @@ async def _serve_registration(
     now: datetime,
     on_bug: BugReport,
 ) -> None:
-    def fail(reason: str, error: str) -> None:
+    def fail(reason: RegistrationFailure, error: str) -> None:
         log.error("Runner registration failed", extra={"command_id": command.id, "reason": reason, "error": error})
         holder.apply(machine.RegistrationAborted(command.id, reason, redact(error)))
 
@@ -214,7 +214,11 @@ class _RunWatch:
     """
 
     def __init__(
-        self, holder: StateHolder, timings: PhaseTimings, fail: Callable[[str, str], None], on_bug: BugReport
+        self,
+        holder: StateHolder,
+        timings: PhaseTimings,
+        fail: Callable[[RegistrationFailure, str], None],
+        on_bug: BugReport,
     ) -> None:
         self._holder = holder
         self._timings = timings
