@@ -16,6 +16,9 @@ from miglet.app import Agent
 from miglet.config import Config
 from miglet.machine import AgentState, Phase
 
+# Builds a test's configuration from overrides of a base one (the `make_config` fixture).
+ConfigFactory = Callable[..., Config]
+
 
 class Running:
     def __init__(self, agent: Agent, controller: FakeController, runner: SimulatedRunner) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -13,8 +12,7 @@ from hypothesis import settings
 from fake_controller import FakeController, Settings
 from fake_controller.simulated_runner import SimulatedRunner
 from miglet.config import Config
-
-ConfigFactory = Callable[..., Config]
+from tests.agents import ConfigFactory
 
 # A slow or busy machine must not turn a property test into a failure: no per-example deadline.
 settings.register_profile("miglet", deadline=None)

@@ -21,8 +21,7 @@ from miglet.app import CUT_SHORT_FLUSH_S, Agent
 from miglet.machine import Phase
 from miglet.runner.backend import Registration, RunObserver
 from miglet.statefile import read_state_file
-from tests.agents import running_agent
-from tests.conftest import ConfigFactory
+from tests.agents import ConfigFactory, running_agent
 
 SEED_LINES = [
     "Controller acknowledgment received, transitioning to ready state",

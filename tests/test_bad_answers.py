@@ -18,7 +18,7 @@ from fake_controller.faults import Fault, FaultKind
 from fake_controller.simulated_runner import Job, SimulatedRunner
 from miglet.app import Agent
 from miglet.machine import Phase
-from tests.conftest import ConfigFactory
+from tests.agents import ConfigFactory
 
 ABSURD_RETRY_AFTER = "Mon, 01 Jan 99999999999999999999 00:00:00 GMT"
 FAILED = "A task of the agent failed; stopping"

@@ -19,7 +19,7 @@ from fake_controller.faults import FaultPlan
 from fake_controller.simulated_runner import SimulatedRunner
 from miglet.app import Agent
 from miglet.machine import Phase
-from tests.conftest import ConfigFactory
+from tests.agents import ConfigFactory
 
 AGENTS = 60
 CHAOS = FaultPlan(

@@ -20,7 +20,7 @@ from fake_controller.server import serve
 from miglet import protocol
 from miglet.controller import ControllerRejected, ControllerUnavailable, open_controller_client
 from miglet.secret import Secret
-from tests.conftest import ConfigFactory
+from tests.agents import ConfigFactory
 
 TIMEOUT = 15
 

@@ -13,7 +13,7 @@ from fake_controller.simulated_runner import SimulatedRunner
 from miglet.app import Agent
 from miglet.config import Config
 from miglet.machine import Phase
-from tests.conftest import ConfigFactory
+from tests.agents import ConfigFactory
 
 
 async def run_until_stopped(

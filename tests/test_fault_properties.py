@@ -21,7 +21,7 @@ from fake_controller.faults import Fault
 from fake_controller.simulated_runner import SimulatedRunner
 from miglet.app import Agent
 from miglet.machine import LEGAL_TRANSITIONS, AgentState, Phase
-from tests.conftest import ConfigFactory
+from tests.agents import ConfigFactory
 
 REJECTED = "AHTREJECTED00000000000000001"
 

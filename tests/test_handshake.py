@@ -21,7 +21,7 @@ from miglet.retry import RetryPolicy
 from miglet.stamp import Stamper
 from miglet.state import StateHolder
 from miglet.tasks.handshake import handshake_task
-from tests.conftest import ConfigFactory
+from tests.agents import ConfigFactory
 
 ACK = {"status": "acknowledged", "acknowledged": True, "vm_id": "vm-123"}
 

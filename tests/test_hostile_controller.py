@@ -23,8 +23,7 @@ from miglet import exitcodes
 from miglet.controller import LONG_POLL_MARGIN, REQUEST_DEADLINE
 from miglet.machine import Phase
 from miglet.secret import Secret
-from tests.agents import running_agent
-from tests.conftest import ConfigFactory
+from tests.agents import ConfigFactory, running_agent
 
 ENDING = ["job_started", "job_completed", "runner_exited", "vm_stopping"]
 

@@ -41,7 +41,7 @@ from miglet.retry import MAX_RETRY_AFTER, parse_retry_after
 from miglet.runner.output import RunnerSignal, clean, interpret
 from miglet.statefile import PID_LIMIT, StateFileError, StateFileMissing, read_state_file
 from miglet.tokenfile import MAX_TOKEN_FILE_BYTES, TokenFileError, read_token_file
-from tests.conftest import ConfigFactory
+from tests.agents import ConfigFactory
 
 # Enough to meet each kind of wrong input several times; the decoders of controller answers get more.
 FEW = settings(max_examples=50, suppress_health_check=[HealthCheck.function_scoped_fixture])

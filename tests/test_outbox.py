@@ -18,7 +18,7 @@ from miglet.controller import open_controller_client
 from miglet.outbox import Outbox
 from miglet.retry import RetryPolicy
 from miglet.stamp import Stamper
-from tests.conftest import ConfigFactory
+from tests.agents import ConfigFactory
 
 
 def stamper() -> Stamper:

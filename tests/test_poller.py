@@ -27,7 +27,7 @@ from miglet.retry import RetryPolicy
 from miglet.stamp import Stamper
 from miglet.state import StateHolder
 from miglet.tasks.poller import SeenCommands, poller_task
-from tests.conftest import ConfigFactory
+from tests.agents import ConfigFactory
 
 
 class Harness:

@@ -30,7 +30,7 @@ from miglet.machine import JobRunning, Phase
 from miglet.runner.backend import ConfigureFailed, LineSink, Registration, RunObserver
 from miglet.runner.output import clean, interpret
 from miglet.secret import RECENT_KEPT, Secret, redact, redact_partial
-from tests.conftest import ConfigFactory
+from tests.agents import ConfigFactory
 
 CONTROLLER_TOKEN = "ctl-0123456789-controller-token"
 REJECTED_TOKEN = "AHTREJECTEDTOKEN0000000001"

@@ -21,8 +21,7 @@ from miglet.machine import AgentState, Phase
 from miglet.outbox import MAX_BUG_STRIKES
 from miglet.secret import Secret
 from miglet.supervision import MAX_FAILURES, WINDOW_S, TaskSupervisor
-from tests.agents import BuggyTransport, running_agent
-from tests.conftest import ConfigFactory
+from tests.agents import BuggyTransport, ConfigFactory, running_agent
 
 
 async def test_a_failing_task_is_reported_and_restarted_with_backoff(autojump_clock: trio.testing.MockClock) -> None:

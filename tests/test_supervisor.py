@@ -25,7 +25,7 @@ from miglet.stamp import Stamper
 from miglet.state import StateHolder
 from miglet.tasks.supervisor import InvalidRegistration, registration_from_command, supervisor_task
 from miglet.timings import PhaseTimings
-from tests.conftest import ConfigFactory
+from tests.agents import ConfigFactory
 
 NOW = datetime(2024, 1, 15, 10, 30, tzinfo=UTC)
 
