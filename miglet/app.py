@@ -8,7 +8,7 @@ runner's end, internal errors that keep recurring): the machine enters Stopping,
 (which stops the runner gracefully), the runner is deregistered if asked, the outbox gets up to
 MIGLET_FLUSH_TIMEOUT to deliver what is owed, and the machine ends in Stopped. A second signal cuts the runner's
 grace and its removal short, and the flush to a few seconds. A stop that could not deliver every lifecycle event
-ends with exit code 3 (`miglet.exitcodes`).
+ends with exit code 3 (`miglet.exitcodes`). docs/design.md draws the whole.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The agent's state machine as one pure function.
+"""The agent's state machine as one pure function (docs/design.md shows where it sits).
 
 `transition(state, input)` returns the next state and the controller events that the change owes. It knows
 nothing of trio, HTTP or clocks: the tasks do the I/O and feed it inputs, and property tests drive it directly.

@@ -1,1 +1,1 @@
-"""The agent's long-running tasks; `miglet.app` supervises them in one nursery."""
+"""The agent's long-running tasks; `miglet.app` supervises them in one nursery (docs/design.md)."""
