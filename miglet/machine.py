@@ -55,6 +55,7 @@ class AgentState(msgspec.Struct, frozen=True, kw_only=True):
     job: str | None = None
     jobs_completed: int = 0
     stop_reason: str | None = None
+    runner_pid: int | None = None  # the runner process running now (config.sh or run.sh), for the state file
 
 
 # --- Inputs ----------------------------------------------------------------------------------------------------
@@ -97,6 +98,12 @@ class RunnerGone(msgspec.Struct, frozen=True):
     killed_processes: int | None = None  # what the runner left behind, killed once it had exited
 
 
+class RunnerProcess(msgspec.Struct, frozen=True):
+    """A runner process started (its pid) or ended (None)."""
+
+    pid: int | None
+
+
 class StopRequested(msgspec.Struct, frozen=True):
     reason: str
 
@@ -114,6 +121,7 @@ Input = (
     | JobRunning
     | JobDone
     | RunnerGone
+    | RunnerProcess
     | StopRequested
     | Finished
 )
@@ -130,6 +138,9 @@ def transition(state: AgentState, event: Input) -> Step:
     replace = msgspec.structs.replace
     phase = state.phase
     match event:
+        case RunnerProcess(pid=pid):
+            # Whatever the phase: the state file must always name a process that a restarted MIGlet should stop.
+            return Step(replace(state, runner_pid=pid))
         case Start(runner_name=name, ephemeral=ephemeral) if phase is _P.INITIALIZING:
             return Step(replace(state, phase=_P.WAITING_FOR_CONTROLLER, runner_name=name, ephemeral=ephemeral))
         case Acknowledged() if phase is _P.WAITING_FOR_CONTROLLER:

@@ -61,7 +61,6 @@ class StateHolder:
         # Called with (before, after) on every accepted input: tests and benchmarks watch the agent through it.
         self.observers: list[Callable[[AgentState, AgentState], object]] = []
         self._since = utc_timestamp()
-        self.runner_pid: int | None = None
 
     @property
     def state(self) -> AgentState:
@@ -100,8 +99,7 @@ class StateHolder:
     def record_runner_pid(self, pid: int | None) -> None:
         """Note the runner process now running (`config.sh` or `run.sh`; None: none), in the state file at once: a
         MIGlet started after this one died stops it (`Agent._clear_leftovers`)."""
-        self.runner_pid = pid
-        self.write_state_file()
+        self.apply(machine.RunnerProcess(pid))
 
     def write_state_file(self) -> None:
         if self._state_file is None:
@@ -120,7 +118,7 @@ class StateHolder:
                 job=_outside(state.job),
                 pid=os.getpid(),
                 version=__version__,
-                runner_pid=self.runner_pid,
+                runner_pid=state.runner_pid,
                 stop_reason=_outside(state.stop_reason),
                 refresh_s=self.refresh_s,
             )

@@ -244,11 +244,7 @@ class _RunWatch:
         self._holder.apply(signal)
 
     def started(self, pid: int | None) -> None:
-        try:
-            self._holder.runner_pid = pid
-            self._holder.write_state_file()
-        except Exception as exc:
-            self._on_bug("runner_output", exc)
+        """The runner process's pid reaches the state file through the backend's own report (`on_pid`)."""
 
     def exited(self, exit_code: int, killed_processes: int | None = None) -> None:
         """Called when the runner is gone, also while the agent stops (the supervisor is being cancelled)."""
@@ -259,7 +255,6 @@ class _RunWatch:
 
     def _exited(self, exit_code: int, killed_processes: int | None) -> None:
         log.info("Runner exited", extra={"exit_code": exit_code, "killed_processes": killed_processes})
-        self._holder.runner_pid = None
         if self.muted:
             return
         if self._holder.phase is Phase.REGISTERING_RUNNER:
