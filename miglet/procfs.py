@@ -17,19 +17,25 @@ class ProcStat(NamedTuple):
         return self.state != b"Z"
 
 
-def read_stat(pid: int | str = "self") -> ProcStat:
-    """Read a process's stat line; raises OSError (no such process) or ValueError (unreadable line)."""
+def _read_stat_fields(pid: int | str, indices: tuple[int, ...]) -> tuple[bytes, bytes, list[int]]:
+    """A stat line's command name, state and the numbers at `indices` (counted from the state, 0); raises OSError
+    (no such process) or ValueError (unreadable line)."""
     with open(f"/proc/{pid}/stat", "rb") as handle:
         stat = handle.read(4096)  # a few hundred bytes; the kernel's comm is at most 64
     # The command name is parenthesised and may itself hold ")" or spaces: the fields start after the last ")".
     end = stat.rfind(b")")
     fields = stat[end + 2 :].split()
-    numbers = [fields[index] for index in (3, 11, 12, 19) if index < len(fields)]
+    numbers = [fields[index] for index in indices if index < len(fields)]
     # Plain decimal digits, as the kernel writes them: int() would also take "+1", "1_0" or 5,000 digits.
-    if end < 0 or len(numbers) < 4 or not all(n.isdigit() and len(n) <= 20 for n in numbers):
+    if end < 0 or len(numbers) < len(indices) or not all(n.isdigit() and len(n) <= 20 for n in numbers):
         raise ValueError(f"unreadable /proc/{pid}/stat")
-    session, utime, stime, start = map(int, numbers)
-    return ProcStat(fields[0], session, utime + stime, start)
+    return stat[stat.find(b"(") + 1 : end], fields[0], [int(number) for number in numbers]
+
+
+def read_stat(pid: int | str = "self") -> ProcStat:
+    """Read a process's stat line; raises OSError (no such process) or ValueError (unreadable line)."""
+    _, state, (session, utime, stime, start) = _read_stat_fields(pid, (3, 11, 12, 19))
+    return ProcStat(state, session, utime + stime, start)
 
 
 def clock_ticks_per_second() -> int:
@@ -52,16 +58,9 @@ class ProcEntry(NamedTuple):
 
 
 def read_entry(pid: int) -> ProcEntry:
-    """Read a process's name, state, parent, session and start time; raises OSError or ValueError."""
-    with open(f"/proc/{pid}/stat", "rb") as handle:
-        stat = handle.read()
-    # The name sits between the first "(" and the last ")"; it may itself hold either.
-    name = stat[stat.find(b"(") + 1 : stat.rfind(b")")].decode("utf-8", "replace")
-    fields = stat[stat.rfind(b")") + 2 :].split()
-    try:
-        return ProcEntry(name, fields[0], int(fields[1]), int(fields[2]), int(fields[3]), int(fields[19]))
-    except IndexError:
-        raise ValueError(f"unreadable /proc/{pid}/stat") from None
+    """Read a process's name, state, parent, group, session and start time; raises OSError or ValueError."""
+    name, state, (ppid, group, session, start) = _read_stat_fields(pid, (1, 2, 3, 19))
+    return ProcEntry(name.decode("utf-8", "replace"), state, ppid, group, session, start)
 
 
 def process_table() -> dict[int, ProcEntry]:

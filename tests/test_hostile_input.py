@@ -483,6 +483,12 @@ def test_reading_a_stat_line_is_total(monkeypatch: pytest.MonkeyPatch, line: byt
     fake.files["stat"] = line
     monkeypatch.setattr(procfs, "open", fake, raising=False)
     try:
+        entry = procfs.read_entry(42)
+    except ValueError:
+        entry = None
+    if entry is not None:
+        assert all(0 <= number < 2**64 for number in (entry.ppid, entry.group, entry.session, entry.start_ticks))
+    try:
         stat = procfs.read_stat(42)
     except ValueError:
         return

@@ -24,7 +24,7 @@ from typing import Any, Final
 
 import trio
 
-from miglet.procfs import read_stat
+from miglet.procfs import process_table, read_stat
 from miglet.runner.backend import ConfigureFailed, Grace, LineSink, Registration, RunObserver
 from miglet.runner.output import clean
 from miglet.runner.reaper import Leftover, kill_leftovers, trio_children
@@ -317,21 +317,8 @@ def kill_leftover_runner(pid: int, runner_dir: Path) -> bool:
 
 
 def _session_members(sid: int) -> list[int]:
-    members: list[int] = []
-    try:
-        entries = os.listdir("/proc")
-    except OSError:
-        return members
-    for entry in entries:
-        if not entry.isdigit():
-            continue
-        try:
-            stat = read_stat(entry)
-        except (OSError, ValueError):
-            continue
-        if stat.session == sid and stat.alive:  # a zombie is already dead
-            members.append(int(entry))
-    return members
+    """The live processes of session `sid` (a zombie is already dead)."""
+    return [pid for pid, entry in process_table().items() if entry.session == sid and entry.alive]
 
 
 async def _relay_output(
