@@ -56,7 +56,6 @@ log = logging.getLogger(__name__)
 CUT_SHORT_FLUSH_S: Final = 3.0
 STATE_REFRESH_S: Final = 10.0
 REMOVE_TIMEOUT: Final = 60.0
-_BEFORE_ACKNOWLEDGMENT: Final = frozenset({Phase.INITIALIZING, Phase.WAITING_FOR_CONTROLLER})
 # How many of the events a stop could not deliver are named in its last error line.
 MISSING_LISTED: Final = 20
 
@@ -261,7 +260,7 @@ class Agent:
     async def _serve_outbox(self, client: ControllerClient) -> None:
         """Deliver events once `vm_started` has been acknowledged (or the agent stops without it): nothing goes
         to the controller before the VM has introduced itself."""
-        await self.holder.value.wait_value(lambda state: state.phase not in _BEFORE_ACKNOWLEDGMENT)
+        await self.holder.value.wait_value(lambda state: state.phase not in machine.BEFORE_ACKNOWLEDGMENT)
         await self.outbox.serve(client)
 
     def _reread_token(self) -> Secret | None:

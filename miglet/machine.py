@@ -45,6 +45,10 @@ LEGAL_TRANSITIONS: Final = frozenset(
 )
 
 
+# Before the controller has acknowledged `vm_started`: nothing but the handshake talks to it yet.
+BEFORE_ACKNOWLEDGMENT: Final = frozenset({_P.INITIALIZING, _P.WAITING_FOR_CONTROLLER})
+
+
 class AgentState(msgspec.Struct, frozen=True, kw_only=True):
     phase: Phase = Phase.INITIALIZING
     runner_name: str = ""

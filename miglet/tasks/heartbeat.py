@@ -14,11 +14,10 @@ import trio
 from trio_util import periodic
 
 from miglet import protocol
-from miglet.machine import Phase
+from miglet.machine import BEFORE_ACKNOWLEDGMENT, Phase
 from miglet.outbox import Outbox
 from miglet.state import StateHolder
 
-_NOT_YET: Final = frozenset({Phase.INITIALIZING, Phase.WAITING_FOR_CONTROLLER})
 _OVER: Final = frozenset({Phase.STOPPING, Phase.STOPPED})
 
 
@@ -26,7 +25,7 @@ async def heartbeat_task(holder: StateHolder, outbox: Outbox, interval: float, s
     """Queue a heartbeat every `interval` seconds from acknowledgment until stopping (0 disables them)."""
     if interval <= 0:
         return
-    await holder.value.wait_value(lambda state: state.phase not in _NOT_YET)
+    await holder.value.wait_value(lambda state: state.phase not in BEFORE_ACKNOWLEDGMENT)
     async with aclosing(periodic(interval)) as ticks:
         async for _, since_last in ticks:
             if since_last is None:

@@ -63,9 +63,7 @@ async def poller_task(
     seen: SeenCommands | None = None,
     on_bug: BugReport = log_bug,
 ) -> None:
-    await holder.value.wait_value(
-        lambda state: state.phase is not Phase.INITIALIZING and state.phase is not Phase.WAITING_FOR_CONTROLLER
-    )
+    await holder.value.wait_value(lambda state: state.phase not in machine.BEFORE_ACKNOWLEDGMENT)
     pending_send, pending_receive = trio.open_memory_channel[protocol.RegisterRunner](MAX_PENDING_REGISTRATIONS)
     router = _Router(holder, outbox, pending_send, request_stop, seen or SeenCommands(), on_bug)
     async with trio.open_nursery() as nursery:
