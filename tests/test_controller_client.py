@@ -135,3 +135,20 @@ async def test_an_unknown_command_type_is_masked_before_it_is_quoted() -> None:
     body = msgspec.json.encode({"commands": [{"id": "c", "type": token.reveal()}]})
     [rejected] = protocol.decode_commands(body).rejected
     assert rejected.error == "unknown command type '***'"
+
+
+@pytest.mark.parametrize(
+    ("length", "refused"), [("9" * 5000, True), (" 0" + "0" * 5000 + "2 ", False), ("2.0", False), ("-5", False)]
+)
+async def test_any_content_length_header_is_judged_without_failing(
+    make_config: ConfigFactory, length: str, refused: bool
+) -> None:
+    async def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, headers={"Content-Length": length}, stream=httpx.ByteStream(b"{}"))
+
+    async with open_controller_client(make_config(), httpx.MockTransport(handler)) as client:
+        if refused:
+            with pytest.raises(protocol.ProtocolError, match="exceeds"):
+                await client.get_commands()
+        else:
+            assert (await client.get_commands()).commands == []
