@@ -9,6 +9,7 @@ Every process the fake runner leaves behind on purpose is killed when the test e
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import pwd
 import shutil
@@ -21,6 +22,7 @@ from typing import Any
 
 import pytest
 import trio
+from packaging.requirements import Requirement
 
 from fake_controller import FakeController, Settings
 from fake_controller.fake_runner import (
@@ -182,13 +184,46 @@ async def test_a_signal_storm_while_stopping_still_ends_in_an_orderly_stop(tmp_p
     assert [event["type"] for event in controller.events_of("vm-123")][-2:] == ["vm_stopping", "runner_exited"]
 
 
-def _system_python_runs_miglet(site_packages: Path) -> bool:
-    """Whether the system Python (which `nobody` may run) can import MIGlet and its dependencies from here."""
+def _runtime_copy(base: Path) -> Path:
+    """MIGlet and the libraries it runs with, copied below `base` for a user who may not enter this checkout or
+    its venv (a clone in a private directory, say); returns the directory to put on PYTHONPATH."""
+    target = base / "python"
+    shutil.copytree(ROOT / "miglet", target / "miglet", ignore=shutil.ignore_patterns("__pycache__"))
+    seen: set[str] = set()
+    wanted = list(_needed(importlib.metadata.requires("miglet")))
+    while wanted:
+        name = wanted.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        distribution = importlib.metadata.distribution(name)
+        wanted += _needed(distribution.requires)
+        for file in distribution.files or ():
+            source = Path(str(distribution.locate_file(file)))
+            if not file.parts[0].startswith("..") and source.is_file():
+                (target / file).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(source, target / file)
+    return target
+
+
+def _needed(requirements: list[str] | None) -> list[str]:
+    """The distributions these requirements ask for on this Python, no extras."""
+    needed = []
+    for text in requirements or ():
+        requirement = Requirement(text)
+        if requirement.marker is None or requirement.marker.evaluate({"extra": ""}):
+            needed.append(requirement.name.lower())
+    return needed
+
+
+def _system_python_runs_miglet(pythonpath: Path) -> bool:
+    """Whether the system Python, as `nobody`, can import MIGlet and its dependencies from `pythonpath`."""
     if not os.access(SYSTEM_PYTHON, os.X_OK):
         return False
     probe = subprocess.run(
         [SYSTEM_PYTHON, "-c", "import msgspec, trio, httpx, trio_util, miglet.cli"],
-        env={"PYTHONPATH": f"{ROOT}:{site_packages}"},
+        env={"PYTHONPATH": str(pythonpath)},
+        user="nobody",
         capture_output=True,
         check=False,
         timeout=30,
@@ -210,19 +245,20 @@ except PermissionError:
 @pytest.mark.skipif(os.geteuid() != 0, reason="running MIGlet and its reader as another user needs root")
 async def test_a_job_of_miglets_own_user_cannot_read_its_environment(tmp_path: Path) -> None:
     # MIGlet and the runner share the user `nobody`, as in a container without a runner user of its own. The
-    # interpreter is the system one (the venv's lives under /root); the code and libraries come from here.
-    site_packages = next((ROOT / ".venv" / "lib").glob("python3*/site-packages"), None)
-    if site_packages is None or not _system_python_runs_miglet(site_packages):
-        pytest.skip(f"{SYSTEM_PYTHON} cannot import MIGlet's dependencies from {ROOT / '.venv'}")
+    # interpreter is the system one (the venv's lives under /root); the code and libraries are copied where
+    # nobody can read them.
     base = Path(tempfile.mkdtemp(prefix="miglet-dumpable-"))
     base.chmod(0o755)
     token = "ctl-secret-token-for-nobody-0123456789"
     try:
+        pythonpath = _runtime_copy(base)
+        if not _system_python_runs_miglet(pythonpath):
+            pytest.skip(f"{SYSTEM_PYTHON} cannot import MIGlet and its libraries as nobody")
         runner_dir = install(base / "runner", python=SYSTEM_PYTHON, owner="nobody")
         (base / "state").mkdir()
         shutil.chown(base / "state", "nobody")
         env = {
-            "PYTHONPATH": f"{ROOT}:{site_packages}",
+            "PYTHONPATH": str(pythonpath),
             "PYTHONDONTWRITEBYTECODE": "1",
             "MIGLET_CONTROLLER_TOKEN": token,
             "MIGLET_STATE_FILE": str(base / "state" / "state.json"),
