@@ -64,7 +64,7 @@ async def fleet(workdir: Path, agents_count: int) -> dict[str, Any]:
                 for agent in agents:
                     fleet_nursery.start_soon(agent.run)
                 for agent in agents:
-                    await agent.holder.value.wait_value(lambda state: state.phase is Phase.IDLE)
+                    await agent.driver.wait_for(lambda state: state.phase is Phase.IDLE)
                 all_idle = time.monotonic() - start
                 async with httpx.AsyncClient(base_url=url) as admin:
                     served = len((await admin.get("/_admin/requests")).json())

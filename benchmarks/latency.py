@@ -55,7 +55,7 @@ async def run(workdir: Path, trials: int = 30) -> dict[str, Any]:
             for _, agent, _ in agents:
                 nursery.start_soon(agent.run)
             for _, agent, _ in agents:
-                await agent.holder.value.wait_value(lambda state: state.phase is Phase.READY)
+                await agent.driver.wait_for(lambda state: state.phase is Phase.READY)
 
             async def trial(mode: str, agent: Agent, runner: StopwatchRunner) -> None:
                 # A random moment within one polling period, so the seed cadence is sampled fairly.

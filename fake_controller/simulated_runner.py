@@ -7,12 +7,13 @@ runs on a test's fake clock.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 
 import msgspec
 import trio
 
-from miglet.runner.backend import ConfigureFailed, LineSink, Registration, RunObserver
+from miglet.runner.backend import ConfigureFailed, Exited, Line, LineSink, Registration, RunEvent, Started
 from miglet.secret import Secret
 
 
@@ -85,48 +86,54 @@ class SimulatedRunner:
         on_line("stdout", "√ Settings Saved.")
         self.configured = True
 
-    async def run(self, registration: Registration, observer: RunObserver) -> int:
+    async def run(self, registration: Registration, events: trio.MemorySendChannel[RunEvent]) -> None:
         self.runs += 1
         self.running = True
-        observer.started(None)
+
+        async def say(line: str) -> None:
+            await events.send(Line("stdout", line))
+
         code = 0
         try:
+            await events.send(Started(None))
             await trio.sleep(self.connect_delay_s)
-            observer.line("stdout", "\x1b[32m√ Connected to GitHub\x1b[0m")
-            observer.line("stdout", "")
-            observer.line("stdout", f"Current runner version: '{self.version}'")
-            observer.line("stdout", f"{_stamp()}: Listening for Jobs")
+            await say("\x1b[32m√ Connected to GitHub\x1b[0m")
+            await say("")
+            await say(f"Current runner version: '{self.version}'")
+            await say(f"{_stamp()}: Listening for Jobs")
             if self.exit_after_listening is not None:
                 code = self.exit_after_listening
-                return code
+                return
             while True:
                 job = await self._jobs_receive.receive()
                 if isinstance(job, Crash):
                     code = job.exit_code
-                    return code
-                await self._run_job(job, observer.line)
+                    return
+                await self._run_job(job, say)
                 if registration.ephemeral:
                     self.configured = False
-                    return code
+                    return
         finally:
             # Stopped (cancelled) or not, the runner is gone now.
             self.running = False
-            observer.exited(code)
+            with trio.CancelScope(shield=True):
+                await events.send(Exited(code))
 
-    async def _run_job(self, job: Job, on_line: LineSink) -> None:
-        on_line("stdout", f"{_stamp()}: Running job: {job.name}")
+    async def _run_job(self, job: Job, say: Callable[[str], Awaitable[None]]) -> None:
+        await say(f"{_stamp()}: Running job: {job.name}")
         try:
             pause = job.duration_s / (len(job.lines) + 1)
             for line in job.lines:
                 await trio.sleep(pause)
-                on_line("stdout", line)
+                await say(line)
             await trio.sleep(pause)
         except trio.Cancelled:
             # A graceful stop cancels the running job, as SIGINT does to the real runner.
             self.interrupted = True
-            on_line("stdout", f"{_stamp()}: Job {job.name} completed with result: Canceled")
+            with trio.CancelScope(shield=True):
+                await say(f"{_stamp()}: Job {job.name} completed with result: Canceled")
             raise
-        on_line("stdout", f"{_stamp()}: Job {job.name} completed with result: {job.result}")
+        await say(f"{_stamp()}: Job {job.name} completed with result: {job.result}")
 
     async def remove(self, token: Secret, on_line: LineSink) -> None:
         self.remove_calls.append(token.reveal())

@@ -14,6 +14,7 @@ ends with exit code 3 (`miglet.exitcodes`). docs/design.md draws the whole.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import random
 import signal
@@ -27,6 +28,7 @@ import trio
 from miglet import exitcodes, machine, protocol
 from miglet.config import Config
 from miglet.controller import ControllerClient, open_controller_client
+from miglet.driver import Driver
 from miglet.hardening import is_child_subreaper
 from miglet.logs import AgentContext, agent_context
 from miglet.machine import Phase
@@ -38,14 +40,13 @@ from miglet.runner.process import ProcessRunner, kill_leftover_runner
 from miglet.runner.reaper import reap_orphans_task, sweep_descendants
 from miglet.secret import Secret
 from miglet.stamp import Stamper
-from miglet.state import StateHolder
 from miglet.statefile import StateFileError, StateFileMissing, StateFileWriter, read_state_file
 from miglet.status import health
 from miglet.stop_signals import STOP_SIGNALS, HeldSignals
 from miglet.supervision import TaskSupervisor
 from miglet.tasks.handshake import handshake_task
 from miglet.tasks.heartbeat import heartbeat_task, state_refresh_task
-from miglet.tasks.poller import SeenCommands, poller_task
+from miglet.tasks.poller import poller_task
 from miglet.tasks.supervisor import supervisor_task
 from miglet.timings import PhaseTimings
 from miglet.tokenfile import TokenFileError, read_token_file
@@ -60,13 +61,15 @@ REMOVE_TIMEOUT: Final = 60.0
 MISSING_LISTED: Final = 20
 
 
-class StopPlan:
-    """How to stop, as decided by whoever asked first: the grace period, a removal token, the exit code."""
+class StopControls:
+    """What carries out a stop the machine has decided on: the runner's grace, its removal, the last delivery.
+
+    The decisions (how long a grace, whether to remove, whether to cut it all short) are the machine's
+    (`AgentState.stop`); these are only the timers and scopes that act on them.
+    """
 
     def __init__(self, grace: float, flush_timeout: float) -> None:
         self.grace = Grace(grace)
-        self.remove_token: Secret | None = None
-        self.exit_code = exitcodes.OK
         self.flush_timeout = flush_timeout
         # Around the runner's removal, the one slow step of a stop that a second signal skips.
         self.removing = trio.CancelScope()
@@ -111,33 +114,41 @@ class Agent:
         started_at: float | None = None,
     ) -> None:
         self.config = config
-        self.stop_plan = StopPlan(config.shutdown_grace, config.flush_timeout)
+        self.stop_controls = StopControls(config.shutdown_grace, config.flush_timeout)
         self.stamper = Stamper(config.vm_id, config.pool_id, config.org_id)
         self.policy = retry_policy or RetryPolicy(base=config.retry_base, cap=config.retry_cap)
         self.outbox = Outbox(self.stamper, capacity=config.outbox_capacity, policy=self.policy, rng=rng)
-        self.holder = StateHolder(
+        self.supervision = TaskSupervisor(report=self.outbox.put, give_up=self._give_up, rng=rng)
+        self.driver = Driver(
             vm_id=config.vm_id,
             pool_id=config.pool_id,
-            emit=self.outbox.put,
+            send=self.outbox.put,
             state_file=StateFileWriter(config.state_file) if write_state_file else None,
             refresh_s=STATE_REFRESH_S,
+            on_bug=self.supervision.bug,
         )
-        self.supervision = TaskSupervisor(report=self.outbox.put, give_up=self._give_up, rng=rng)
-        self.seen_commands = SeenCommands()
+        self.driver.carry_out = self._carry_out
+        # The registrations the machine hands to the runner supervisor; here, so that it outlives a restart of it.
+        # The machine hands over one at a time (the next only once the last has an outcome).
+        self._registrations, self._registrations_out = trio.open_memory_channel[protocol.RegisterRunner](math.inf)
         self._transport = transport
         self._backend = backend
         self._rng = rng
+        self._write_state_file = write_state_file
         self._handle_signals = handle_signals
         # Stop signals that came before the agent listened for them (recorded from the start of `miglet run`).
         self._held_signals = held_signals or HeldSignals()
-        self._signals_received = 0
         self._started_at = 0.0
         self.timings = PhaseTimings(time.monotonic() if started_at is None else started_at)
-        self.holder.observers.append(self.timings.observe)
+        self.driver.observe(self.timings.observe)
 
     @property
     def phase(self) -> Phase:
-        return self.holder.phase
+        return self.driver.phase
+
+    @property
+    def exit_code(self) -> int:
+        return self.driver.state.exit_code
 
     def request_stop(
         self,
@@ -148,27 +159,25 @@ class Agent:
         exit_code: int = exitcodes.OK,
     ) -> None:
         """Begin stopping (idempotent: the first request decides)."""
-        if self.holder.phase in (Phase.STOPPING, Phase.STOPPED):
-            log.info("Already stopping", extra={"reason": reason})
-            return
-        if grace is not None:
-            self.stop_plan.grace.seconds = grace
-        self.stop_plan.remove_token = remove_token
-        self.stop_plan.exit_code = exit_code
-        log.info("Stopping", extra={"reason": reason, "grace_s": self.stop_plan.grace.seconds})
-        self.holder.apply(machine.StopRequested(reason))
+        self.driver.apply(
+            machine.StopRequested(reason=reason, grace_s=grace, remove_token=remove_token, exit_code=exit_code)
+        )
 
-    def _on_shutdown_command(self, command: protocol.Shutdown) -> None:
-        params = command.parameters
-        remove_token = params.remove_token
-        if remove_token is not None and (problem := protocol.token_problem(remove_token)) is not None:
-            # Whoever asks for a stop expects the VM to stop: only the removal is given up, and the controller
-            # hears why.
-            error = f"remove_token {problem}; the runner is not removed"
-            log.error("Unusable shutdown command parameter", extra={"command_id": command.id, "error": error})
-            self.outbox.put(protocol.CommandFailed(command_id=command.id, command_type="shutdown", error=error))
-            remove_token = None
-        self.request_stop(params.reason, grace=params.grace_period_s, remove_token=remove_token)
+    def _carry_out(self, effect: machine.Effect) -> None:
+        """The effects of the machine's decisions on the runner and the stop."""
+        controls = self.stop_controls
+        match effect:
+            case machine.Register(command=command):
+                self._registrations.send_nowait(command)
+            case machine.StopRunner(grace_s=grace):
+                # The runner is stopped as the work nursery is cancelled (`_work`), within this grace.
+                controls.grace.seconds = grace
+            case machine.CutGrace():
+                controls.grace.cut_short()
+            case machine.CutShort():
+                controls.cut_short()
+            case machine.StopRun():
+                pass  # carried out by the runner supervisor, which applied the deadline that led to it
 
     def _give_up(self) -> None:
         """Tasks keep failing: stop the ordinary way (the runner is stopped, events delivered), with exit code 1.
@@ -181,15 +190,15 @@ class Agent:
         """Run until stopped; returns the process exit code."""
         config = self.config
         self._started_at = trio.current_time()
-        token = agent_context.set(AgentContext(config.vm_id, config.pool_id, lambda: self.holder.phase.value))
+        token = agent_context.set(AgentContext(config.vm_id, config.pool_id, lambda: self.driver.phase.value))
         try:
-            if self._backend is None:
+            if self._write_state_file:
                 self._clear_leftovers()
             backend = self._backend or ProcessRunner(
                 config.runner_dir,
-                grace=lambda: self.stop_plan.grace,
+                grace=lambda: self.stop_controls.grace,
                 user=config.runner_user,
-                on_pid=self.holder.record_runner_pid,
+                on_pid=lambda pid: self.driver.apply(machine.RunnerProcess(pid)),
             )
             token_source = None if config.controller_token_file is None else self._reread_token
             async with (
@@ -202,8 +211,14 @@ class Agent:
                 if is_child_subreaper():  # `miglet run`: orphans of the runner come to this process
                     root.start_soon(supervise, "reaper", reap_orphans_task)
                 root.start_soon(supervise, "outbox", partial(self._serve_outbox, client))
-                root.start_soon(supervise, "state_refresh", partial(state_refresh_task, self.holder, STATE_REFRESH_S))
-                self.holder.apply(machine.Start(runner_name=config.effective_runner_name, ephemeral=config.ephemeral))
+                root.start_soon(supervise, "state_refresh", partial(state_refresh_task, self.driver, STATE_REFRESH_S))
+                self.driver.apply(
+                    machine.Start(
+                        runner_name=config.effective_runner_name,
+                        ephemeral=config.ephemeral,
+                        grace_s=config.shutdown_grace,
+                    )
+                )
                 task_status.started()
                 try:
                     await self._work(config, client, backend)
@@ -216,43 +231,31 @@ class Agent:
                 root.cancel_scope.cancel()
         finally:
             agent_context.reset(token)
-        return self.stop_plan.exit_code
+        return self.exit_code
 
     async def _work(self, config: Config, client: ControllerClient, backend: RunnerBackend) -> None:
         """The handshake, the poller, the runner supervisor, heartbeats and deadlines, until the agent is stopping.
 
         Each task runs under supervision: one that fails with a bug is reported and restarted, and the others
-        (with the runner and its job) go on. The channel between the poller and the runner supervisor belongs
-        here, so that it outlives a restart of either.
+        (with the runner and its job) go on.
         """
         supervise = self.supervision.run
         on_bug = self.supervision.bug
-        send, receive = trio.open_memory_channel[protocol.RegisterRunner](0)
+        driver = self.driver
         vm_started = self.stamper.stamp(protocol.VmStarted())
         async with trio.open_nursery() as work:
             work.start_soon(
-                supervise, "handshake", partial(handshake_task, client, self.holder, vm_started, self.policy, self._rng)
+                supervise, "handshake", partial(handshake_task, client, driver, vm_started, self.policy, self._rng)
             )
-            poll = partial(
-                poller_task,
-                config,
-                client,
-                self.holder,
-                self.outbox,
-                send,
-                self._on_shutdown_command,
-                self.policy,
-                self._rng,
-                seen=self.seen_commands,
-                on_bug=on_bug,
+            work.start_soon(supervise, "poller", partial(poller_task, config, client, driver, self.policy, self._rng))
+            run_runner = partial(
+                supervisor_task, config, driver, backend, self._registrations_out, self.timings, on_bug=on_bug
             )
-            work.start_soon(supervise, "poller", poll)
-            run_runner = partial(supervisor_task, config, self.holder, backend, receive, self.timings, on_bug=on_bug)
             work.start_soon(supervise, "runner_supervisor", run_runner)
-            heartbeats = partial(heartbeat_task, self.holder, self.outbox, config.heartbeat_interval, self._started_at)
+            heartbeats = partial(heartbeat_task, driver, self.outbox, config.heartbeat_interval, self._started_at)
             work.start_soon(supervise, "heartbeat", heartbeats)
             self._start_deadlines(work)
-            await self.holder.value.wait_value(lambda state: state.phase is Phase.STOPPING)
+            await driver.wait_for(lambda state: state.phase is Phase.STOPPING)
             self.outbox.hurry()
             self.supervision.hurry()
             work.cancel_scope.cancel()
@@ -260,7 +263,7 @@ class Agent:
     async def _serve_outbox(self, client: ControllerClient) -> None:
         """Deliver events once `vm_started` has been acknowledged (or the agent stops without it): nothing goes
         to the controller before the VM has introduced itself."""
-        await self.holder.value.wait_value(lambda state: state.phase not in machine.BEFORE_ACKNOWLEDGMENT)
+        await self.driver.wait_for(lambda state: state.phase not in machine.BEFORE_ACKNOWLEDGMENT)
         await self.outbox.serve(client)
 
     def _reread_token(self) -> Secret | None:
@@ -303,29 +306,30 @@ class Agent:
             log.warning("Killed a runner left running by an earlier MIGlet", extra={"pid": pid})
 
     def _start_deadlines(self, nursery: trio.Nursery) -> None:
-        """Limits on how long the agent may stay in a phase at a stretch (0: none); a limit passed stops it."""
+        """Limits on how long the agent may stay in a phase at a stretch (0: none); what passing one means is the
+        machine's to decide (`machine.DEADLINES`)."""
         config = self.config
-        deadlines = [
-            (Phase.WAITING_FOR_CONTROLLER, config.ack_timeout, "ack_timeout", exitcodes.FAILURE),
-            (Phase.READY, config.registration_timeout, "registration_timeout", exitcodes.FAILURE),
-            (Phase.IDLE, config.idle_timeout, "idle_timeout", exitcodes.OK),
-        ]
-        for phase, seconds, reason, exit_code in deadlines:
+        limits = {
+            Phase.WAITING_FOR_CONTROLLER: config.ack_timeout,
+            Phase.READY: config.registration_timeout,
+            Phase.IDLE: config.idle_timeout,
+        }
+        for phase, seconds in limits.items():
             if seconds > 0:
-                deadline = partial(self._deadline, phase, seconds, reason, exit_code)
-                nursery.start_soon(self.supervision.run, reason, deadline)
+                name, _ = machine.DEADLINES[phase]
+                nursery.start_soon(self.supervision.run, name, partial(self._deadline, phase, seconds))
 
-    async def _deadline(self, phase: Phase, seconds: float, reason: str, exit_code: int) -> None:
-        """Stop with `reason` once the agent has stayed in `phase` for `seconds` at a stretch."""
-        await self.holder.value.wait_value(lambda state: state.phase is phase, held_for=seconds)
-        log.warning("Deadline passed", extra={"phase": phase.value, "limit_s": seconds})
-        self.request_stop(reason, exit_code=exit_code)
+    async def _deadline(self, phase: Phase, seconds: float) -> None:
+        """Tell the machine once the agent has stayed in `phase` for `seconds` at a stretch."""
+        await self.driver.wait_for(lambda state: state.phase is phase, held_for=seconds)
+        self.driver.apply(machine.DeadlinePassed(phase, seconds))
 
     async def _finish(self, backend: RunnerBackend) -> None:
         """After the runner has stopped: deregister if asked, flush owed events, and record Stopped."""
-        plan = self.stop_plan
-        with plan.removing:
-            if plan.remove_token is not None:
+        controls = self.stop_controls
+        plan = self.driver.state.stop
+        with controls.removing:
+            if plan is not None and plan.remove_token is not None and not plan.cut_short:
                 with trio.move_on_after(REMOVE_TIMEOUT) as scope:
                     try:
                         await backend.remove(plan.remove_token, relay_line)
@@ -334,16 +338,16 @@ class Agent:
                         log.error("Runner removal failed", extra={"error": str(exc)})
                 if scope.cancelled_caught:
                     log.error("Runner removal timed out", extra={"timeout_s": REMOVE_TIMEOUT})
-        if plan.removing.cancelled_caught:
+        if controls.removing.cancelled_caught or (plan is not None and plan.remove_token and plan.cut_short):
             log.warning("Second signal: the runner is not removed")
-        await plan.flush(self.outbox)
+        await controls.flush(self.outbox)
         # Whatever escaped the sweeps after each runner process (it started while the runner was being removed,
         # say) goes now: nothing the runner started outlives MIGlet.
         await sweep_descendants()
-        self.holder.apply(machine.Finished())
+        self.driver.apply(machine.Finished())
         if len(self.outbox):
             # Stopped can still owe something (a job the runner never finished): it gets what is left of the time.
-            await plan.flush(self.outbox)
+            await controls.flush(self.outbox)
         owed = self.outbox.owed()
         if owed:
             log.error(
@@ -354,31 +358,14 @@ class Agent:
                     "flush_timeout_s": self.config.flush_timeout,
                 },
             )
-            if plan.exit_code == exitcodes.OK:
-                plan.exit_code = exitcodes.UNDELIVERED
+            self.driver.apply(machine.Undelivered())
         elif len(self.outbox):
             log.warning("Stopping with undelivered heartbeats or reports", extra={"undelivered": len(self.outbox)})
-        log.info("MIGlet stopped", extra={"exit_code": plan.exit_code})
+        log.info("MIGlet stopped", extra={"exit_code": self.exit_code})
 
     async def _watch_signals(self) -> None:
         with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
             for signum in self._held_signals.take():
-                self._on_signal(signum)
+                self.driver.apply(machine.SignalReceived(signal.Signals(signum).name))
             async for signum in signals:
-                self._on_signal(signum)
-
-    def _on_signal(self, signum: int) -> None:
-        name = signal.Signals(signum).name
-        self._signals_received += 1
-        if self._signals_received > 1:
-            # Asked again: the operator is not prepared to wait any longer.
-            log.warning("Second signal: killing the runner now", extra={"signal": name})
-            self.stop_plan.cut_short()
-        elif self.holder.phase in (Phase.STOPPING, Phase.STOPPED):
-            # Already stopping for another reason (a shutdown command, the end of an ephemeral runner):
-            # whoever sends the signal is not prepared to wait out the runner's grace period either.
-            log.warning("Signal while stopping: killing the runner now", extra={"signal": name})
-            self.stop_plan.grace.cut_short()
-        else:
-            log.info("Received signal", extra={"signal": name})
-            self.request_stop("signal")
+                self.driver.apply(machine.SignalReceived(signal.Signals(signum).name))

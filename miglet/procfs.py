@@ -29,7 +29,10 @@ def _read_stat_fields(pid: int | str, indices: tuple[int, ...]) -> tuple[bytes, 
     # Plain decimal digits, as the kernel writes them: int() would also take "+1", "1_0" or 5,000 digits.
     if end < 0 or len(numbers) < len(indices) or not all(n.isdigit() and len(n) <= 20 for n in numbers):
         raise ValueError(f"unreadable /proc/{pid}/stat")
-    return stat[stat.find(b"(") + 1 : end], fields[0], [int(number) for number in numbers]
+    values = [int(number) for number in numbers]
+    if any(value >= 2**64 for value in values):  # twenty digits can still exceed the kernel's 64 bits
+        raise ValueError(f"unreadable /proc/{pid}/stat")
+    return stat[stat.find(b"(") + 1 : end], fields[0], values
 
 
 def read_stat(pid: int | str = "self") -> ProcStat:

@@ -62,8 +62,14 @@ class StateFileWriter:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._last_error: str | None = None
+        self._state: str | None = None
+        self._since = ""
 
     def write(self, record: StateRecord) -> None:
+        """Write `record`, its `since` being when the file first said its state (at this stretch)."""
+        if record.state != self._state:
+            self._state, self._since = record.state, record.updated_at
+        record = msgspec.structs.replace(record, since=self._since)
         try:
             write_atomic(self.path, _encoder.encode(record) + b"\n")
         except OSError as exc:

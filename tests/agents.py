@@ -12,9 +12,11 @@ import trio
 
 from fake_controller import FakeController
 from fake_controller.simulated_runner import SimulatedRunner
+from miglet import protocol
 from miglet.app import Agent
 from miglet.config import Config
 from miglet.machine import AgentState, Phase
+from miglet.secret import Secret
 
 # Builds a test's configuration from overrides of a base one (the `make_config` fixture).
 ConfigFactory = Callable[..., Config]
@@ -28,7 +30,7 @@ class Running:
         self.exit_code: int | None = None
 
     async def reach(self, phase: Phase) -> AgentState:
-        return await self.agent.holder.value.wait_value(lambda state: state.phase is phase)
+        return await self.agent.driver.wait_for(lambda state: state.phase is phase)
 
     def events(self, event_type: str | None = None) -> list[dict[str, Any]]:
         return self.controller.events_of(self.agent.config.vm_id, event_type)
@@ -78,3 +80,11 @@ async def running_agent(
     async with trio.open_nursery() as nursery:
         nursery.start_soon(run)
         yield running
+
+
+def register_runner(command_id: str) -> protocol.RegisterRunner:
+    """A valid `register_runner` command, as the machine receives it."""
+    parameters = protocol.RegisterRunnerParameters(
+        runner_url="https://github.com/o/r", registration_token=Secret("AHT0123456789"), labels=["x"]
+    )
+    return protocol.RegisterRunner(id=command_id, parameters=parameters)

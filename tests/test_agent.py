@@ -18,8 +18,8 @@ from fake_controller.faults import FaultPlan
 from fake_controller.simulated_runner import Job, SimulatedRunner
 from miglet import exitcodes
 from miglet.app import CUT_SHORT_FLUSH_S, Agent
-from miglet.machine import Phase
-from miglet.runner.backend import Registration, RunObserver
+from miglet.machine import Phase, SignalReceived
+from miglet.runner.backend import Exited, Line, Registration, RunEvent
 from miglet.statefile import read_state_file
 from tests.agents import ConfigFactory, running_agent
 
@@ -185,7 +185,7 @@ async def test_stop_while_waiting_for_the_controller(
     )
     async with trio.open_nursery() as nursery:
         nursery.start_soon(agent.run)
-        await agent.holder.value.wait_value(lambda state: state.phase is Phase.WAITING_FOR_CONTROLLER)
+        await agent.driver.wait_for(lambda state: state.phase is Phase.WAITING_FOR_CONTROLLER)
         await trio.sleep(120)
         start = trio.current_time()
         agent.request_stop("signal")
@@ -214,10 +214,10 @@ async def test_stop_in_every_phase_ends_cleanly(
     async with trio.open_nursery() as nursery:
         nursery.start_soon(agent.run)
         before = Phase.IDLE if phase is Phase.BUSY else phase
-        await agent.holder.value.wait_value(lambda state: state.phase is before)
+        await agent.driver.wait_for(lambda state: state.phase is before)
         if phase is Phase.BUSY:
             runner.submit_job(Job("build", duration_s=600))
-            await agent.holder.value.wait_value(lambda state: state.phase is Phase.BUSY)
+            await agent.driver.wait_for(lambda state: state.phase is Phase.BUSY)
         await trio.testing.wait_all_tasks_blocked()
         agent.request_stop("signal")
         hold.set()
@@ -245,14 +245,14 @@ async def test_a_runner_listening_after_its_deadline_is_not_taken_for_registered
     make_config: ConfigFactory, controller: FakeController, autojump_clock: trio.testing.MockClock
 ) -> None:
     class LateListener(SimulatedRunner):
-        async def run(self, registration: Registration, observer: RunObserver) -> int:
+        async def run(self, registration: Registration, events: trio.MemorySendChannel[RunEvent]) -> None:
             try:
                 await trio.sleep_forever()
             finally:
                 # Told to stop, it prints what it would have printed long ago.
-                observer.line("stdout", "2024-01-15 10:30:00Z: Listening for Jobs")
-                observer.exited(0)
-            return 0
+                with trio.CancelScope(shield=True):
+                    await events.send(Line("stdout", "2024-01-15 10:30:00Z: Listening for Jobs"))
+                    await events.send(Exited(0))
 
     async with running_agent(make_config(listen_timeout=30), controller, LateListener()) as running:
         await running.reach(Phase.REGISTERING_RUNNER)
@@ -276,7 +276,9 @@ async def test_a_second_stop_request_does_not_wait_for_the_controller(
         await running.reach(Phase.STOPPING)
         await trio.testing.wait_all_tasks_blocked()
         start = trio.current_time()
-        running.agent.stop_plan.cut_short()
+        # A first signal while stopping cuts the grace; a second cuts the whole stop short.
+        running.agent.driver.apply(SignalReceived("SIGTERM"))
+        running.agent.driver.apply(SignalReceived("SIGTERM"))
         await running.reach(Phase.STOPPED)
         assert trio.current_time() - start <= CUT_SHORT_FLUSH_S + 0.5
     # The controller never took vm_stopping: the stop says so.

@@ -48,9 +48,9 @@ async def test_a_poll_answered_unusably_is_logged_and_the_agent_still_registers(
     with trio.fail_after(600):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(agent.run)
-            await agent.holder.value.wait_value(lambda state: state.phase is Phase.IDLE)
+            await agent.driver.wait_for(lambda state: state.phase is Phase.IDLE)
             agent.request_stop("test over")
-    assert agent.stop_plan.exit_code == 0
+    assert agent.exit_code == 0
     assert len(controller.requests_to("/commands")) >= 4  # the three unusable answers, then the registration
     logged = messages(caplog)
     if kind == "nested":
@@ -77,9 +77,9 @@ async def test_an_unusable_acknowledgment_is_retried_until_acknowledged(
     with trio.fail_after(600):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(agent.run)
-            await agent.holder.value.wait_value(lambda state: state.phase is Phase.READY)
+            await agent.driver.wait_for(lambda state: state.phase is Phase.READY)
             agent.request_stop("test over")
-    assert agent.stop_plan.exit_code == 0
+    assert agent.exit_code == 0
     problems = [
         r.__dict__["error"] for r in caplog.records if r.getMessage() == "vm_started not acknowledged; will retry"
     ]
@@ -106,10 +106,10 @@ async def test_an_absurd_retry_after_is_ignored_and_every_event_delivered(
     with trio.fail_after(600):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(agent.run)
-            await agent.holder.value.wait_value(lambda state: state.phase is Phase.IDLE)
+            await agent.driver.wait_for(lambda state: state.phase is Phase.IDLE)
             controller.faults.script("events", [absurd, absurd])
             runner.submit_job(Job("build", "Succeeded", duration_s=30))
-    assert agent.stop_plan.exit_code == 0
+    assert agent.exit_code == 0
     assert [event["type"] for event in controller.events_of("vm-123")] == [
         "vm_started",
         "runner_registered",

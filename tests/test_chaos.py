@@ -32,7 +32,7 @@ async def run_fleet(controller: FakeController, agents: list[Agent]) -> None:
         for agent in agents:
             nursery.start_soon(agent.run)
         for agent in agents:
-            await agent.holder.value.wait_value(lambda state: state.phase is Phase.IDLE)
+            await agent.driver.wait_for(lambda state: state.phase is Phase.IDLE)
         for agent in agents:
             await agent.outbox.wait_empty()
         assert controller.faults.injected > AGENTS  # the chaos really happened

@@ -75,9 +75,9 @@ async def test_runner_that_never_listens_is_stopped_and_reported(
     )
     async with trio.open_nursery() as nursery:
         nursery.start_soon(agent.run)
-        await agent.holder.value.wait_value(lambda state: state.phase is Phase.REGISTERING_RUNNER)
+        await agent.driver.wait_for(lambda state: state.phase is Phase.REGISTERING_RUNNER)
         start = trio.current_time()
-        await agent.holder.value.wait_value(lambda state: state.phase is Phase.READY)
+        await agent.driver.wait_for(lambda state: state.phase is Phase.READY)
         assert trio.current_time() - start == 45
         assert not runner.running
         agent.request_stop("test over")

@@ -95,11 +95,11 @@ async def test_invariants_hold_under_any_faults(
         if after.command_id != before.command_id and after.command_id is not None:
             accepted.append(after.command_id)
 
-    agent.holder.observers.append(watch)
+    agent.driver.observe(watch)
     with trio.fail_after(7200):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(agent.run)
-            await agent.holder.value.wait_value(lambda state: state.phase is Phase.IDLE)
+            await agent.driver.wait_for(lambda state: state.phase is Phase.IDLE)
             await agent.outbox.wait_empty()
             agent.request_stop("test over")
     seed_order = [Phase.WAITING_FOR_CONTROLLER, Phase.READY, Phase.REGISTERING_RUNNER, Phase.IDLE]

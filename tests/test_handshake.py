@@ -15,27 +15,27 @@ import trio
 
 from miglet import protocol
 from miglet.controller import open_controller_client
+from miglet.driver import Driver
 from miglet.machine import Phase, Start
 from miglet.outbox import Outbox
 from miglet.retry import RetryPolicy
 from miglet.stamp import Stamper
-from miglet.state import StateHolder
 from miglet.tasks.handshake import handshake_task
 from tests.agents import ConfigFactory
 
 ACK = {"status": "acknowledged", "acknowledged": True, "vm_id": "vm-123"}
 
 
-def make_holder() -> StateHolder:
+def make_driver() -> Driver:
     stamper = Stamper("vm-123", "pool-001", None)
-    holder = StateHolder(vm_id="vm-123", pool_id="pool-001", emit=Outbox(stamper).put)
-    holder.apply(Start(runner_name="vm-123", ephemeral=True))
-    return holder
+    driver = Driver(vm_id="vm-123", pool_id="pool-001", send=Outbox(stamper).put)
+    driver.apply(Start(runner_name="vm-123", ephemeral=True))
+    return driver
 
 
 async def run_handshake(
     make_config: ConfigFactory, answers: list[object]
-) -> tuple[list[tuple[float, dict[str, object]]], StateHolder]:
+) -> tuple[list[tuple[float, dict[str, object]]], Driver]:
     """Answer successive vm_started posts with `answers` (a status and body, or an exception to raise)."""
     seen: list[tuple[float, dict[str, object]]] = []
 
@@ -50,18 +50,18 @@ async def run_handshake(
         status, body, *headers = answer
         return httpx.Response(status, json=body, headers=headers[0] if headers else None)
 
-    holder = make_holder()
+    driver = make_driver()
     async with open_controller_client(make_config(), httpx.MockTransport(handler)) as client:
         vm_started = Stamper("vm-123", "pool-001", "org-001").stamp(protocol.VmStarted())
-        await handshake_task(client, holder, vm_started, RetryPolicy(base=1, cap=8), random.Random(7))
-    return seen, holder
+        await handshake_task(client, driver, vm_started, RetryPolicy(base=1, cap=8), random.Random(7))
+    return seen, driver
 
 
 async def test_acknowledgment_moves_to_ready(
     make_config: ConfigFactory, autojump_clock: trio.testing.MockClock
 ) -> None:
-    seen, holder = await run_handshake(make_config, [(200, ACK)])
-    assert holder.phase is Phase.READY
+    seen, driver = await run_handshake(make_config, [(200, ACK)])
+    assert driver.phase is Phase.READY
     [(_, event)] = seen
     assert event["type"] == "vm_started"
     assert event["vm_id"] == "vm-123"
@@ -86,8 +86,8 @@ async def test_failures_are_retried_with_the_same_event_id(
         (200, "not an acknowledgment"),
         (200, ACK),
     ]
-    seen, holder = await run_handshake(make_config, answers)
-    assert holder.phase is Phase.READY
+    seen, driver = await run_handshake(make_config, answers)
+    assert driver.phase is Phase.READY
     assert len(seen) == 8
     assert len({event["event_id"] for _, event in seen}) == 1
     times = [at for at, _ in seen]
@@ -105,11 +105,11 @@ async def test_handshake_is_cancellable_while_waiting(
         await trio.sleep_forever()
         raise AssertionError
 
-    holder = make_holder()
+    driver = make_driver()
     async with open_controller_client(make_config(), httpx.MockTransport(never_answers)) as client:
         with trio.move_on_after(1000) as scope:
             await handshake_task(
-                client, holder, Stamper("vm-123", "pool-001", None).stamp(protocol.VmStarted()), RetryPolicy()
+                client, driver, Stamper("vm-123", "pool-001", None).stamp(protocol.VmStarted()), RetryPolicy()
             )
     assert scope.cancelled_caught
-    assert holder.phase is Phase.WAITING_FOR_CONTROLLER
+    assert driver.phase is Phase.WAITING_FOR_CONTROLLER

@@ -21,7 +21,7 @@ from fake_controller.faults import Fault
 from fake_controller.simulated_runner import Job, SimulatedRunner
 from miglet import exitcodes
 from miglet.controller import LONG_POLL_MARGIN, REQUEST_DEADLINE
-from miglet.machine import Phase
+from miglet.machine import Phase, SignalReceived
 from miglet.secret import Secret
 from tests.agents import ConfigFactory, running_agent
 
@@ -200,7 +200,7 @@ async def test_the_outbox_stays_bounded_under_a_flood_of_unknown_commands_and_he
 
     controller = FakeController()
     async with running_agent(config, controller, runner, transport=httpx.MockTransport(handler)) as running:
-        await running.agent.holder.value.wait_value(lambda state: state.phase is Phase.READY)
+        await running.agent.driver.wait_for(lambda state: state.phase is Phase.READY)
         while polls <= 10:
             await trio.sleep(1)
             queue_lengths.append(len(running.agent.outbox))
@@ -229,7 +229,9 @@ async def test_a_second_signal_still_leaves_a_short_flush(
         now = trio.current_time()
         controller.faults.window("events", Fault(kind="status", status=503), start=now, end=now + 2)
         running.agent.request_stop("signal")
-        running.agent.stop_plan.cut_short()
+        # A first signal while stopping cuts the grace; a second cuts the whole stop short.
+        running.agent.driver.apply(SignalReceived("SIGTERM"))
+        running.agent.driver.apply(SignalReceived("SIGTERM"))
     # The controller came back within the short flush: everything owed arrived, and the exit code says so.
     assert running.exit_code == exitcodes.OK
     assert running.event_types() == ["vm_started", "runner_registered", "vm_stopping", "runner_exited"]

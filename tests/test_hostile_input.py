@@ -428,9 +428,9 @@ async def test_start_up_ignores_a_corrupt_state_file_with_one_warning(
     with trio.fail_after(60):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(agent.run)
-            await agent.holder.value.wait_value(lambda state: state.phase is Phase.READY)
+            await agent.driver.wait_for(lambda state: state.phase is Phase.READY)
             agent.request_stop("test over")
-    assert agent.stop_plan.exit_code == 0
+    assert agent.exit_code == 0
     assert kills == []
     warnings = [record for record in caplog.records if record.getMessage() == "Ignoring an unusable state file"]
     assert len(warnings) == 1

@@ -52,7 +52,11 @@ class Chunks(trio.abc.ReceiveStream):
 
 async def relay(chunks: Iterable[bytes]) -> list[str]:
     lines: list[tuple[str, str]] = []
-    await _relay_lines(Chunks(chunks), "stdout", lambda stream, line: lines.append((stream, line)))
+
+    async def sink(stream: str, line: str) -> None:
+        lines.append((stream, line))
+
+    await _relay_lines(Chunks(chunks), "stdout", sink)
     assert {stream for stream, _ in lines} <= {"stdout"}
     return [line for _, line in lines]
 

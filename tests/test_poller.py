@@ -21,12 +21,21 @@ from fake_controller import FakeController, Settings
 from miglet import protocol
 from miglet.config import Config
 from miglet.controller import open_controller_client
-from miglet.machine import Acknowledged, Phase, RegistrationAborted, RunnerListening, Start, StopRequested
+from miglet.driver import Driver
+from miglet.machine import (
+    Acknowledged,
+    Effect,
+    Phase,
+    Register,
+    RegistrationAborted,
+    RunnerListening,
+    Start,
+    StopRequested,
+)
 from miglet.outbox import Outbox
 from miglet.retry import RetryPolicy
 from miglet.stamp import Stamper
-from miglet.state import StateHolder
-from miglet.tasks.poller import SeenCommands, poller_task
+from miglet.tasks.poller import poller_task
 from tests.agents import ConfigFactory
 
 
@@ -34,10 +43,14 @@ class Harness:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.outbox = Outbox(Stamper("vm-123", "pool-001", None))
-        self.holder = StateHolder(vm_id="vm-123", pool_id="pool-001", emit=self.outbox.put)
-        self.holder.apply(Start(runner_name="vm-123", ephemeral=True))
+        self.driver = Driver(vm_id="vm-123", pool_id="pool-001", send=self.outbox.put)
+        self.driver.apply(Start(runner_name="vm-123", ephemeral=True))
         self.registrations: list[protocol.RegisterRunner] = []
-        self.shutdowns: list[protocol.Shutdown] = []
+        self.driver.carry_out = self._carry_out
+
+    def _carry_out(self, effect: Effect) -> None:
+        if isinstance(effect, Register):
+            self.registrations.append(effect.command)
 
     def queued(self, kind: type[protocol.Event]) -> list[Any]:
         return [event for event in self.outbox.queued() if isinstance(event, kind)]
@@ -46,28 +59,10 @@ class Harness:
 @asynccontextmanager
 async def polling(config: Config, transport: httpx.AsyncBaseTransport, *, ready: bool = True) -> AsyncIterator[Harness]:
     harness = Harness(config)
-    send, receive = trio.open_memory_channel[protocol.RegisterRunner](0)
-
-    async def collect() -> None:
-        async with receive:
-            async for command in receive:
-                harness.registrations.append(command)
-
     async with open_controller_client(config, transport) as client, trio.open_nursery() as nursery:
-        nursery.start_soon(collect)
-        nursery.start_soon(
-            poller_task,
-            config,
-            client,
-            harness.holder,
-            harness.outbox,
-            send,
-            harness.shutdowns.append,
-            RetryPolicy(base=1, cap=60),
-            random.Random(1),
-        )
+        nursery.start_soon(poller_task, config, client, harness.driver, RetryPolicy(base=1, cap=60), random.Random(1))
         if ready:
-            harness.holder.apply(Acknowledged())
+            harness.driver.apply(Acknowledged())
         yield harness
         nursery.cancel_scope.cancel()
 
@@ -118,7 +113,7 @@ async def test_long_poll_delivers_a_command_the_moment_it_exists(
     await vm_started(controller)
     start = trio.current_time()
     async with polling(make_config(command_wait=20), httpx.ASGITransport(app=controller)) as harness:
-        await harness.holder.value.wait_value(lambda state: state.phase is Phase.REGISTERING_RUNNER)
+        await harness.driver.wait_for(lambda state: state.phase is Phase.REGISTERING_RUNNER)
         assert trio.current_time() - start == 7.25
         await trio.testing.wait_all_tasks_blocked()
     [command] = harness.registrations
@@ -176,8 +171,8 @@ async def test_registration_refused_once_a_runner_is_registered(
     controller = FakeController(Settings(send_registration=False))
     first = controller.enqueue("vm-123", controller.registration_command("vm-123") | {"id": "r-1"})
     async with polling(make_config(), httpx.ASGITransport(app=controller)) as harness:
-        await harness.holder.value.wait_value(lambda state: state.phase is Phase.REGISTERING_RUNNER)
-        harness.holder.apply(RunnerListening())
+        await harness.driver.wait_for(lambda state: state.phase is Phase.REGISTERING_RUNNER)
+        harness.driver.apply(RunnerListening())
         controller.enqueue("vm-123", controller.registration_command("vm-123") | {"id": "r-2"})
         await trio.sleep(6)
     assert [command.id for command in harness.registrations] == [first["id"]]
@@ -193,11 +188,11 @@ async def test_a_later_registration_waits_for_the_outcome_of_the_current_one(
     for command_id in ("r-1", "r-2"):
         controller.enqueue("vm-123", controller.registration_command("vm-123") | {"id": command_id})
     async with polling(make_config(), httpx.ASGITransport(app=controller)) as harness:
-        await harness.holder.value.wait_value(lambda state: state.phase is Phase.REGISTERING_RUNNER)
+        await harness.driver.wait_for(lambda state: state.phase is Phase.REGISTERING_RUNNER)
         await trio.sleep(30)
         assert [command.id for command in harness.registrations] == ["r-1"]
-        harness.holder.apply(RegistrationAborted("r-1", "configure_failed", "404"))
-        await harness.holder.value.wait_value(lambda state: state.command_id == "r-2")
+        harness.driver.apply(RegistrationAborted("r-1", "configure_failed", "404"))
+        await harness.driver.wait_for(lambda state: state.command_id == "r-2")
         await trio.testing.wait_all_tasks_blocked()
     assert [command.id for command in harness.registrations] == ["r-1", "r-2"]
     assert harness.queued(protocol.CommandFailed) == []
@@ -210,9 +205,9 @@ async def test_registrations_still_waiting_when_the_agent_stops_are_refused(
     for command_id in ("r-1", "r-2", "r-3"):
         controller.enqueue("vm-123", controller.registration_command("vm-123") | {"id": command_id})
     async with polling(make_config(), httpx.ASGITransport(app=controller)) as harness:
-        await harness.holder.value.wait_value(lambda state: state.phase is Phase.REGISTERING_RUNNER)
+        await harness.driver.wait_for(lambda state: state.phase is Phase.REGISTERING_RUNNER)
         await trio.testing.wait_all_tasks_blocked()
-        harness.holder.apply(StopRequested("signal"))
+        harness.driver.apply(StopRequested(reason="signal"))
     assert [command.id for command in harness.registrations] == ["r-1"]
     refused = harness.queued(protocol.CommandFailed)
     assert [(event.command_id, event.error) for event in refused] == [
@@ -221,7 +216,7 @@ async def test_registrations_still_waiting_when_the_agent_stops_are_refused(
     ]
 
 
-async def test_shutdown_command_is_handed_over(
+async def test_shutdown_command_stops_the_agent_as_asked(
     make_config: ConfigFactory, autojump_clock: trio.testing.MockClock
 ) -> None:
     controller = FakeController(Settings(send_registration=False))
@@ -230,9 +225,9 @@ async def test_shutdown_command_is_handed_over(
     )
     async with polling(make_config(), httpx.ASGITransport(app=controller)) as harness:
         await trio.sleep(1)
-    [shutdown] = harness.shutdowns
-    assert shutdown.parameters.reason == "scale-in"
-    assert shutdown.parameters.grace_period_s == 3
+    plan = harness.driver.state.stop
+    assert plan is not None
+    assert (plan.reason, plan.grace_s) == ("scale-in", 3)
 
 
 async def test_failed_polls_back_off_and_recover(
@@ -270,12 +265,3 @@ async def test_failed_polls_back_off_and_recover(
     assert "unusable commands response" in errors[1]
     assert "HTTP 503" in errors[3]
     assert not any(record.exc_info for record in caplog.records)
-
-
-def test_seen_commands_forget_the_oldest_beyond_capacity() -> None:
-    seen = SeenCommands(capacity=2)
-    assert seen.first_time("a")
-    assert seen.first_time("b")
-    assert not seen.first_time("a")
-    assert seen.first_time("c")
-    assert seen.first_time("a")  # "a" was forgotten when "c" arrived

@@ -19,7 +19,7 @@ import trio
 
 from fake_controller.fake_runner import Behaviour, enqueue_job, install, read_calls
 from miglet.runner import process
-from miglet.runner.backend import ConfigureFailed, Grace, Registration
+from miglet.runner.backend import ConfigureFailed, Exited, Grace, Line, Registration, RunEvent, Started
 from miglet.runner.process import (
     RUNNER_CONFIG_FILES,
     ProcessRunner,
@@ -48,7 +48,7 @@ def registration(**overrides: Any) -> Registration:
 
 
 class Lines:
-    """A line sink and run observer that remembers everything and lets a test wait for a line."""
+    """A line sink and a reader of a run's events that remembers everything and lets a test wait for a line."""
 
     def __init__(self) -> None:
         self.lines: list[tuple[str, str]] = []
@@ -62,15 +62,27 @@ class Lines:
         self._changed.set()
         self._changed = trio.Event()
 
-    def line(self, stream: str, text: str) -> None:
-        self(stream, text)
+    async def run(self, runner: ProcessRunner, registration: Registration) -> None:
+        """Run `runner`, reading its events as the runner supervisor does: to the end, even when cancelled."""
+        send, receive = trio.open_memory_channel[RunEvent](0)
 
-    def started(self, pid: int | None) -> None:
-        self.pids.append(pid)
+        async def run_backend() -> None:
+            async with send:
+                await runner.run(registration, send)
 
-    def exited(self, exit_code: int, killed_processes: int | None = None) -> None:
-        self.exit_codes.append(exit_code)
-        self.killed.append(killed_processes)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run_backend)
+            with trio.CancelScope(shield=True):
+                async with receive:
+                    async for event in receive:
+                        match event:
+                            case Started(pid=pid):
+                                self.pids.append(pid)
+                            case Line(stream=stream, text=text):
+                                self(stream, text)
+                            case Exited(exit_code=code, killed_processes=killed):
+                                self.exit_codes.append(code)
+                                self.killed.append(killed)
 
     def text(self) -> list[str]:
         return [line for _, line in self.lines]
@@ -190,12 +202,7 @@ async def test_run_listens_runs_a_job_and_exits_when_ephemeral(runner_dir: Path)
     with trio.fail_after(TIMEOUT):
         await runner.configure(registration(), Lines())
         async with trio.open_nursery() as nursery:
-
-            async def run() -> None:
-                code = await runner.run(registration(), lines)
-                assert code == 0
-
-            nursery.start_soon(run)
+            nursery.start_soon(lines.run, runner, registration())
             await lines.wait_for(lambda line: line.endswith("Listening for Jobs"))
             enqueue_job(runner_dir, "build", "Succeeded")
     text = lines.text()
@@ -216,7 +223,7 @@ async def _cancel_during_job(runner_dir: Path, grace: float) -> tuple[Lines, int
     lines = Lines()
     await runner.configure(registration(), Lines())
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(runner.run, registration(), lines)
+        nursery.start_soon(lines.run, runner, registration())
         await lines.wait_for(lambda line: line.endswith("Listening for Jobs"))
         enqueue_job(runner_dir, "long", duration_s=600)
         await lines.wait_for(lambda line: line.endswith("Running job: long"))
@@ -258,7 +265,7 @@ async def test_every_runner_process_reports_its_pid_as_it_starts_and_ends(runner
         [configure] = read_calls(runner_dir)
         assert pids == [configure["sid"], None]
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(runner.run, registration(), lines)
+            nursery.start_soon(lines.run, runner, registration())
             await lines.wait_for(lambda line: line.endswith("Listening for Jobs"))
             assert pids[-1] == lines.pids[0]
             enqueue_job(runner_dir, "build")

@@ -27,7 +27,7 @@ from miglet.app import Agent
 from miglet.config import Config
 from miglet.logs import configure_logging
 from miglet.machine import JobRunning, Phase
-from miglet.runner.backend import ConfigureFailed, LineSink, Registration, RunObserver
+from miglet.runner.backend import ConfigureFailed, Line, LineSink, Registration, RunEvent
 from miglet.runner.output import clean, interpret
 from miglet.secret import RECENT_KEPT, Secret, redact, redact_partial
 from tests.agents import ConfigFactory
@@ -46,10 +46,10 @@ class LeakyRunner(SimulatedRunner):
             on_line("stdout", f"configuring with token {registration.token.reveal()}")
         await super().configure(registration, on_line)
 
-    async def run(self, registration: Registration, observer: RunObserver) -> int:
+    async def run(self, registration: Registration, events: trio.MemorySendChannel[RunEvent]) -> None:
         if registration.jit_config is not None:
-            observer.line("stderr", f"jit: {registration.jit_config.reveal()}")
-        return await super().run(registration, observer)
+            await events.send(Line("stderr", f"jit: {registration.jit_config.reveal()}"))
+        await super().run(registration, events)
 
     async def remove(self, token: Secret, on_line: LineSink) -> None:
         on_line("stdout", f"removing with {token.reveal()}")
@@ -78,17 +78,17 @@ async def test_no_secret_in_logs_state_file_or_events(
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(agent.run)
-            await agent.holder.value.wait_value(lambda state: state.phase is Phase.READY)
+            await agent.driver.wait_for(lambda state: state.phase is Phase.READY)
             controller.enqueue("vm-123", rejected)
             controller.enqueue("vm-123", good)
-            await agent.holder.value.wait_value(lambda state: state.phase is Phase.IDLE)
+            await agent.driver.wait_for(lambda state: state.phase is Phase.IDLE)
             states.append(config.state_file.read_text())
             runner.crash()
-            await agent.holder.value.wait_value(lambda state: state.phase is Phase.READY)
+            await agent.driver.wait_for(lambda state: state.phase is Phase.READY)
             controller.enqueue("vm-123", jit)
-            await agent.holder.value.wait_value(lambda state: state.phase is Phase.IDLE)
+            await agent.driver.wait_for(lambda state: state.phase is Phase.IDLE)
             runner.submit_job(Job("build", duration_s=60))
-            await agent.holder.value.wait_value(lambda state: state.phase is Phase.BUSY)
+            await agent.driver.wait_for(lambda state: state.phase is Phase.BUSY)
             controller.enqueue("vm-123", {"type": "shutdown", "parameters": {"remove_token": REMOVE_TOKEN}})
     finally:
         logging.getLogger("miglet").handlers.clear()
@@ -156,7 +156,7 @@ class RunningAgent:
         self.exit_code = await self.agent.run()
 
     async def reach(self, phase: Phase) -> None:
-        await self.agent.holder.value.wait_value(lambda state: state.phase is phase)
+        await self.agent.driver.wait_for(lambda state: state.phase is phase)
 
 
 @asynccontextmanager
@@ -192,7 +192,7 @@ async def test_a_token_sent_with_a_trailing_newline_is_masked_in_logs_and_events
         async with running_agent(make_config(), controller, TrimmingRunner()) as running:
             await running.reach(Phase.READY)
             controller.enqueue("vm-123", command)
-            await running.agent.holder.value.wait_value(lambda state: command["id"] in state.handled_commands)
+            await running.agent.driver.wait_for(lambda state: command["id"] in state.seen_commands)
             await running.reach(Phase.READY)
             running.agent.request_stop("test over")
     finally:
@@ -266,12 +266,12 @@ async def test_the_state_file_masks_a_job_name_and_a_stop_reason_that_carry_a_se
     written: list[str] = []
     async with trio.open_nursery() as nursery:
         nursery.start_soon(agent.run)
-        await agent.holder.value.wait_value(lambda state: state.phase is Phase.IDLE)
+        await agent.driver.wait_for(lambda state: state.phase is Phase.IDLE)
         runner.submit_job(Job(f"deploy {secret.reveal()}", duration_s=600))
-        await agent.holder.value.wait_value(lambda state: state.phase is Phase.BUSY)
+        await agent.driver.wait_for(lambda state: state.phase is Phase.BUSY)
         written.append(config.state_file.read_text())
         controller.enqueue("vm-123", {"type": "shutdown", "parameters": {"reason": f"rotate {secret.reveal()}"}})
-        await agent.holder.value.wait_value(lambda state: state.phase is Phase.STOPPING)
+        await agent.driver.wait_for(lambda state: state.phase is Phase.STOPPING)
         written.append(config.state_file.read_text())
     assert '"job":"deploy ***"' in written[0]
     assert '"stop_reason":"rotate ***"' in written[1]

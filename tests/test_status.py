@@ -14,9 +14,10 @@ import msgspec
 import pytest
 
 from miglet.cli import main
-from miglet.machine import Acknowledged, JobRunning, RegistrationReceived, RunnerListening, Start, StopRequested
-from miglet.state import OUTSIDE_CHARS, StateHolder
+from miglet.driver import OUTSIDE_CHARS, Driver
+from miglet.machine import Acknowledged, CommandArrived, JobRunning, RunnerListening, Start, StopRequested
 from miglet.statefile import StateFileWriter, StateRecord, read_state_file, write_atomic
+from tests.agents import register_runner
 
 
 def exited_pid() -> int:
@@ -94,14 +95,14 @@ def test_a_huge_job_name_or_stop_reason_keeps_the_state_file_readable(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     path = tmp_path / "state.json"
-    holder = StateHolder(vm_id="vm-123", pool_id="pool-001", emit=lambda event: None, state_file=StateFileWriter(path))
-    holder.apply(Start(runner_name="vm-123", ephemeral=True))
-    holder.apply(Acknowledged())
-    holder.apply(RegistrationReceived("c1"))
-    holder.apply(RunnerListening())
+    driver = Driver(vm_id="vm-123", pool_id="pool-001", send=lambda event: None, state_file=StateFileWriter(path))
+    driver.apply(Start(runner_name="vm-123", ephemeral=True))
+    driver.apply(Acknowledged())
+    driver.apply(CommandArrived(register_runner("c1")))
+    driver.apply(RunnerListening())
     # The longest name a runner's output line can carry, of characters that take four bytes each.
-    holder.apply(JobRunning(name="\U0001f680" * 16_000))
-    holder.apply(StopRequested("\U0001f6d1" * 100_000))
+    driver.apply(JobRunning(name="\U0001f680" * 16_000))
+    driver.apply(StopRequested(reason="\U0001f6d1" * 100_000))
     written = read_state_file(path)
     assert written.job is not None
     assert written.stop_reason is not None

@@ -151,7 +151,7 @@ async def test_a_bug_that_comes_with_a_cancellation_is_reported_and_the_cancella
     assert [event.error_class for event in reports if isinstance(event, protocol.InternalError)] == ["ExceptionGroup"]
 
 
-async def test_a_bug_in_following_the_runner_costs_no_job(
+async def test_a_bug_met_as_a_job_starts_costs_no_job(
     make_config: ConfigFactory,
     controller: FakeController,
     runner: SimulatedRunner,
@@ -163,7 +163,7 @@ async def test_a_bug_in_following_the_runner_costs_no_job(
             raise RuntimeError("a bug met on the job's first line")
 
     async with running_agent(make_config(), controller, runner) as running:
-        running.agent.holder.observers.append(broken_observer)
+        running.agent.driver.observe(broken_observer)
         await running.reach(Phase.IDLE)
         runner.submit_job(Job("build", "Succeeded", duration_s=60))
     assert running.exit_code == exitcodes.OK
@@ -178,7 +178,7 @@ async def test_a_bug_in_following_the_runner_costs_no_job(
         "vm_stopping",
     ]
     [report] = running.events("internal_error")
-    assert (report["task"], report["error_class"]) == ("runner_output", "RuntimeError")
+    assert (report["task"], report["error_class"]) == ("driver", "RuntimeError")
     assert running.events("job_completed")[0]["result"] == "Succeeded"
     assert "A task of the agent failed" in [record.getMessage() for record in caplog.records]
 
@@ -213,7 +213,7 @@ async def test_a_bug_on_every_line_of_the_runners_output_costs_no_job(
     assert 1 <= len(running.events("internal_error")) <= 11
 
 
-async def test_a_bug_as_a_registration_is_taken_leaves_the_agent_ready_for_the_next(
+async def test_a_bug_met_as_a_registration_is_taken_costs_no_registration(
     make_config: ConfigFactory, runner: SimulatedRunner, autojump_clock: trio.testing.MockClock
 ) -> None:
     controller = FakeController(Settings(send_registration=False))
@@ -225,18 +225,16 @@ async def test_a_bug_as_a_registration_is_taken_leaves_the_agent_ready_for_the_n
             raise RuntimeError("a bug met as the registration is taken")
 
     async with running_agent(make_config(), controller, runner) as running:
-        running.agent.holder.observers.append(broken_observer)
+        running.agent.driver.observe(broken_observer)
         await running.reach(Phase.READY)
         controller.enqueue("vm-123", controller.registration_command("vm-123") | {"id": "first"})
-        await running.agent.holder.value.wait_value(lambda state: "first" in state.handled_commands)
-        await running.reach(Phase.READY)
-        controller.enqueue("vm-123", controller.registration_command("vm-123") | {"id": "second"})
         await running.reach(Phase.IDLE)
         running.agent.request_stop("test over")
-    [failed] = running.events("registration_failed")
-    assert (failed["command_id"], failed["reason"]) == ("first", "internal_error")
-    assert "with a new id" in failed["error"]
-    assert [call.registration.command_id for call in runner.configure_calls] == ["second"]
+    [report] = running.events("internal_error")
+    assert (report["task"], report["error_class"]) == ("driver", "RuntimeError")
+    assert running.events("registration_failed") == []
+    assert [call.registration.command_id for call in runner.configure_calls] == ["first"]
+    assert running.exit_code == exitcodes.OK
 
 
 async def test_giving_up_during_a_stop_already_under_way_keeps_its_exit_code(

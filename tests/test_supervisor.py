@@ -6,6 +6,7 @@ RegisteringRunner as the poller would; time is the autojump clock.
 
 from __future__ import annotations
 
+import math
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -17,12 +18,12 @@ from hypothesis import strategies as st
 
 from fake_controller.simulated_runner import SimulatedRunner
 from miglet import protocol, secret
-from miglet.machine import Acknowledged, Phase, RegistrationReceived, Start
+from miglet.driver import Driver
+from miglet.machine import Acknowledged, CommandArrived, Effect, Phase, Register, Start
 from miglet.outbox import Outbox
 from miglet.protocol import unprintable_character
-from miglet.runner.backend import RunObserver
+from miglet.runner.backend import Exited, Line, RunEvent
 from miglet.stamp import Stamper
-from miglet.state import StateHolder
 from miglet.tasks.supervisor import InvalidRegistration, registration_from_command, supervisor_task
 from miglet.timings import PhaseTimings
 from tests.agents import ConfigFactory
@@ -234,9 +235,9 @@ def test_clock_skew_is_allowed_on_expiry(make_config: ConfigFactory) -> None:
 class Harness:
     def __init__(self) -> None:
         self.outbox = Outbox(Stamper("vm-123", "pool-001", None))
-        self.holder = StateHolder(vm_id="vm-123", pool_id="pool-001", emit=self.outbox.put)
-        self.holder.apply(Start(runner_name="vm-123", ephemeral=True))
-        self.holder.apply(Acknowledged())
+        self.driver = Driver(vm_id="vm-123", pool_id="pool-001", send=self.outbox.put)
+        self.driver.apply(Start(runner_name="vm-123", ephemeral=True))
+        self.driver.apply(Acknowledged())
 
     def events(self) -> list[protocol.AnyEvent]:
         return list(self.outbox.queued())
@@ -246,14 +247,19 @@ async def supervise(
     make_config: ConfigFactory, runner: SimulatedRunner, cmd: protocol.RegisterRunner, until: Phase
 ) -> Harness:
     harness = Harness()
-    send, receive = trio.open_memory_channel[protocol.RegisterRunner](0)
+    send, receive = trio.open_memory_channel[protocol.RegisterRunner](math.inf)
+
+    def hand_over(effect: Effect) -> None:
+        if isinstance(effect, Register):
+            send.send_nowait(effect.command)
+
+    harness.driver.carry_out = hand_over
     async with trio.open_nursery() as nursery:
         nursery.start_soon(
-            supervisor_task, make_config(), harness.holder, runner, receive, PhaseTimings(0), lambda: NOW
+            supervisor_task, make_config(), harness.driver, runner, receive, PhaseTimings(0), lambda: NOW
         )
-        assert harness.holder.apply(RegistrationReceived(cmd.id))
-        await send.send(cmd)
-        await harness.holder.value.wait_value(lambda state: state.phase is until)
+        assert harness.driver.apply(CommandArrived(cmd)).accepted
+        await harness.driver.wait_for(lambda state: state.phase is until)
         nursery.cancel_scope.cancel()
     return harness
 
@@ -274,10 +280,9 @@ async def test_runner_exiting_before_listening_is_a_start_failure(
     make_config: ConfigFactory, autojump_clock: trio.testing.MockClock
 ) -> None:
     class NeverListens(SimulatedRunner):
-        async def run(self, registration: Any, observer: RunObserver) -> int:
-            observer.line("stderr", "An error occurred: Not configured. Run config.(sh/cmd) to configure the runner.")
-            observer.exited(1)
-            return 1
+        async def run(self, registration: Any, events: trio.MemorySendChannel[RunEvent]) -> None:
+            await events.send(Line("stderr", "An error occurred: Not configured. Run config.(sh/cmd) to configure."))
+            await events.send(Exited(1))
 
     harness = await supervise(make_config, NeverListens(), command(), Phase.READY)
     [failed] = harness.events()

@@ -52,31 +52,42 @@ class Grace:
             await self._cut.wait()
 
 
-class RunObserver(Protocol):
-    """What a running runner tells its supervisor."""
+class Started(msgspec.Struct, frozen=True):
+    """The runner is running (as process `pid`, when it is a process)."""
 
-    def line(self, stream: str, text: str) -> object:
-        """A line the runner printed on `stream` ("stdout" or "stderr")."""
+    pid: int | None
 
-    def started(self, pid: int | None) -> object:
-        """The runner is running (as process `pid`, when it is a process)."""
 
-    def exited(self, exit_code: int, killed_processes: int | None = None) -> object:
-        """The runner is gone; called even when the run was cancelled (stopped). `killed_processes`: how many
-        processes it left behind, which were killed (None when the backend cannot tell)."""
+class Line(msgspec.Struct, frozen=True):
+    """A line the runner printed on `stream` ("stdout" or "stderr"), secrets masked, not yet cleaned."""
+
+    stream: str
+    text: str
+
+
+class Exited(msgspec.Struct, frozen=True):
+    """The runner is gone. `killed_processes`: how many processes it left behind, which were killed (None when
+    the backend cannot tell)."""
+
+    exit_code: int
+    killed_processes: int | None = None
+
+
+# What a running runner tells its supervisor, in order: Started, its Lines, and Exited last.
+RunEvent = Started | Line | Exited
 
 
 class RunnerBackend(Protocol):
     async def configure(self, registration: Registration, on_line: LineSink) -> None:
         """Register the runner with GitHub; raises ConfigureFailed."""
 
-    async def run(self, registration: Registration, observer: RunObserver) -> int:
-        """Run the runner until it exits and return its exit code.
+    async def run(self, registration: Registration, events: trio.MemorySendChannel[RunEvent]) -> None:
+        """Run the runner until it exits, telling `events` what it does.
 
         Cancelling this call stops the runner gracefully (SIGINT, then SIGKILL once the grace period is over)
-        and returns only once it is gone; `observer.exited` is told its exit code either way.
+        and returns only once it is gone; `Exited` is sent either way, even while cancelled, as long as someone
+        reads. Raises ConfigureFailed when the runner cannot be started at all.
         """
-        ...
 
     async def remove(self, token: Secret, on_line: LineSink) -> None:
         """Deregister the runner (`config.sh remove`); raises ConfigureFailed."""

@@ -17,7 +17,7 @@ import pwd
 import signal
 import subprocess
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from functools import partial
 from pathlib import Path
 from typing import Any, Final
@@ -25,7 +25,7 @@ from typing import Any, Final
 import trio
 
 from miglet.procfs import process_table, read_stat
-from miglet.runner.backend import ConfigureFailed, Grace, LineSink, Registration, RunObserver
+from miglet.runner.backend import ConfigureFailed, Exited, Grace, Line, LineSink, Registration, RunEvent, Started
 from miglet.runner.output import clean
 from miglet.runner.reaper import Leftover, kill_leftovers, trio_children
 from miglet.secret import Secret, redact, redact_partial
@@ -146,12 +146,11 @@ class ProcessRunner:
         if code != 0:
             raise ConfigureFailed(_failure("config.sh", code, error))
 
-    async def run(self, registration: Registration, observer: RunObserver) -> int:
+    async def run(self, registration: Registration, events: trio.MemorySendChannel[RunEvent]) -> None:
         env = {**self._env, "RUNNER_MANUALLY_TRAP_SIG": "1"}
         if registration.jit_config is not None:
             env["ACTIONS_RUNNER_INPUT_JITCONFIG"] = registration.jit_config.reveal()
-        code, _ = await self._run(["./run.sh"], env, observer.line, self._grace, observer)
-        return code
+        await self._run(["./run.sh"], env, _nowhere, self._grace, events)
 
     async def remove(self, token: Secret, on_line: LineSink) -> None:
         env = {**self._env, "ACTIONS_RUNNER_INPUT_TOKEN": token.reveal()}
@@ -173,19 +172,23 @@ class ProcessRunner:
         env: dict[str, str],
         on_line: LineSink,
         grace: Callable[[], Grace],
-        observer: RunObserver | None = None,
+        events: trio.MemorySendChannel[RunEvent] | None = None,
     ) -> tuple[int, str | None]:
-        """Run `argv` to completion, relaying its output; returns its exit code and its last error lines."""
+        """Run `argv` to completion, relaying its output (to `on_line`, or as events); returns its exit code and
+        its last error lines."""
         exited = trio.Event()
         errors: deque[str] = deque(maxlen=ERROR_LINES_KEPT)
         # Some failures are told on stdout only: config.sh's own checks ("Must not run with sudo", a missing
         # .NET dependency) print there before exiting 1.
         said: deque[str] = deque(maxlen=ERROR_LINES_KEPT)
 
-        def sink(stream: str, line: str) -> None:
+        async def sink(stream: str, line: str) -> None:
             if cleaned := clean(line):
                 (errors if stream == "stderr" else said).append(cleaned)
-            on_line(stream, line)
+            if events is None:
+                on_line(stream, line)
+            else:
+                await _tell(events, Line(stream, line))
 
         process: trio.Process | None = None
         start_error: OSError | ValueError | None = None
@@ -203,15 +206,17 @@ class ProcessRunner:
                     else:
                         adopt(process.pid)
                         self._on_pid(process.pid)
-                        if observer is not None:
-                            observer.started(process.pid)
+                        if events is not None:
+                            await _tell(events, Started(process.pid))
                         nursery.start_soon(_relay_output, process, exited, sink, stopped, leftovers)
         finally:
             # Also when cancelled: by then the process has exited (run_process waits for it, shielded).
             if process is not None:
                 self._on_pid(None)
-            if observer is not None and process is not None and process.returncode is not None:
-                observer.exited(process.returncode, len(leftovers))
+            if events is not None and process is not None and process.returncode is not None:
+                with trio.CancelScope(shield=True) as telling:
+                    telling.deadline = trio.current_time() + DRAIN_SECONDS
+                    await _tell(events, Exited(process.returncode, len(leftovers)))
         if process is None:
             reason = start_error.strerror if isinstance(start_error, OSError) and start_error.strerror else start_error
             raise ConfigureFailed(f"cannot start {argv[0]} in {self._dir}: {reason}")
@@ -321,10 +326,24 @@ def _session_members(sid: int) -> list[int]:
     return [pid for pid, entry in process_table().items() if entry.session == sid and entry.alive]
 
 
+# Called with (stream name, line) for each line, as it is read.
+_AsyncSink = Callable[[str, str], Awaitable[object]]
+
+
+def _nowhere(stream: str, line: str) -> None:
+    """The output of run.sh goes to its events instead."""
+
+
+async def _tell(events: trio.MemorySendChannel[RunEvent], event: RunEvent) -> None:
+    """Send `event`; a reader that has gone away has stopped listening, which is not the runner's concern."""
+    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+        await events.send(event)
+
+
 async def _relay_output(
     process: trio.Process,
     exited: trio.Event,
-    sink: LineSink,
+    sink: _AsyncSink,
     stopped: set[int],
     leftovers: list[Leftover],
 ) -> None:
@@ -345,14 +364,14 @@ async def _relay_output(
             leftovers.extend(await kill_leftovers(process.pid, already_killed=stopped))
 
 
-async def _relay_lines(stream: trio.abc.ReceiveStream, name: str, sink: LineSink) -> None:
+async def _relay_lines(stream: trio.abc.ReceiveStream, name: str, sink: _AsyncSink) -> None:
     lines = _MaskedLines()
     async with stream:
         while chunk := await stream.receive_some(65536):
             for line in lines.feed(chunk):
-                sink(name, line)
+                await sink(name, line)
     for line in lines.finish():
-        sink(name, line)
+        await sink(name, line)
 
 
 # Ends a line cut at MAX_LINE characters.

@@ -14,23 +14,23 @@ import trio
 
 from miglet import machine, protocol
 from miglet.controller import ControllerClient, ControllerError, ControllerRejected, retry_after_of
+from miglet.driver import Driver
 from miglet.machine import Phase
 from miglet.retry import Backoff, RetryPolicy
 from miglet.secret import redact
-from miglet.state import StateHolder
 
 log = logging.getLogger(__name__)
 
 
 async def handshake_task(
     client: ControllerClient,
-    holder: StateHolder,
+    driver: Driver,
     event: protocol.VmStarted,
     policy: RetryPolicy,
     rng: random.Random | None = None,
 ) -> None:
     """Return once the controller has acknowledged `vm_started` (at once when it already has)."""
-    if holder.phase is not Phase.WAITING_FOR_CONTROLLER:
+    if driver.phase is not Phase.WAITING_FOR_CONTROLLER:
         return
     backoff = Backoff(policy, rng)
     while True:
@@ -63,4 +63,4 @@ async def handshake_task(
             },
         )
         await trio.sleep(delay)
-    holder.apply(machine.Acknowledged())
+    driver.apply(machine.Acknowledged())

@@ -1,9 +1,10 @@
 """The runner-supervisor task: turns each accepted `register_runner` command into a running runner.
 
-It receives commands the poller has already accepted (the machine moved to RegisteringRunner), checks them,
-configures the runner, starts it, and feeds what the runner prints back to the machine until the runner exits.
-Cancelling it stops the runner gracefully; that is how the agent stops. A bug met while following the runner's
-output is reported and the line skipped, so that it never costs the job the runner is running.
+It receives the registrations the machine hands over (it moved to RegisteringRunner), checks them, configures
+the runner, starts it, and feeds what the runner does (`Started`, each `Line`, `Exited`, read from the backend's
+channel) back to the machine until the runner exits. Cancelling it stops the runner gracefully; that is how the
+agent stops. A bug met while following the runner's output is reported and the line skipped, so that it never
+costs the job the runner is running.
 """
 
 from __future__ import annotations
@@ -19,13 +20,13 @@ import trio
 
 from miglet import machine
 from miglet.config import Config
+from miglet.driver import Driver
 from miglet.machine import Phase
 from miglet.protocol import RegisterRunner, RegistrationFailure, token_problem, unprintable_character
 from miglet.runner import output
-from miglet.runner.backend import ConfigureFailed, Registration, RunnerBackend
+from miglet.runner.backend import ConfigureFailed, Exited, Line, Registration, RunEvent, RunnerBackend, Started
 from miglet.runner.output import relay_line
 from miglet.secret import Secret, redact
-from miglet.state import StateHolder
 from miglet.supervision import BugReport, error_text, log_bug
 from miglet.timings import PhaseTimings
 
@@ -143,28 +144,29 @@ def _check_runner_url(url: str, allow_http: bool) -> None:
 
 async def supervisor_task(
     config: Config,
-    holder: StateHolder,
+    driver: Driver,
     backend: RunnerBackend,
-    commands: trio.MemoryReceiveChannel[RegisterRunner],
+    registrations: trio.MemoryReceiveChannel[RegisterRunner],
     timings: PhaseTimings,
     now: Callable[[], datetime] = lambda: datetime.now(UTC),
     *,
     on_bug: BugReport = log_bug,
 ) -> None:
-    """Serve each registration in turn; the channel belongs to the caller, so that a restart can go on reading."""
-    async for command in commands:
+    """Carry out each registration the machine hands over (`machine.Register`), in turn; the channel belongs to
+    the caller, so that a restart can go on reading."""
+    async for command in registrations:
         try:
-            await _serve_registration(config, holder, backend, command, timings, now(), on_bug)
+            await _serve_registration(config, driver, backend, command, timings, now(), on_bug)
         except Exception as exc:
             # A bug: the agent must not stay in RegisteringRunner for a registration nobody carries out.
             on_bug("runner_supervisor", exc)
             error = f"internal error: {type(exc).__name__}: {error_text(exc)}"
-            holder.apply(machine.RegistrationAborted(command.id, "internal_error", error))
+            driver.apply(machine.RegistrationAborted(command.id, "internal_error", error))
 
 
 async def _serve_registration(
     config: Config,
-    holder: StateHolder,
+    driver: Driver,
     backend: RunnerBackend,
     command: RegisterRunner,
     timings: PhaseTimings,
@@ -172,8 +174,7 @@ async def _serve_registration(
     on_bug: BugReport,
 ) -> None:
     def fail(reason: RegistrationFailure, error: str) -> None:
-        log.error("Runner registration failed", extra={"command_id": command.id, "reason": reason, "error": error})
-        holder.apply(machine.RegistrationAborted(command.id, reason, redact(error)))
+        driver.apply(machine.RegistrationAborted(command.id, reason, redact(error)))
 
     try:
         registration = registration_from_command(command, config, now, timedelta(seconds=config.clock_skew))
@@ -192,83 +193,80 @@ async def _serve_registration(
             return
         timings.mark("configured_s")
     log.info("Starting the runner", extra={"command_id": command.id})
-    watch = _RunWatch(holder, timings, fail, on_bug)
-    with trio.CancelScope() as run_scope:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(_listen_deadline, holder, config.listen_timeout, run_scope, watch)
-            try:
-                await backend.run(registration, watch)
-            except ConfigureFailed as exc:
-                fail("runner_start_failed", str(exc))
-                return
-            nursery.cancel_scope.cancel()
-    if run_scope.cancelled_caught:
-        fail("runner_start_failed", f"runner did not listen for jobs within {config.listen_timeout:g} s")
+    await _run(driver, backend, registration, config.listen_timeout, timings, fail, on_bug)
+    # Whatever the runner did, it is gone: a backend that did not say so must not hold the agent in
+    # RegisteringRunner (the machine ignores this unless this registration is still being carried out).
+    fail("runner_start_failed", "runner exited before listening for jobs")
 
 
-class _RunWatch:
-    """Feeds what one run of the runner does to the machine.
+async def _run(
+    driver: Driver,
+    backend: RunnerBackend,
+    registration: Registration,
+    listen_timeout: float,
+    timings: PhaseTimings,
+    fail: Callable[[RegistrationFailure, str], None],
+    on_bug: BugReport,
+) -> None:
+    """Run the runner and follow what it does until it is gone.
 
-    Its methods are called from the runner's own process handling: a bug in one is reported and goes no further,
-    so that it cannot stop a runner in the middle of a job.
+    Cancelling this stops the runner gracefully, and its last lines and its exit are still followed: reading goes
+    on, shielded, until the backend is done with the channel.
     """
+    send, receive = trio.open_memory_channel[RunEvent](0)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_run_backend, backend, registration, send, fail)
+        nursery.start_soon(_listen_deadline, driver, registration.command_id, listen_timeout, nursery.cancel_scope)
+        with trio.CancelScope(shield=True):
+            async with receive:
+                async for event in receive:
+                    _follow(driver, event, timings, on_bug)
+        nursery.cancel_scope.cancel()
 
-    def __init__(
-        self,
-        holder: StateHolder,
-        timings: PhaseTimings,
-        fail: Callable[[RegistrationFailure, str], None],
-        on_bug: BugReport,
-    ) -> None:
-        self._holder = holder
-        self._timings = timings
-        self._fail = fail
-        self._on_bug = on_bug
-        # Set when the listen deadline gave up on this run: whatever it prints from then on changes nothing.
-        self.muted = False
 
-    def line(self, stream: str, text: str) -> None:
+async def _run_backend(
+    backend: RunnerBackend,
+    registration: Registration,
+    events: trio.MemorySendChannel[RunEvent],
+    fail: Callable[[RegistrationFailure, str], None],
+) -> None:
+    async with events:  # closed however the run ends, which ends the reading
         try:
-            self._line(stream, text)
-        except Exception as exc:
-            self._on_bug("runner_output", exc)
-
-    def _line(self, stream: str, text: str) -> None:
-        signal = output.interpret(relay_line(stream, text))
-        if signal is None or self.muted:
-            return
-        if isinstance(signal, machine.RunnerListening) and self._holder.phase is Phase.REGISTERING_RUNNER:
-            self._timings.mark("listening_s")
-            log.info("Runner is listening for jobs", extra={"timings": self._timings.snapshot()})
-            signal = machine.RunnerListening(timings=self._timings.snapshot())
-        self._holder.apply(signal)
-
-    def started(self, pid: int | None) -> None:
-        """The runner process's pid reaches the state file through the backend's own report (`on_pid`)."""
-
-    def exited(self, exit_code: int, killed_processes: int | None = None) -> None:
-        """Called when the runner is gone, also while the agent stops (the supervisor is being cancelled)."""
-        try:
-            self._exited(exit_code, killed_processes)
-        except Exception as exc:
-            self._on_bug("runner_output", exc)
-
-    def _exited(self, exit_code: int, killed_processes: int | None) -> None:
-        log.info("Runner exited", extra={"exit_code": exit_code, "killed_processes": killed_processes})
-        if self.muted:
-            return
-        if self._holder.phase is Phase.REGISTERING_RUNNER:
-            self._fail("runner_start_failed", f"runner exited with code {exit_code} before listening for jobs")
-        else:
-            self._holder.apply(machine.RunnerGone(exit_code, killed_processes))
+            await backend.run(registration, events)
+        except ConfigureFailed as exc:
+            fail("runner_start_failed", str(exc))
 
 
-async def _listen_deadline(holder: StateHolder, limit_s: float, run_scope: trio.CancelScope, watch: _RunWatch) -> None:
-    """Stop a runner that has not said `Listening for Jobs` within `limit_s` seconds."""
-    with trio.move_on_after(limit_s) as scope:
-        await holder.value.wait_value(lambda state: state.phase is not Phase.REGISTERING_RUNNER)
-    if not scope.cancelled_caught:
+def _follow(driver: Driver, event: RunEvent, timings: PhaseTimings, on_bug: BugReport) -> None:
+    """Feed one thing the runner did to the machine. A bug here is reported and goes no further, so that it
+    cannot stop a runner in the middle of a job."""
+    try:
+        match event:
+            case Line(stream=stream, text=text):
+                signal = output.interpret(relay_line(stream, text))
+                if signal is None:
+                    return
+                state = driver.state
+                if isinstance(signal, machine.RunnerListening) and state.phase is Phase.REGISTERING_RUNNER:
+                    timings.mark("listening_s")
+                    log.info("Runner is listening for jobs", extra={"timings": timings.snapshot()})
+                    signal = machine.RunnerListening(timings=timings.snapshot())
+                driver.apply(signal)
+            case Exited(exit_code=code, killed_processes=killed):
+                driver.apply(machine.RunnerGone(code, killed))
+            case Started():
+                pass  # its pid reaches the state file through the backend's own report
+    except Exception as exc:
+        on_bug("runner_output", exc)
+
+
+async def _listen_deadline(driver: Driver, command_id: str, limit_s: float, run_scope: trio.CancelScope) -> None:
+    """Tell the machine when the runner has not said `Listening for Jobs` within `limit_s` seconds, and stop the
+    runner if it says so."""
+    with trio.move_on_after(limit_s) as waiting:
+        await driver.wait_for(lambda state: state.phase is not Phase.REGISTERING_RUNNER)
+    if not waiting.cancelled_caught:
         return
-    log.error("The runner did not start listening for jobs in time; stopping it", extra={"timeout_s": limit_s})
-    watch.muted = True
-    run_scope.cancel()
+    step = driver.apply(machine.ListenTimedOut(command_id, limit_s))
+    if any(isinstance(effect, machine.StopRun) for effect in step.effects):
+        run_scope.cancel()
