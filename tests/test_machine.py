@@ -5,29 +5,47 @@ Rules: no trio, no clock; inputs are fed to `transition` directly.
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from miglet import protocol
+from miglet import exitcodes, protocol
 from miglet.machine import (
     LEGAL_TRANSITIONS,
+    MAX_PENDING_REGISTRATIONS,
+    SEEN_COMMANDS_KEPT,
     Acknowledged,
     AgentState,
     CommandArrived,
+    CommandRejected,
+    CutGrace,
+    CutShort,
+    DeadlinePassed,
     Finished,
     Input,
     JobDone,
     JobRunning,
+    ListenTimedOut,
     Phase,
     Register,
     RegistrationAborted,
     RunnerGone,
     RunnerListening,
+    RunnerProcess,
+    SignalReceived,
     Start,
+    Step,
     StopRequested,
+    StopRun,
+    StopRunner,
+    TakeNext,
+    Then,
+    Undelivered,
     transition,
 )
+from miglet.secret import Secret
 from tests.agents import register_runner
 
 SEED_ORDER = [Phase.WAITING_FOR_CONTROLLER, Phase.READY, Phase.REGISTERING_RUNNER, Phase.IDLE]
@@ -274,3 +292,235 @@ def test_every_job_start_is_reported_and_completion_matches(sequence: list[Input
         assert state.job is not None
     if state.job is not None:
         assert state.phase in (Phase.BUSY, Phase.STOPPING)
+
+
+# --- Commands, registrations waiting, stops and signals, driven without trio -----------------------------------
+
+
+def shutdown(command_id: str, *, grace: float | None = None, remove_token: str | None = None) -> CommandArrived:
+    parameters = protocol.ShutdownParameters(
+        reason=f"asked by {command_id}",
+        grace_period_s=grace,
+        remove_token=None if remove_token is None else Secret(remove_token),
+    )
+    return CommandArrived(protocol.Shutdown(id=command_id, parameters=parameters))
+
+
+def refusals(events: list[protocol.AnyEvent]) -> list[str]:
+    return [event.command_id for event in events if isinstance(event, protocol.CommandFailed)]
+
+
+def ready() -> AgentState:
+    return run([START, Acknowledged()])[0]
+
+
+def test_a_registration_during_another_waits_for_its_outcome_then_is_carried_out() -> None:
+    state = ready()
+    steps = []
+    for item in [registration("c1"), registration("c2"), registration("c3")]:
+        step = transition(state, item)
+        steps.append(step)
+        state = step.state
+    assert [[effect.command.id for effect in s.effects if isinstance(effect, Register)] for s in steps] == [
+        ["c1"],
+        [],
+        [],
+    ]
+    assert [command.id for command in state.pending] == ["c2", "c3"]
+    failed = transition(state, RegistrationAborted("c1", "configure_failed", "404"))
+    # Ready again, and told to take the next: the phase changes are the ones the seed's flow makes.
+    assert failed.state.phase is Phase.READY
+    assert [effect.input for effect in failed.effects if isinstance(effect, Then)] == [TakeNext()]
+    taken = transition(failed.state, TakeNext())
+    assert taken.state.phase is Phase.REGISTERING_RUNNER
+    assert taken.state.command_id == "c2"
+    assert [effect.command.id for effect in taken.effects if isinstance(effect, Register)] == ["c2"]
+    # c2 succeeds: the runner is registered, and c3 can no longer be carried out.
+    listening = transition(taken.state, RunnerListening())
+    assert listening.state.pending == ()
+    assert refusals(list(listening.events)) == ["c3"]
+
+
+def test_registrations_waiting_are_bounded() -> None:
+    state = transition(ready(), registration("first")).state
+    events: list[protocol.AnyEvent] = []
+    for index in range(MAX_PENDING_REGISTRATIONS + 3):
+        step = transition(state, registration(f"c{index}"))
+        state, events = step.state, events + list(step.events)
+    assert len(state.pending) == MAX_PENDING_REGISTRATIONS
+    assert refusals(events) == [
+        f"c{index}" for index in range(MAX_PENDING_REGISTRATIONS, MAX_PENDING_REGISTRATIONS + 3)
+    ]
+
+
+def test_commands_seen_are_remembered_up_to_a_bound_the_oldest_forgotten_first() -> None:
+    state = run([START, Acknowledged(), StopRequested(reason="x")])[0]
+    for index in range(SEEN_COMMANDS_KEPT + 1):
+        state = transition(state, registration(f"c{index}")).state
+    assert len(state.seen_commands) == SEEN_COMMANDS_KEPT
+    assert transition(state, registration(f"c{SEEN_COMMANDS_KEPT}")).ignored == "a command seen before"
+    assert transition(state, registration("c0")).ignored is None
+
+
+def test_a_shutdown_decides_the_stop_plan_and_a_later_request_changes_nothing() -> None:
+    step = transition(ready(), shutdown("s1", grace=3, remove_token="AHTREMOVE000000001"))
+    plan = step.state.stop
+    assert plan is not None
+    assert (plan.reason, plan.grace_s, plan.exit_code) == ("asked by s1", 3, 0)
+    assert plan.remove_token is not None
+    assert StopRunner(3) in step.effects
+    later = transition(step.state, StopRequested(reason="internal_error", exit_code=1))
+    assert later.ignored == "already stopping"
+    assert later.state.stop == plan
+
+
+def test_an_unusable_remove_token_is_refused_but_the_stop_goes_on() -> None:
+    step = transition(ready(), shutdown("s1", remove_token="short"))
+    assert step.state.phase is Phase.STOPPING
+    assert step.state.stop is not None
+    assert step.state.stop.remove_token is None
+    [failed, stopping] = step.events
+    assert isinstance(failed, protocol.CommandFailed)
+    assert (failed.command_id, failed.command_type) == ("s1", "shutdown")
+    assert "short" not in failed.error
+    assert isinstance(stopping, protocol.VmStopping)
+
+
+def test_signals_stop_then_cut_the_grace_then_cut_everything_short() -> None:
+    first = transition(ready(), SignalReceived("SIGTERM"))
+    assert first.state.stop is not None
+    assert first.state.stop.reason == "signal"
+    second = transition(first.state, SignalReceived("SIGTERM"))
+    assert CutShort() in second.effects
+    assert second.state.stop is not None
+    assert second.state.stop.cut_short
+    # Stopping for another reason, a first signal only cuts the runner's grace.
+    shut = transition(ready(), shutdown("s1")).state
+    cut = transition(shut, SignalReceived("SIGINT"))
+    assert CutGrace() in cut.effects
+    assert cut.state.stop is not None
+    assert (cut.state.stop.grace_cut, cut.state.stop.cut_short) == (True, False)
+
+
+def test_a_deadline_applies_only_while_its_phase_lasts() -> None:
+    state = ready()
+    passed = transition(state, DeadlinePassed(Phase.READY, 60))
+    assert passed.state.stop is not None
+    assert (passed.state.stop.reason, passed.state.stop.exit_code) == ("registration_timeout", 1)
+    registering = transition(state, registration("c1")).state
+    assert not transition(registering, DeadlinePassed(Phase.READY, 60)).accepted
+
+
+def test_a_runner_that_did_not_listen_in_time_is_stopped_and_what_it_says_after_does_not_count() -> None:
+    registering = transition(ready(), registration("c1")).state
+    timed_out = transition(registering, ListenTimedOut("c1", 30))
+    assert StopRun() in timed_out.effects
+    assert not transition(timed_out.state, RunnerListening()).accepted
+    gone = transition(timed_out.state, RunnerGone(0))
+    assert gone.state.phase is Phase.READY
+    assert gone.events == (
+        protocol.RegistrationFailed(
+            command_id="c1", reason="runner_start_failed", error="runner did not listen for jobs within 30 s"
+        ),
+    )
+
+
+def test_an_undelivered_stop_exits_3_unless_it_already_failed() -> None:
+    stopped = run([START, Acknowledged(), StopRequested(reason="x"), Finished(), Undelivered()])[0]
+    assert stopped.exit_code == 3
+    failed = run([START, StopRequested(reason="x", exit_code=1), Finished(), Undelivered()])[0]
+    assert failed.exit_code == 1
+
+
+registration_ids = st.sampled_from(["r1", "r2", "r3", "r4"])
+any_inputs = st.one_of(
+    inputs,
+    st.builds(registration, registration_ids),
+    st.builds(shutdown, st.sampled_from(["s1", "s2"]), grace=st.sampled_from([None, 0.0, 5.0])),
+    st.builds(
+        lambda cid, kind: CommandRejected(protocol.RejectedCommand(cid, kind, "bad")),
+        st.sampled_from([None, "x1", "x2"]),
+        st.sampled_from(["register_runner", "shutdown", "reimage", None]),
+    ),
+    st.just(TakeNext()),
+    st.builds(ListenTimedOut, registration_ids, st.just(30.0)),
+    st.builds(RegistrationAborted, registration_ids, st.just("configure_failed"), st.just("e")),
+    st.builds(SignalReceived, st.sampled_from(["SIGTERM", "SIGINT"])),
+    st.builds(DeadlinePassed, st.sampled_from(list(Phase)), st.just(60.0)),
+    st.builds(RunnerProcess, st.one_of(st.none(), st.integers(1, 100))),
+    st.just(Undelivered()),
+)
+
+
+def drive(sequence: list[Input]) -> tuple[AgentState, list[Step]]:
+    """Apply `sequence` as the driver does, follow-up inputs included."""
+    state = AgentState()
+    steps: list[Step] = []
+    queue = list(sequence)
+    while queue:
+        step = transition(state, queue.pop(0))
+        steps.append(step)
+        state = step.state
+        queue[:0] = [effect.input for effect in step.effects if isinstance(effect, Then)]
+    return state, steps
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(any_inputs, max_size=50))
+def test_every_registration_is_carried_out_or_refused_once_and_one_at_a_time(sequence: list[Input]) -> None:
+    state, steps = drive(sequence)
+    carried_out: list[str] = []
+    refused: list[str] = []
+    in_progress: str | None = None
+    for step in steps:
+        for effect in step.effects:
+            if isinstance(effect, Register):
+                # One at a time: the registration before has had its outcome.
+                assert in_progress is None
+                in_progress = effect.command.id
+                carried_out.append(in_progress)
+        for event in step.events:
+            match event:
+                case protocol.CommandFailed(command_id=cid, command_type="register_runner"):
+                    refused.append(cid)
+                case protocol.RegistrationFailed(command_id=cid) if cid == in_progress:
+                    in_progress = None
+                case protocol.RunnerRegistered() | protocol.VmStopping():
+                    in_progress = None
+    arrived = {
+        item.command.id
+        for item in sequence
+        if isinstance(item, CommandArrived) and isinstance(item.command, protocol.RegisterRunner)
+    }
+    waiting = [command.id for command in state.pending]
+    fates = carried_out + refused + waiting
+    # A command the controller repeats is acted on once: each registration has exactly one fate.
+    assert sorted(fates) == sorted(arrived)
+    assert len(waiting) <= MAX_PENDING_REGISTRATIONS
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(any_inputs, max_size=50))
+def test_the_first_stop_decides_and_is_announced_once(sequence: list[Input]) -> None:
+    state, steps = drive(sequence)
+    plans = [step.state.stop for step in steps if step.state.stop is not None]
+    announced = [event for step in steps for event in step.events if isinstance(event, protocol.VmStopping)]
+    assert len(announced) == (1 if plans else 0)
+    for plan in plans:
+        # Later requests and signals only hurry it: the reason, the grace and the removal stay the first's.
+        assert (plan.reason, plan.grace_s, plan.remove_token) == (
+            plans[0].reason,
+            plans[0].grace_s,
+            plans[0].remove_token,
+        )
+        assert plan.exit_code in (plans[0].exit_code, exitcodes.UNDELIVERED)
+    if state.phase in (Phase.STOPPING, Phase.STOPPED):
+        assert state.pending == ()
+    signals = sum(isinstance(item, SignalReceived) for item in sequence)
+    if state.stop is not None and signals >= 2 and state.stop.reason == "signal":
+        assert state.stop.cut_short
+    # Whatever happens, a step that does not apply changes nothing and owes nothing.
+    for before, step in itertools.pairwise([Step(AgentState()), *steps]):
+        if not step.accepted:
+            assert step.state == before.state
+            assert step.events == ()
