@@ -1,8 +1,9 @@
 """An in-process runner with the real one's behaviour, for tests and for simulating many agents in one process.
 
 It implements MIGlet's `RunnerBackend` without subprocesses: configuring records the call and checks the token
-like GitHub would, running prints the real runner's lines and runs the jobs it is given. Being plain trio, it
-runs on a test's fake clock.
+like GitHub would, running prints the real runner's lines and runs the jobs it is given (the fake runner's own
+`Job`: a job it leaves behind processes for is a matter for the real-process tests). Being plain trio, it runs
+on a test's fake clock.
 """
 
 from __future__ import annotations
@@ -13,16 +14,9 @@ from datetime import UTC, datetime
 import msgspec
 import trio
 
+from fake_controller.fake_runner.behaviour import Job
 from miglet.runner.backend import ConfigureFailed, Exited, Line, LineSink, Registration, RunEvent, Started
 from miglet.secret import Secret
-
-
-class Job(msgspec.Struct, frozen=True):
-    name: str
-    result: str = "Succeeded"
-    duration_s: float = 1.0
-    # Printed one by one while the job runs, spread over its duration (a worker's progress, say).
-    lines: tuple[str, ...] = ()
 
 
 class Crash(msgspec.Struct, frozen=True):
@@ -133,7 +127,8 @@ class SimulatedRunner:
             with trio.CancelScope(shield=True):
                 await say(f"{_stamp()}: Job {job.name} completed with result: Canceled")
             raise
-        await say(f"{_stamp()}: Job {job.name} completed with result: {job.result}")
+        if not job.lost:  # taken back by GitHub before the runner could renew it: no result line
+            await say(f"{_stamp()}: Job {job.name} completed with result: {job.result}")
 
     async def remove(self, token: Secret, on_line: LineSink) -> None:
         self.remove_calls.append(token.reveal())

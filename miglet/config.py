@@ -484,12 +484,17 @@ _REQUIRED: Final = frozenset(
 )
 
 
+def default_of(field: str) -> Any:
+    """The default of an optional `Config` field."""
+    return Config.__struct_defaults__[Config.__struct_fields__.index(field) - len(_REQUIRED)]
+
+
 def _shown(field: str, setting: Setting) -> str:
     if setting.shown is not None:
         return setting.shown
     if field in _REQUIRED:
         return "required"
-    default = Config.__struct_defaults__[Config.__struct_fields__.index(field) - len(_REQUIRED)]
+    default = default_of(field)
     if default is None:
         return "unset"
     if isinstance(default, bool):

@@ -10,7 +10,7 @@ from typing import Final
 
 import msgspec
 
-from miglet.config import Config
+from miglet.config import Config, default_of
 from miglet.statefile import StateFileError, StateFileMissing, StateRecord, read_state_file
 
 UNHEALTHY_STATES: Final = frozenset({"Stopped"})
@@ -51,7 +51,7 @@ def health(record: StateRecord, now: datetime | None = None) -> str | None:
 
 
 def status_command(state_file: Path | None, *, as_json: bool) -> int:
-    path = state_file or Path(os.environ.get("MIGLET_STATE_FILE") or "/run/miglet/state.json")
+    path = state_file or Path(os.environ.get("MIGLET_STATE_FILE") or default_of("state_file"))
     try:
         record = read_state_file(path)
     except StateFileMissing:

@@ -48,7 +48,7 @@ class PhaseTimings:
         self._marks[name] = round(self._clock() - self._origin, 4)
 
     def observe(self, before: AgentState, after: AgentState) -> None:
-        """A `StateHolder` observer: marks the milestones that phase changes stand for."""
+        """A `Driver` observer: marks the milestones that phase changes stand for."""
         name = _MILESTONES.get((before.phase, after.phase))
         if name is not None:
             self.mark(name)

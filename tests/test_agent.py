@@ -14,8 +14,9 @@ import pytest
 import trio
 
 from fake_controller import FakeController, Settings
+from fake_controller.fake_runner.behaviour import Job
 from fake_controller.faults import FaultPlan
-from fake_controller.simulated_runner import Job, SimulatedRunner
+from fake_controller.simulated_runner import SimulatedRunner
 from miglet import exitcodes
 from miglet.app import CUT_SHORT_FLUSH_S, Agent
 from miglet.machine import Phase, SignalReceived

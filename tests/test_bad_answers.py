@@ -14,8 +14,9 @@ import pytest
 import trio
 
 from fake_controller import FakeController
+from fake_controller.fake_runner.behaviour import Job
 from fake_controller.faults import Fault, FaultKind
-from fake_controller.simulated_runner import Job, SimulatedRunner
+from fake_controller.simulated_runner import SimulatedRunner
 from miglet.app import Agent
 from miglet.machine import Phase
 from tests.agents import ConfigFactory

@@ -339,6 +339,18 @@ def test_ephemeral_runner_exits_after_one_job(tmp_path: Path) -> None:
     assert not (runner / ".runner").exists()
 
 
+def test_a_jobs_own_lines_are_printed_while_it_runs(tmp_path: Path) -> None:
+    job = Job("chatty", duration_s=0.3, lines=("[WORKER] step 1", "[WORKER] step 2"))
+    runner = install(tmp_path / "runner", Behaviour(jobs=(job,)))
+    assert configure(runner, "--ephemeral").returncode == 0
+    proc = start_run(runner)
+    proc.expect(r"Running job: chatty$")
+    proc.expect(r"^\[WORKER\] step 1$")
+    proc.expect(r"^\[WORKER\] step 2$")
+    proc.expect(r"Job chatty completed with result: Succeeded$")
+    assert proc.finish() == 0
+
+
 def test_jitconfig_from_env_replaces_configure(tmp_path: Path) -> None:
     runner = install(tmp_path / "runner", Behaviour(jobs=(Job("jit-job"),)))
     jit = encode_jitconfig("jit-runner", URL)

@@ -17,8 +17,9 @@ import pytest
 import trio
 
 from fake_controller import FakeController, Settings
+from fake_controller.fake_runner.behaviour import Job
 from fake_controller.faults import Fault
-from fake_controller.simulated_runner import Job, SimulatedRunner
+from fake_controller.simulated_runner import SimulatedRunner
 from miglet import exitcodes
 from miglet.controller import LONG_POLL_MARGIN, REQUEST_DEADLINE
 from miglet.machine import Phase, SignalReceived

@@ -21,7 +21,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from fake_controller import FakeController, Settings
-from fake_controller.simulated_runner import Job, SimulatedRunner
+from fake_controller.fake_runner.behaviour import Job
+from fake_controller.simulated_runner import SimulatedRunner
 from miglet import secret
 from miglet.app import Agent
 from miglet.config import Config

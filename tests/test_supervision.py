@@ -15,7 +15,8 @@ import pytest
 import trio
 
 from fake_controller import FakeController, Settings
-from fake_controller.simulated_runner import Job, SimulatedRunner
+from fake_controller.fake_runner.behaviour import Job
+from fake_controller.simulated_runner import SimulatedRunner
 from miglet import exitcodes, protocol
 from miglet.machine import AgentState, Phase
 from miglet.outbox import MAX_BUG_STRIKES

@@ -44,11 +44,13 @@ class Job:
     leave_behind: tuple[str, ...] = ()
     """A hostile job: as it starts (before `Running job`), it starts a lingering process each of these ways
     (LEAVE_BEHIND_WAYS)."""
+    lines: tuple[str, ...] = ()
+    """Printed one by one while the job runs, spread over its duration (a worker's progress, say)."""
 
     @classmethod
     def from_obj(cls, obj: Any) -> Job:
         """Validate a decoded JSON object into a Job."""
-        fields = _require_object(obj, "job", {"name", "result", "duration_s", "lost", "leave_behind"})
+        fields = _require_object(obj, "job", {"name", "result", "duration_s", "lost", "leave_behind", "lines"})
         name = fields.get("name")
         if not isinstance(name, str) or not name:
             raise BehaviourError("job: 'name' must be a non-empty string")
@@ -64,6 +66,7 @@ class Job:
             duration_s=_seconds(fields, "duration_s", 0.0),
             lost=lost,
             leave_behind=_ways(fields, "leave_behind"),
+            lines=_strings(fields, "lines", ()),
         )
 
 

@@ -173,10 +173,14 @@ def _run_job(root: Path, job: Job, behaviour: Behaviour, term: Terminal, stopper
     # Before the job is announced, so that whoever has seen it start finds what it left behind.
     leave_behind(root, job.leave_behind, f"job {job.name}")
     term.stamped(f"Running job: {job.name}")
-    if stopper.sleep(job.duration_s):
-        stopper.sleep(behaviour.cancel_delay_s, interruptible=False)
-        term.stamped(f"Job {job.name} completed with result: Canceled")
-        return True
+    pause = job.duration_s / (len(job.lines) + 1)
+    for line in (*job.lines, None):
+        if stopper.sleep(pause):
+            stopper.sleep(behaviour.cancel_delay_s, interruptible=False)
+            term.stamped(f"Job {job.name} completed with result: Canceled")
+            return True
+        if line is not None:
+            term.line(line)
     if not job.lost:
         term.stamped(f"Job {job.name} completed with result: {job.result}")
     return False
