@@ -111,6 +111,9 @@ class Driver:
                 if not follow_ups:
                     break
                 follow_ups.extend(_follow_ups(self._apply(follow_ups.popleft())))
+            else:
+                if follow_ups:
+                    self.on_bug("machine", RuntimeError(f"more than {MAX_FOLLOW_UPS} follow-up inputs"))
         finally:
             self._applying = False
         return step
