@@ -130,7 +130,7 @@ class Agent:
         self.driver.carry_out = self._carry_out
         # The registrations the machine hands to the runner supervisor; here, so that it outlives a restart of it.
         # The machine hands over one at a time (the next only once the last has an outcome).
-        self._registrations, self._registrations_out = trio.open_memory_channel[protocol.RegisterRunner](math.inf)
+        self._registrations, self._registrations_out = trio.open_memory_channel[machine.Register](math.inf)
         self._transport = transport
         self._backend = backend
         self._rng = rng
@@ -167,8 +167,8 @@ class Agent:
         """The effects of the machine's decisions on the runner and the stop."""
         controls = self.stop_controls
         match effect:
-            case machine.Register(command=command):
-                self._registrations.send_nowait(command)
+            case machine.Register():
+                self._registrations.send_nowait(effect)
             case machine.StopRunner(grace_s=grace):
                 # The runner is stopped as the work nursery is cancelled (`_work`), within this grace.
                 controls.grace.seconds = grace
@@ -320,9 +320,13 @@ class Agent:
                 nursery.start_soon(self.supervision.run, name, partial(self._deadline, phase, seconds))
 
     async def _deadline(self, phase: Phase, seconds: float) -> None:
-        """Tell the machine once the agent has stayed in `phase` for `seconds` at a stretch."""
-        await self.driver.wait_for(lambda state: state.phase is phase, held_for=seconds)
-        self.driver.apply(machine.DeadlinePassed(phase, seconds))
+        """Tell the machine once the agent has stayed in `phase` for `seconds` at a stretch (again, should the
+        phase have changed in the same moment)."""
+        while True:
+            await self.driver.wait_for(lambda state: state.phase is phase, held_for=seconds)
+            if self.driver.apply(machine.DeadlinePassed(phase, seconds)).accepted:
+                return
+            await trio.lowlevel.checkpoint()
 
     async def _finish(self, backend: RunnerBackend) -> None:
         """After the runner has stopped: deregister if asked, flush owed events, and record Stopped."""

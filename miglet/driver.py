@@ -50,6 +50,11 @@ def _follow_ups(step: Step) -> list[machine.Input]:
     return [effect.input for effect in step.effects if isinstance(effect, machine.Then)]
 
 
+def _file_facts(state: AgentState) -> tuple[object, ...]:
+    """What the state file says of `state`."""
+    return (state.phase, state.runner_name, state.job, state.runner_pid, state.stop_reason)
+
+
 def _ignore_effect(effect: Effect) -> None:
     """The handler until the agent installs its own: a machine driven alone (in a test) has no world to change."""
 
@@ -79,6 +84,8 @@ class Driver:
         # Called with (before, after) on every accepted input: tests and benchmarks watch the agent through it.
         self._observers: list[Callable[[AgentState, AgentState], object]] = []
         self._applying = False
+        # What the state file said when last written, but for the time: it is written again only when that changes.
+        self._written: tuple[object, ...] | None = None
 
     @property
     def state(self) -> AgentState:
@@ -134,7 +141,8 @@ class Driver:
         if step.accepted:
             self._value.value = after
             # The file first: whoever reads the log line below finds the state file already saying so.
-            self.write_state_file()
+            if _file_facts(after) != self._written:
+                self.write_state_file()
             if after.phase is not before.phase:
                 message = TRANSITION_MESSAGES.get((before.phase, after.phase), "State changed")
                 log.info(message, extra={"from": before.phase.value, "to": after.phase.value})
@@ -182,6 +190,7 @@ class Driver:
         if self._state_file is None:
             return
         state = self._value.value
+        self._written = _file_facts(state)
         now = utc_timestamp()
         self._state_file.write(
             StateRecord(

@@ -52,8 +52,10 @@ LEGAL_TRANSITIONS: Final = frozenset(
 BEFORE_ACKNOWLEDGMENT: Final = frozenset({_P.INITIALIZING, _P.WAITING_FOR_CONTROLLER})
 OVER: Final = frozenset({_P.STOPPING, _P.STOPPED})
 
-# How many command ids are remembered, so that a command the controller repeats is acted on once.
+# How many command ids are remembered, so that a command the controller repeats is acted on once: the latest
+# SEEN_COMMANDS_KEPT at most, in generations of SEEN_GENERATION (adding one copies only the newest generation).
 SEEN_COMMANDS_KEPT: Final = 4096
+SEEN_GENERATION: Final = 512
 # Registrations that arrive while one is being carried out wait for its outcome, up to this many.
 MAX_PENDING_REGISTRATIONS: Final = 16
 
@@ -86,9 +88,12 @@ class AgentState(msgspec.Struct, frozen=True, kw_only=True):
     ephemeral: bool = True
     grace_s: float = 30.0  # a stop's grace period unless the stop asks for another
     command_id: str | None = None  # the register_runner command being or last acted on
+    # How many registrations were handed over: the one in progress is this one. A controller may send an id
+    # again once it is forgotten; the count tells the copies apart.
+    attempt: int = 0
     # Registrations that came while one was being carried out, in order; each waits for its outcome.
     pending: tuple[protocol.RegisterRunner, ...] = ()
-    seen_commands: tuple[str, ...] = ()  # the ids of the commands acted on, the newest last
+    seen_commands: tuple[frozenset[str], ...] = ()  # the ids of the commands acted on, by generation, newest last
     listening: bool = False  # a runner printed "Listening for Jobs" and has not exited since
     # Why the runner now starting is being stopped (it did not listen in time): what it prints no longer counts.
     run_abandoned: str | None = None
@@ -97,6 +102,9 @@ class AgentState(msgspec.Struct, frozen=True, kw_only=True):
     runner_pid: int | None = None  # the runner process running now (config.sh or run.sh), for the state file
     signals: int = 0  # stop signals received
     stop: StopPlan | None = None
+
+    def has_seen(self, command_id: str) -> bool:
+        return any(command_id in generation for generation in self.seen_commands)
 
     @property
     def stop_reason(self) -> str | None:
@@ -138,11 +146,13 @@ class RegistrationAborted(msgspec.Struct, frozen=True):
     command_id: str
     reason: protocol.RegistrationFailure
     error: str
+    attempt: int | None = None  # which hand-over of the command (`Register.attempt`); None: the current one
 
 
 class ListenTimedOut(msgspec.Struct, frozen=True):
     command_id: str
     limit_s: float
+    attempt: int | None = None
 
 
 class RunnerListening(msgspec.Struct, frozen=True):
@@ -226,9 +236,11 @@ class Send(msgspec.Struct, frozen=True):
 
 
 class Register(msgspec.Struct, frozen=True):
-    """Check this registration, configure the runner and start it."""
+    """Check this registration, configure the runner and start it (`AgentState.attempt` is `attempt` while it
+    is the current one)."""
 
     command: protocol.RegisterRunner
+    attempt: int
 
 
 class StopRun(msgspec.Struct, frozen=True):
@@ -316,12 +328,12 @@ def _transition(state: AgentState, event: Input) -> Step:
         case TakeNext() if phase is _P.READY and state.pending:
             command, *rest = state.pending
             return _register(replace(state, pending=tuple(rest)), command)
-        case RegistrationAborted(command_id=cid, reason=reason, error=error) if (
-            phase is _P.REGISTERING_RUNNER and cid == state.command_id
+        case RegistrationAborted(command_id=cid, reason=reason, error=error, attempt=attempt) if (
+            phase is _P.REGISTERING_RUNNER and _current(state, cid, attempt)
         ):
             return _registration_failed(state, reason, error)
-        case ListenTimedOut(command_id=cid, limit_s=limit) if (
-            phase is _P.REGISTERING_RUNNER and cid == state.command_id and state.run_abandoned is None
+        case ListenTimedOut(command_id=cid, limit_s=limit, attempt=attempt) if (
+            phase is _P.REGISTERING_RUNNER and _current(state, cid, attempt) and state.run_abandoned is None
         ):
             give_up = Log(
                 "The runner did not start listening for jobs in time; stopping it", logging.ERROR, {"timeout_s": limit}
@@ -385,7 +397,7 @@ def _transition(state: AgentState, event: Input) -> Step:
 
 
 def _command(state: AgentState, command: protocol.Command) -> Step:
-    if command.id in state.seen_commands:
+    if state.has_seen(command.id):
         seen = Log("Ignoring a command seen before", fields={"command_id": command.id})
         return Step(state, (seen,), ignored="a command seen before")
     state = _seen(state, command.id)
@@ -416,8 +428,9 @@ def _registration(state: AgentState, command: protocol.RegisterRunner) -> Step:
 
 
 def _register(state: AgentState, command: protocol.RegisterRunner) -> Step:
-    registering = msgspec.structs.replace(state, phase=_P.REGISTERING_RUNNER, command_id=command.id)
-    return Step(registering, (Register(command),))
+    attempt = state.attempt + 1
+    registering = msgspec.structs.replace(state, phase=_P.REGISTERING_RUNNER, command_id=command.id, attempt=attempt)
+    return Step(registering, (Register(command, attempt),))
 
 
 def _registration_failed(state: AgentState, reason: protocol.RegistrationFailure, error: str) -> Step:
@@ -461,7 +474,7 @@ def _rejected(state: AgentState, rejected: protocol.RejectedCommand) -> Step:
         logging.WARNING,
         {"command_id": rejected.id, "command_type": rejected.type, "error": rejected.error},
     )
-    if rejected.id is None or rejected.id in state.seen_commands:
+    if rejected.id is None or state.has_seen(rejected.id):
         return Step(state, (logged,))
     failure: protocol.AnyEvent
     if rejected.type == "register_runner":
@@ -472,7 +485,17 @@ def _rejected(state: AgentState, rejected: protocol.RejectedCommand) -> Step:
 
 
 def _seen(state: AgentState, command_id: str) -> AgentState:
-    return msgspec.structs.replace(state, seen_commands=(*state.seen_commands, command_id)[-SEEN_COMMANDS_KEPT:])
+    generations = state.seen_commands
+    if generations and len(generations[-1]) < SEEN_GENERATION:
+        generations = (*generations[:-1], generations[-1] | {command_id})
+    else:
+        generations = (*generations, frozenset({command_id}))[-(SEEN_COMMANDS_KEPT // SEEN_GENERATION) :]
+    return msgspec.structs.replace(state, seen_commands=generations)
+
+
+def _current(state: AgentState, command_id: str, attempt: int | None) -> bool:
+    """Whether a report on a registration is about the one in progress."""
+    return command_id == state.command_id and (attempt is None or attempt == state.attempt)
 
 
 def _refusals(commands: tuple[protocol.RegisterRunner, ...], why: str) -> tuple[Effect, ...]:

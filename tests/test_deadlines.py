@@ -5,15 +5,18 @@ Rules: the whole agent in-process on the autojump clock, so each deadline is ass
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import httpx
+import pytest
 import trio
 
 from fake_controller import FakeController, Settings
 from fake_controller.simulated_runner import SimulatedRunner
 from miglet.app import Agent
 from miglet.config import Config
-from miglet.machine import Phase
-from tests.agents import ConfigFactory
+from miglet.machine import Acknowledged, AgentState, CommandArrived, Phase, RegistrationAborted, Start
+from tests.agents import ConfigFactory, register_runner
 
 
 async def run_until_stopped(
@@ -83,3 +86,33 @@ async def test_runner_that_never_listens_is_stopped_and_reported(
         agent.request_stop("test over")
     [failed] = controller.events_of("vm-123", "registration_failed")
     assert (failed["reason"], failed["error"]) == ("runner_start_failed", "runner did not listen for jobs within 45 s")
+
+
+async def test_a_deadline_whose_phase_changed_in_the_same_moment_keeps_watching(
+    make_config: ConfigFactory, autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    agent = Agent(make_config(), backend=SimulatedRunner(), write_state_file=False, handle_signals=False)
+    driver = agent.driver
+    driver.apply(Start(runner_name="vm-123", ephemeral=True))
+    driver.apply(Acknowledged())
+    real_wait_for = driver.wait_for
+    raced = []
+
+    async def racing_wait_for(predicate: Callable[[AgentState], bool], *, held_for: float = 0) -> AgentState:
+        state = await real_wait_for(predicate, held_for=held_for)
+        if not raced:
+            # A registration arrives in the very moment the deadline passes, and fails soon after.
+            raced.append(driver.apply(CommandArrived(register_runner("c1"))))
+        return state
+
+    monkeypatch.setattr(driver, "wait_for", racing_wait_for)
+    start = trio.current_time()
+    with trio.fail_after(100):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(agent._deadline, Phase.READY, 10.0)
+            await trio.sleep(15)
+            assert driver.phase is Phase.REGISTERING_RUNNER
+            driver.apply(RegistrationAborted("c1", "configure_failed", "404"))
+            await driver.wait_for(lambda state: state.phase is Phase.STOPPING)
+    assert trio.current_time() - start == 25  # Ready again at 15, for 10 s
+    assert driver.state.stop_reason == "registration_timeout"

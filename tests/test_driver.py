@@ -6,6 +6,7 @@ Rules: no trio run needed; the driver is fed inputs directly and its outbox is a
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import pytest
 
@@ -22,6 +23,7 @@ from miglet.machine import (
     Start,
     Step,
 )
+from miglet.statefile import StateFileWriter, StateRecord
 from tests.agents import register_runner
 
 
@@ -106,3 +108,22 @@ def test_the_machine_refuses_a_phase_change_it_may_not_make(monkeypatch: pytest.
     monkeypatch.setattr(machine, "_transition", skips_ahead)
     with pytest.raises(machine.IllegalTransition, match="Initializing -> Busy"):
         machine.transition(AgentState(), Acknowledged())
+
+
+def test_the_state_file_is_written_only_when_what_it_says_changes(tmp_path: Path) -> None:
+    writes: list[StateRecord] = []
+
+    class Counting(StateFileWriter):
+        def write(self, record: StateRecord) -> None:
+            writes.append(record)
+
+    driver = Driver(vm_id="vm-123", pool_id="pool-001", send=lambda event: None, state_file=Counting(tmp_path / "s"))
+    driver.apply(Start(runner_name="vm-123", ephemeral=True))
+    driver.apply(Acknowledged())
+    assert [record.state for record in writes] == ["WaitingForController", "Ready"]
+    # A flood of commands the controller could not have sent (each remembered as seen) writes nothing.
+    for index in range(100):
+        driver.apply(machine.CommandRejected(protocol.RejectedCommand(f"x{index}", "reboot", "unknown")))
+    assert len(writes) == 2
+    driver.apply(machine.StopRequested(reason="test"))
+    assert [record.state for record in writes][-1] == "Stopping"

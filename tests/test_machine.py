@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 
+import msgspec
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -16,6 +17,7 @@ from miglet.machine import (
     LEGAL_TRANSITIONS,
     MAX_PENDING_REGISTRATIONS,
     SEEN_COMMANDS_KEPT,
+    SEEN_GENERATION,
     Acknowledged,
     AgentState,
     CommandArrived,
@@ -357,7 +359,9 @@ def test_commands_seen_are_remembered_up_to_a_bound_the_oldest_forgotten_first()
     state = run([START, Acknowledged(), StopRequested(reason="x")])[0]
     for index in range(SEEN_COMMANDS_KEPT + 1):
         state = transition(state, registration(f"c{index}")).state
-    assert len(state.seen_commands) == SEEN_COMMANDS_KEPT
+    remembered = [index for index in range(SEEN_COMMANDS_KEPT + 1) if state.has_seen(f"c{index}")]
+    # The newest are remembered; the oldest generation went when the bound was passed.
+    assert remembered == list(range(SEEN_GENERATION, SEEN_COMMANDS_KEPT + 1))
     assert transition(state, registration(f"c{SEEN_COMMANDS_KEPT}")).ignored == "a command seen before"
     assert transition(state, registration("c0")).ignored is None
 
@@ -454,7 +458,10 @@ any_inputs = st.one_of(
 
 def drive(sequence: list[Input]) -> tuple[AgentState, list[Step]]:
     """Apply `sequence` as the driver does, follow-up inputs included."""
-    state = AgentState()
+    return drive_from(AgentState(), sequence)
+
+
+def drive_from(state: AgentState, sequence: list[Input]) -> tuple[AgentState, list[Step]]:
     steps: list[Step] = []
     queue = list(sequence)
     while queue:
@@ -524,3 +531,23 @@ def test_the_first_stop_decides_and_is_announced_once(sequence: list[Input]) -> 
         if not step.accepted:
             assert step.state == before.state
             assert step.events == ()
+
+
+def test_reports_on_an_earlier_hand_over_of_a_command_sent_again_change_nothing() -> None:
+    # The controller sent the id again once it was forgotten: the copy waits, and is a registration of its own.
+    state = transition(ready(), registration("A")).state
+    assert state.attempt == 1
+    state = msgspec.structs.replace(state, seen_commands=())
+    state = transition(state, registration("A")).state
+    assert [command.id for command in state.pending] == ["A"]
+    _, steps = drive_from(state, [RegistrationAborted("A", "runner_start_failed", "gone", attempt=1)])
+    taken = steps[-1]
+    assert [effect.attempt for effect in taken.effects if isinstance(effect, Register)] == [2]
+    again = taken.state
+    # The first hand-over's late reports are not about the copy now in progress.
+    for late in (
+        RegistrationAborted("A", "runner_start_failed", "late", attempt=1),
+        ListenTimedOut("A", 30, attempt=1),
+    ):
+        assert not transition(again, late).accepted
+    assert transition(again, RegistrationAborted("A", "configure_failed", "404", attempt=2)).accepted

@@ -193,7 +193,7 @@ async def test_a_token_sent_with_a_trailing_newline_is_masked_in_logs_and_events
         async with running_agent(make_config(), controller, TrimmingRunner()) as running:
             await running.reach(Phase.READY)
             controller.enqueue("vm-123", command)
-            await running.agent.driver.wait_for(lambda state: command["id"] in state.seen_commands)
+            await running.agent.driver.wait_for(lambda state: state.has_seen(command["id"]))
             await running.reach(Phase.READY)
             running.agent.request_stop("test over")
     finally:

@@ -247,11 +247,11 @@ async def supervise(
     make_config: ConfigFactory, runner: SimulatedRunner, cmd: protocol.RegisterRunner, until: Phase
 ) -> Harness:
     harness = Harness()
-    send, receive = trio.open_memory_channel[protocol.RegisterRunner](math.inf)
+    send, receive = trio.open_memory_channel[Register](math.inf)
 
     def hand_over(effect: Effect) -> None:
         if isinstance(effect, Register):
-            send.send_nowait(effect.command)
+            send.send_nowait(effect)
 
     harness.driver.carry_out = hand_over
     async with trio.open_nursery() as nursery:
@@ -300,3 +300,21 @@ async def test_jit_config_skips_config_sh(make_config: ConfigFactory, autojump_c
     assert runner.configure_calls == []
     assert runner.runs == 1
     assert isinstance(harness.events()[0], protocol.RunnerRegistered)
+
+
+async def test_a_registration_no_longer_in_progress_is_not_carried_out(
+    make_config: ConfigFactory, autojump_clock: trio.testing.MockClock
+) -> None:
+    harness = Harness()
+    runner = SimulatedRunner()
+    send, receive = trio.open_memory_channel[Register](math.inf)
+    harness.driver.apply(CommandArrived(command()))  # attempt 1 is in progress
+    send.send_nowait(Register(command(), attempt=0))  # a hand-over the agent has moved on from
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(
+            supervisor_task, make_config(), harness.driver, runner, receive, PhaseTimings(0), lambda: NOW
+        )
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.cancel_scope.cancel()
+    assert runner.configure_calls == []
+    assert harness.driver.phase is Phase.REGISTERING_RUNNER

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import random
+from typing import Final
 
 import trio
 
@@ -24,6 +25,8 @@ from miglet.machine import Phase
 from miglet.retry import Backoff, RetryPolicy
 
 log = logging.getLogger(__name__)
+
+ROUTE_SLICE: Final = 256
 
 
 async def poller_task(
@@ -56,13 +59,19 @@ async def poller_task(
             await trio.sleep(delay)
             continue
         backoff.reset()
-        route(driver, batch)
+        with trio.CancelScope(shield=True):  # a stop beginning meanwhile: the whole batch is still answered
+            await route(driver, batch)
         await trio.sleep_until(started + config.poll_interval)
 
 
-def route(driver: Driver, batch: protocol.CommandBatch) -> None:
-    """Hand a batch to the machine: the commands that could not be decoded first, then the others in order."""
-    for rejected in batch.rejected:
-        driver.apply(machine.CommandRejected(rejected))
-    for command in batch.commands:
-        driver.apply(machine.CommandArrived(command))
+async def route(driver: Driver, batch: protocol.CommandBatch) -> None:
+    """Hand a batch to the machine: the commands that could not be decoded first, then the others in order.
+
+    A huge batch lets the other tasks (signals, the runner's output) in every ROUTE_SLICE commands.
+    """
+    inputs: list[machine.Input] = [machine.CommandRejected(rejected) for rejected in batch.rejected]
+    inputs += [machine.CommandArrived(command) for command in batch.commands]
+    for index, item in enumerate(inputs, 1):
+        driver.apply(item)
+        if index % ROUTE_SLICE == 0:
+            await trio.lowlevel.checkpoint()

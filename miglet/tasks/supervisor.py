@@ -13,6 +13,7 @@ import logging
 import re
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from typing import Final
 from urllib.parse import urlsplit
 
@@ -146,7 +147,7 @@ async def supervisor_task(
     config: Config,
     driver: Driver,
     backend: RunnerBackend,
-    registrations: trio.MemoryReceiveChannel[RegisterRunner],
+    registrations: trio.MemoryReceiveChannel[machine.Register],
     timings: PhaseTimings,
     now: Callable[[], datetime] = lambda: datetime.now(UTC),
     *,
@@ -154,27 +155,35 @@ async def supervisor_task(
 ) -> None:
     """Carry out each registration the machine hands over (`machine.Register`), in turn; the channel belongs to
     the caller, so that a restart can go on reading."""
-    async for command in registrations:
+    async for handed_over in registrations:
+        command, attempt = handed_over.command, handed_over.attempt
+        state = driver.state
+        if state.phase is not Phase.REGISTERING_RUNNER or state.attempt != attempt:
+            # The agent moved on (it is stopping, say) before this one was taken up.
+            log.info("Skipping a registration no longer in progress", extra={"command_id": command.id})
+            continue
         try:
-            await _serve_registration(config, driver, backend, command, timings, now(), on_bug)
+            await _serve_registration(config, driver, backend, handed_over, timings, now(), on_bug)
         except Exception as exc:
             # A bug: the agent must not stay in RegisteringRunner for a registration nobody carries out.
             on_bug("runner_supervisor", exc)
             error = f"internal error: {type(exc).__name__}: {error_text(exc)}"
-            driver.apply(machine.RegistrationAborted(command.id, "internal_error", error))
+            driver.apply(machine.RegistrationAborted(command.id, "internal_error", error, attempt))
 
 
 async def _serve_registration(
     config: Config,
     driver: Driver,
     backend: RunnerBackend,
-    command: RegisterRunner,
+    handed_over: machine.Register,
     timings: PhaseTimings,
     now: datetime,
     on_bug: BugReport,
 ) -> None:
+    command, attempt = handed_over.command, handed_over.attempt
+
     def fail(reason: RegistrationFailure, error: str) -> None:
-        driver.apply(machine.RegistrationAborted(command.id, reason, redact(error)))
+        driver.apply(machine.RegistrationAborted(command.id, reason, redact(error), attempt))
 
     try:
         registration = registration_from_command(command, config, now, timedelta(seconds=config.clock_skew))
@@ -193,7 +202,7 @@ async def _serve_registration(
             return
         timings.mark("configured_s")
     log.info("Starting the runner", extra={"command_id": command.id})
-    await _run(driver, backend, registration, config.listen_timeout, timings, fail, on_bug)
+    await _run(driver, backend, registration, attempt, config.listen_timeout, timings, fail, on_bug)
     # Whatever the runner did, it is gone: a backend that did not say so must not hold the agent in
     # RegisteringRunner (the machine ignores this unless this registration is still being carried out).
     fail("runner_start_failed", "runner exited before listening for jobs")
@@ -203,6 +212,7 @@ async def _run(
     driver: Driver,
     backend: RunnerBackend,
     registration: Registration,
+    attempt: int,
     listen_timeout: float,
     timings: PhaseTimings,
     fail: Callable[[RegistrationFailure, str], None],
@@ -216,7 +226,8 @@ async def _run(
     send, receive = trio.open_memory_channel[RunEvent](0)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_run_backend, backend, registration, send, fail)
-        nursery.start_soon(_listen_deadline, driver, registration.command_id, listen_timeout, nursery.cancel_scope)
+        listen = partial(_listen_deadline, driver, registration.command_id, attempt, listen_timeout)
+        nursery.start_soon(listen, nursery.cancel_scope)
         with trio.CancelScope(shield=True):
             async with receive:
                 async for event in receive:
@@ -247,7 +258,8 @@ def _follow(driver: Driver, event: RunEvent, timings: PhaseTimings, on_bug: BugR
                 if signal is None:
                     return
                 state = driver.state
-                if isinstance(signal, machine.RunnerListening) and state.phase is Phase.REGISTERING_RUNNER:
+                registering = state.phase is Phase.REGISTERING_RUNNER and state.run_abandoned is None
+                if isinstance(signal, machine.RunnerListening) and registering:
                     timings.mark("listening_s")
                     log.info("Runner is listening for jobs", extra={"timings": timings.snapshot()})
                     signal = machine.RunnerListening(timings=timings.snapshot())
@@ -260,13 +272,15 @@ def _follow(driver: Driver, event: RunEvent, timings: PhaseTimings, on_bug: BugR
         on_bug("runner_output", exc)
 
 
-async def _listen_deadline(driver: Driver, command_id: str, limit_s: float, run_scope: trio.CancelScope) -> None:
+async def _listen_deadline(
+    driver: Driver, command_id: str, attempt: int, limit_s: float, run_scope: trio.CancelScope
+) -> None:
     """Tell the machine when the runner has not said `Listening for Jobs` within `limit_s` seconds, and stop the
     runner if it says so."""
     with trio.move_on_after(limit_s) as waiting:
         await driver.wait_for(lambda state: state.phase is not Phase.REGISTERING_RUNNER)
     if not waiting.cancelled_caught:
         return
-    step = driver.apply(machine.ListenTimedOut(command_id, limit_s))
+    step = driver.apply(machine.ListenTimedOut(command_id, limit_s, attempt))
     if any(isinstance(effect, machine.StopRun) for effect in step.effects):
         run_scope.cancel()
