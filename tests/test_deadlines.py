@@ -15,7 +15,7 @@ from fake_controller import FakeController, Settings
 from fake_controller.simulated_runner import SimulatedRunner
 from miglet.app import Agent
 from miglet.config import Config
-from miglet.machine import Acknowledged, AgentState, CommandArrived, Phase, RegistrationAborted, Start
+from miglet.machine import Acknowledged, AgentState, CommandArrived, Phase, RegistrationAborted, Start, Step
 from tests.agents import ConfigFactory, register_runner
 
 
@@ -96,7 +96,7 @@ async def test_a_deadline_whose_phase_changed_in_the_same_moment_keeps_watching(
     driver.apply(Start(runner_name="vm-123", ephemeral=True))
     driver.apply(Acknowledged())
     real_wait_for = driver.wait_for
-    raced = []
+    raced: list[Step] = []
 
     async def racing_wait_for(predicate: Callable[[AgentState], bool], *, held_for: float = 0) -> AgentState:
         state = await real_wait_for(predicate, held_for=held_for)
