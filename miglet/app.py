@@ -19,13 +19,14 @@ import os
 import random
 import signal
 import time
+from datetime import UTC, datetime
 from functools import partial
 from typing import Final
 
 import httpx
 import trio
 
-from miglet import exitcodes, machine, protocol
+from miglet import exitcodes, machine, preemption, protocol
 from miglet.config import Config
 from miglet.controller import ControllerClient, open_controller_client
 from miglet.driver import Driver
@@ -33,6 +34,7 @@ from miglet.hardening import is_child_subreaper
 from miglet.logs import AgentContext, agent_context
 from miglet.machine import Phase
 from miglet.outbox import Outbox, describe
+from miglet.preemption import MetadataClient, open_metadata_client
 from miglet.retry import RetryPolicy
 from miglet.runner.backend import ConfigureFailed, Grace, RunnerBackend
 from miglet.runner.output import relay_line
@@ -59,6 +61,10 @@ STATE_REFRESH_S: Final = 10.0
 REMOVE_TIMEOUT: Final = 60.0
 # How many of the events a stop could not deliver are named in its last error line.
 MISSING_LISTED: Final = 20
+# The phases in which a runner may be running.
+RUNNER_PHASES: Final = frozenset({Phase.REGISTERING_RUNNER, Phase.IDLE, Phase.BUSY})
+# Before telling the cloud it may take the VM, the events owed (`vm_preempted` first) get this long to go out.
+APPROVAL_FLUSH_S: Final = 10.0
 
 
 class StopControls:
@@ -105,6 +111,7 @@ class Agent:
         config: Config,
         *,
         transport: httpx.AsyncBaseTransport | None = None,
+        metadata_transport: httpx.AsyncBaseTransport | None = None,
         backend: RunnerBackend | None = None,
         retry_policy: RetryPolicy | None = None,
         rng: random.Random | None = None,
@@ -123,6 +130,7 @@ class Agent:
             vm_id=config.vm_id,
             pool_id=config.pool_id,
             send=self.outbox.put,
+            send_first=partial(self.outbox.put, first=True),
             state_file=StateFileWriter(config.state_file) if write_state_file else None,
             refresh_s=STATE_REFRESH_S,
             on_bug=self.supervision.bug,
@@ -132,6 +140,7 @@ class Agent:
         # The machine hands over one at a time (the next only once the last has an outcome).
         self._registrations, self._registrations_out = trio.open_memory_channel[machine.Register](math.inf)
         self._transport = transport
+        self._metadata_transport = metadata_transport
         self._backend = backend
         self._rng = rng
         self._write_state_file = write_state_file
@@ -139,6 +148,7 @@ class Agent:
         # Stop signals that came before the agent listened for them (recorded from the start of `miglet run`).
         self._held_signals = held_signals or HeldSignals()
         self._started_at = 0.0
+        self._root: trio.Nursery | None = None
         self.timings = PhaseTimings(time.monotonic() if started_at is None else started_at)
         self.driver.observe(self.timings.observe)
 
@@ -176,8 +186,41 @@ class Agent:
                 controls.grace.cut_short()
             case machine.CutShort():
                 controls.cut_short()
-            case machine.StopRun():
-                pass  # carried out by the runner supervisor, which applied the deadline that led to it
+            case machine.ShortenGrace(seconds=seconds):
+                controls.grace.shorten(seconds)
+            case machine.StopJobIn(seconds=seconds):
+                if self._root is not None:
+                    self._root.start_soon(self._preemption_due, seconds)
+
+    async def _watch_preemption(self, provider: protocol.Provider) -> None:
+        endpoint = self.config.effective_metadata_endpoint
+        assert endpoint is not None
+        async with open_metadata_client(endpoint, self._metadata_transport) as http:
+            await preemption.watch(provider, MetadataClient(http), self._on_notice, self._runner_stopped)
+
+    def _on_notice(self, notice: preemption.Notice) -> None:
+        deadline = notice.deadline
+        left = None if deadline is None or notice.as_stop else (deadline - datetime.now(UTC)).total_seconds()
+        self.driver.apply(
+            machine.PreemptionNoticed(
+                provider=notice.provider,
+                action=notice.action,
+                deadline=None if deadline is None else deadline.strftime("%Y-%m-%dT%H:%M:%SZ"),
+                seconds_left=left,
+            )
+        )
+
+    async def _runner_stopped(self) -> None:
+        """Return once no runner runs (and cannot start), and the controller has had a chance to hear why."""
+        await self.driver.wait_for(
+            lambda state: state.phase not in RUNNER_PHASES and not state.listening and state.runner_pid is None
+        )
+        with trio.move_on_after(APPROVAL_FLUSH_S):
+            await self.outbox.wait_empty()
+
+    async def _preemption_due(self, seconds: float) -> None:
+        await trio.sleep(seconds)
+        self.driver.apply(machine.PreemptionDue())
 
     def _give_up(self) -> None:
         """Tasks keep failing: stop the ordinary way (the runner is stopped, events delivered), with exit code 1.
@@ -205,6 +248,7 @@ class Agent:
                 open_controller_client(config, self._transport, token_source) as client,
                 trio.open_nursery() as root,
             ):
+                self._root = root
                 supervise = self.supervision.run
                 if self._handle_signals:
                     root.start_soon(supervise, "signals", self._watch_signals)
@@ -212,11 +256,15 @@ class Agent:
                     root.start_soon(supervise, "reaper", reap_orphans_task)
                 root.start_soon(supervise, "outbox", partial(self._serve_outbox, client))
                 root.start_soon(supervise, "state_refresh", partial(state_refresh_task, self.driver, STATE_REFRESH_S))
+                if config.preemption != "off":
+                    # In the root nursery: an approval owed to the cloud is still given while the agent stops.
+                    root.start_soon(supervise, "preemption", partial(self._watch_preemption, config.preemption))
                 self.driver.apply(
                     machine.Start(
                         runner_name=config.effective_runner_name,
                         ephemeral=config.ephemeral,
                         grace_s=config.shutdown_grace,
+                        margin_s=config.preemption_margin,
                     )
                 )
                 task_status.started()

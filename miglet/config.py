@@ -17,7 +17,7 @@ import stat
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Final, Literal, get_type_hints
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 import msgspec
 
@@ -26,6 +26,13 @@ from miglet.tokenfile import BEARER_TOKEN, BEARER_TOKEN_RULE, TokenFileError, re
 
 LogFormat = Literal["auto", "json", "text"]
 LogLevel = Literal["debug", "info", "warning", "error"]
+Preemption = Literal["off", "aws", "gcp", "azure"]
+# Each cloud's metadata service, where MIGLET_METADATA_ENDPOINT does not say otherwise.
+METADATA_ENDPOINTS: Final = {
+    "aws": "http://169.254.169.254",
+    "gcp": "http://metadata.google.internal",
+    "azure": "http://169.254.169.254",
+}
 
 # Ids end up in URL paths and runner names: keep them to characters that need no quoting anywhere.
 _ID_PATTERN: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
@@ -229,9 +236,42 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
         Setting("MIGLET_LOG_LEVEL", "debug, info, warning or error", _choice("debug", "info", "warning", "error")),
     ] = "info"
 
+    preemption: Annotated[
+        Preemption,
+        Setting(
+            "MIGLET_PREEMPTION",
+            "which cloud's notices of preemption or maintenance to watch: aws, gcp, azure or off",
+            _choice("off", "aws", "gcp", "azure"),
+        ),
+    ] = "off"
+    metadata_endpoint: Annotated[
+        str | None,
+        Setting(
+            "MIGLET_METADATA_ENDPOINT",
+            "base URL of the cloud's metadata service",
+            _metadata_endpoint,
+            shown="the cloud's own",
+        ),
+    ] = None
+    preemption_margin: Annotated[
+        float,
+        Setting(
+            "MIGLET_PREEMPTION_MARGIN",
+            "seconds before a preemption's deadline by which a running job is stopped",
+            _number(minimum=0, maximum=600),
+        ),
+    ] = 20.0
+
     @property
     def effective_runner_name(self) -> str:
         return self.runner_name or self.vm_id
+
+    @property
+    def effective_metadata_endpoint(self) -> str | None:
+        """The metadata service to watch for notices; None when preemption is off."""
+        if self.preemption == "off":
+            return None
+        return self.metadata_endpoint or METADATA_ENDPOINTS[self.preemption]
 
 
 # The defaults, stated once: in `Config`'s fields.
@@ -371,6 +411,27 @@ def _path(reader: _Reader, name: str, default: Path | None) -> Path | None:
 def _endpoint(reader: _Reader, name: str, default: object) -> str:
     allow_insecure = reader.boolean("MIGLET_ALLOW_INSECURE", _DEFAULTS.allow_insecure)
     text = reader.required(name)
+    parts = _base_url(name, text)
+    if parts.scheme == "http" and not allow_insecure and not _is_loopback(parts.hostname or ""):
+        raise ConfigError(
+            name,
+            f"uses plain http:// to the non-loopback host {parts.hostname!r}; "
+            "use https:// (or set MIGLET_ALLOW_INSECURE=1 for a trusted network)",
+        )
+    return text.rstrip("/")
+
+
+def _metadata_endpoint(reader: _Reader, name: str, default: str | None) -> str | None:
+    text = reader.raw(name)
+    if text is None:
+        return default
+    # Plain http:// is what the clouds' metadata services speak, on an address only the VM reaches.
+    _base_url(name, text)
+    return text.rstrip("/")
+
+
+def _base_url(name: str, text: str) -> SplitResult:
+    """The parts of an http(s) base URL with a host, and neither credentials, a query nor a fragment."""
     if "@" in text:
         # Checked first, so that no message below can echo a password.
         raise ConfigError(name, "must not carry credentials (user:password@)")
@@ -383,13 +444,7 @@ def _endpoint(reader: _Reader, name: str, default: object) -> str:
         raise ConfigError(name, f"must be an http:// or https:// URL with a host, got {text!r}")
     if parts.query or parts.fragment:
         raise ConfigError(name, "must not carry a query or a fragment")
-    if parts.scheme == "http" and not allow_insecure and not _is_loopback(parts.hostname):
-        raise ConfigError(
-            name,
-            f"uses plain http:// to the non-loopback host {parts.hostname!r}; "
-            "use https:// (or set MIGLET_ALLOW_INSECURE=1 for a trusted network)",
-        )
-    return text.rstrip("/")
+    return parts
 
 
 def _is_loopback(host: str) -> bool:

@@ -68,6 +68,7 @@ class Driver:
         vm_id: str,
         pool_id: str,
         send: Callable[[protocol.AnyEvent], object],
+        send_first: Callable[[protocol.AnyEvent], object] | None = None,
         state_file: StateFileWriter | None = None,
         refresh_s: float = 10.0,
         on_bug: BugReport = log_bug,
@@ -76,6 +77,8 @@ class Driver:
         self._vm_id = vm_id
         self._pool_id = pool_id
         self._send = send
+        # Events the controller must hear ahead of all others (`machine.Send.first`).
+        self._send_first = send_first or send
         self._state_file = state_file
         self.refresh_s = refresh_s
         self.on_bug = on_bug
@@ -162,8 +165,8 @@ class Driver:
     def _carry_out(self, effect: Effect) -> None:
         try:
             match effect:
-                case machine.Send(event=owed):
-                    self._send(owed)
+                case machine.Send(event=owed, first=first):
+                    (self._send_first if first else self._send)(owed)
                 case machine.Log(message=message, level=level, fields=fields):
                     log.log(level, message, extra=fields)
                 case machine.Then():

@@ -82,6 +82,26 @@ class StopPlan(msgspec.Struct, frozen=True, kw_only=True):
     cut_short: bool = False
 
 
+class Abandoned(msgspec.Struct, frozen=True):
+    """Why the registration in progress is given up while its runner is still starting."""
+
+    reason: protocol.RegistrationFailure
+    error: str
+
+
+class Preemption(msgspec.Struct, frozen=True):
+    """A cloud's notice that it takes the VM back."""
+
+    provider: str
+    action: str
+    deadline: str | None  # RFC 3339 UTC; None: the cloud gives no time
+
+
+PREEMPTED_REFUSAL: Final = "preempted: the cloud is taking the VM back"
+# Notices already reported, so that each is reported once (a cloud repeats its notice on every poll).
+NOTICES_KEPT: Final = 16
+
+
 class AgentState(msgspec.Struct, frozen=True, kw_only=True):
     phase: Phase = Phase.INITIALIZING
     runner_name: str = ""
@@ -95,13 +115,17 @@ class AgentState(msgspec.Struct, frozen=True, kw_only=True):
     pending: tuple[protocol.RegisterRunner, ...] = ()
     seen_commands: tuple[frozenset[str], ...] = ()  # the ids of the commands acted on, by generation, newest last
     listening: bool = False  # a runner printed "Listening for Jobs" and has not exited since
-    # Why the runner now starting is being stopped (it did not listen in time): what it prints no longer counts.
-    run_abandoned: str | None = None
+    # Why the registration in progress is being given up (its runner did not listen in time, the VM is being
+    # preempted): the supervisor stops it, and what the runner prints no longer counts.
+    run_abandoned: Abandoned | None = None
     job: str | None = None
     jobs_completed: int = 0
     runner_pid: int | None = None  # the runner process running now (config.sh or run.sh), for the state file
     signals: int = 0  # stop signals received
     stop: StopPlan | None = None
+    margin_s: float = 20.0  # how long before a preemption's deadline a running job is stopped
+    preempted: Preemption | None = None  # the notice acted on: no runner is started any more
+    notices: tuple[str, ...] = ()
 
     def has_seen(self, command_id: str) -> bool:
         return any(command_id in generation for generation in self.seen_commands)
@@ -122,6 +146,7 @@ class Start(msgspec.Struct, frozen=True, kw_only=True):
     runner_name: str
     ephemeral: bool
     grace_s: float = 30.0
+    margin_s: float = 20.0
 
 
 class Acknowledged(msgspec.Struct, frozen=True):
@@ -197,6 +222,19 @@ class DeadlinePassed(msgspec.Struct, frozen=True):
     limit_s: float
 
 
+class PreemptionNoticed(msgspec.Struct, frozen=True, kw_only=True):
+    """The cloud says it takes the VM back: `seconds_left` until `deadline` (both None when it gives no time)."""
+
+    provider: protocol.Provider
+    action: str
+    deadline: str | None
+    seconds_left: float | None
+
+
+class PreemptionDue(msgspec.Struct, frozen=True):
+    """A preemption's deadline is MIGLET_PREEMPTION_MARGIN away: the job running must stop now."""
+
+
 class Finished(msgspec.Struct, frozen=True):
     """The stop is done: the runner is gone and the events owed had their chance to be delivered."""
 
@@ -221,6 +259,8 @@ Input = (
     | StopRequested
     | SignalReceived
     | DeadlinePassed
+    | PreemptionNoticed
+    | PreemptionDue
     | Finished
     | Undelivered
 )
@@ -230,9 +270,10 @@ Input = (
 
 
 class Send(msgspec.Struct, frozen=True):
-    """Queue `event` for the controller."""
+    """Queue `event` for the controller (with `first`, ahead of the events already queued)."""
 
     event: protocol.AnyEvent
+    first: bool = False
 
 
 class Register(msgspec.Struct, frozen=True):
@@ -243,10 +284,6 @@ class Register(msgspec.Struct, frozen=True):
     attempt: int
 
 
-class StopRun(msgspec.Struct, frozen=True):
-    """Stop the runner now running, gracefully, without stopping the agent."""
-
-
 class StopRunner(msgspec.Struct, frozen=True):
     """The agent is stopping: stop the runner, gracefully within `grace_s`."""
 
@@ -255,6 +292,18 @@ class StopRunner(msgspec.Struct, frozen=True):
 
 class CutGrace(msgspec.Struct, frozen=True):
     """Kill the stopping runner without waiting out its grace."""
+
+
+class ShortenGrace(msgspec.Struct, frozen=True):
+    """The stopping runner is killed within `seconds` at the latest (a preemption's deadline is near)."""
+
+    seconds: float
+
+
+class StopJobIn(msgspec.Struct, frozen=True):
+    """Apply `PreemptionDue` in `seconds`: the running job may go on until then."""
+
+    seconds: float
 
 
 class CutShort(msgspec.Struct, frozen=True):
@@ -273,7 +322,7 @@ class Then(msgspec.Struct, frozen=True):
     input: Input
 
 
-Effect = Send | Register | StopRun | StopRunner | CutGrace | CutShort | Log | Then
+Effect = Send | Register | StopRunner | ShortenGrace | StopJobIn | CutGrace | CutShort | Log | Then
 
 
 class Step(msgspec.Struct, frozen=True):
@@ -316,9 +365,9 @@ def _transition(state: AgentState, event: Input) -> Step:
         case RunnerProcess(pid=pid):
             # Whatever the phase: the state file must always name a process that a restarted MIGlet should stop.
             return Step(replace(state, runner_pid=pid))
-        case Start(runner_name=name, ephemeral=ephemeral, grace_s=grace) if phase is _P.INITIALIZING:
+        case Start(runner_name=name, ephemeral=ephemeral, grace_s=grace, margin_s=margin) if phase is _P.INITIALIZING:
             waiting = replace(state, phase=_P.WAITING_FOR_CONTROLLER, runner_name=name, ephemeral=ephemeral)
-            return Step(replace(waiting, grace_s=grace))
+            return Step(replace(waiting, grace_s=grace, margin_s=margin))
         case Acknowledged() if phase is _P.WAITING_FOR_CONTROLLER:
             return Step(replace(state, phase=_P.READY))
         case CommandArrived(command=command):
@@ -338,8 +387,8 @@ def _transition(state: AgentState, event: Input) -> Step:
             give_up = Log(
                 "The runner did not start listening for jobs in time; stopping it", logging.ERROR, {"timeout_s": limit}
             )
-            why = f"runner did not listen for jobs within {limit:g} s"
-            return Step(replace(state, run_abandoned=why), (give_up, StopRun()))
+            why = Abandoned("runner_start_failed", f"runner did not listen for jobs within {limit:g} s")
+            return Step(replace(state, run_abandoned=why), (give_up,))
         case RunnerListening(timings=timings) if phase is _P.REGISTERING_RUNNER and state.run_abandoned is None:
             registered = protocol.RunnerRegistered(
                 runner_name=state.runner_name, command_id=state.command_id or "", timings=timings
@@ -365,12 +414,15 @@ def _transition(state: AgentState, event: Input) -> Step:
             return Step(replace(state, listening=True))
         case JobDone(name=name, result=result) if phase is _P.BUSY or (phase is _P.STOPPING and state.job is not None):
             # While stopping, the runner still reports the job it was running (usually as Canceled).
-            completed = Send(protocol.JobCompleted(job_name=name, result=result))
+            completed: tuple[Effect, ...] = (Send(protocol.JobCompleted(job_name=name, result=result)),)
             after = _P.IDLE if phase is _P.BUSY else phase
-            return Step(replace(state, phase=after, job=None, jobs_completed=state.jobs_completed + 1), (completed,))
+            if after is _P.IDLE and state.preempted is not None and not state.ephemeral:
+                # The job ended before the preemption's deadline; the runner must take no other.
+                completed += (Then(StopRequested(reason="preempted", grace_s=min(state.grace_s, state.margin_s))),)
+            return Step(replace(state, phase=after, job=None, jobs_completed=state.jobs_completed + 1), completed)
         case RunnerGone(exit_code=code, killed_processes=killed) if phase is _P.REGISTERING_RUNNER:
             exited = Log("Runner exited", fields={"exit_code": code, "killed_processes": killed})
-            error = state.run_abandoned or f"runner exited with code {code} before listening for jobs"
+            error = f"runner exited with code {code} before listening for jobs"
             step = _registration_failed(state, "runner_start_failed", error)
             return Step(step.state, (exited, *step.effects))
         case RunnerGone(exit_code=code, killed_processes=killed) if phase in (_P.IDLE, _P.BUSY, _P.STOPPING):
@@ -389,6 +441,15 @@ def _transition(state: AgentState, event: Input) -> Step:
             passed_log = Log("Deadline passed", logging.WARNING, {"phase": phase.value, "limit_s": limit})
             step = _stop(state, StopPlan(reason=reason, grace_s=state.grace_s, exit_code=code))
             return Step(step.state, (passed_log, *step.effects))
+        case PreemptionNoticed() if _notice_key(event) in state.notices:
+            return _ignore(state, "a notice already reported")
+        case PreemptionNoticed():
+            return _preempted(state, event)
+        case PreemptionDue() if phase not in OVER and state.preempted is not None:
+            plan = StopPlan(reason="preempted", grace_s=min(state.grace_s, state.margin_s))
+            due = Log("The preemption's deadline is near: stopping the runner", logging.WARNING)
+            step = _stop(state, plan)
+            return Step(step.state, (due, *step.effects))
         case Finished() if phase is _P.STOPPING:
             return Step(replace(state, phase=_P.STOPPED, listening=False, job=None), _abandoned(state))
         case Undelivered() if phase is _P.STOPPED and state.stop is not None and state.stop.exit_code == exitcodes.OK:
@@ -416,6 +477,8 @@ def command_type(command: protocol.Command) -> Literal["register_runner", "shutd
 
 def _registration(state: AgentState, command: protocol.RegisterRunner) -> Step:
     phase = state.phase
+    if state.preempted is not None and phase not in OVER:
+        return Step(state, _refusals((command,), PREEMPTED_REFUSAL))
     if phase is _P.READY:
         return _register(state, command)
     if phase is _P.REGISTERING_RUNNER:
@@ -434,6 +497,9 @@ def _register(state: AgentState, command: protocol.RegisterRunner) -> Step:
 
 
 def _registration_failed(state: AgentState, reason: protocol.RegistrationFailure, error: str) -> Step:
+    if state.run_abandoned is not None:
+        # Given up on before it could end by itself: that is the outcome, whatever the runner did after.
+        reason, error = state.run_abandoned.reason, state.run_abandoned.error
     failed = protocol.RegistrationFailed(command_id=state.command_id or "", reason=reason, error=error)
     logged = Log(
         "Runner registration failed",
@@ -551,6 +617,45 @@ def _runner_exited(state: AgentState, code: int, killed: int | None) -> Step:
         return Step(stop.state, (exited_log, *abandoned, exited, *stop.effects))
     exited = Send(protocol.RunnerExited(exit_code=code, reason="unexpected", killed_processes=killed))
     return Step(replace(state, phase=_P.READY, job=None), (exited_log, *abandoned, exited))
+
+
+def _notice_key(notice: PreemptionNoticed) -> str:
+    return f"{notice.provider} {notice.action} {notice.deadline}"
+
+
+def _preempted(state: AgentState, notice: PreemptionNoticed) -> Step:
+    """Tell the controller first; then no runner is started, an idle one is stopped, a job runs until the margin."""
+    replace = msgspec.structs.replace
+    phase = state.phase
+    event = protocol.VmPreempted(
+        provider=notice.provider,
+        action=notice.action,
+        deadline=notice.deadline,
+        phase=phase.value,
+        job_name=state.job if phase is _P.BUSY else None,
+    )
+    fields = {"provider": notice.provider, "action": notice.action, "deadline": notice.deadline}
+    effects: tuple[Effect, ...] = (Log("Preemption notice", logging.WARNING, fields), Send(event, first=True))
+    acted_on = Preemption(notice.provider, notice.action, notice.deadline)
+    state = replace(state, notices=(*state.notices, _notice_key(notice))[-NOTICES_KEPT:], preempted=acted_on)
+    left = notice.seconds_left
+    if phase in OVER:
+        if phase is _P.STOPPING and left is not None:
+            # The earliest deadline wins: the runner is gone before this one, with the margin to report it.
+            effects += (ShortenGrace(max(0.0, left - state.margin_s)),)
+        return Step(state, effects)
+    if left is None or phase is _P.IDLE:
+        # No time given (an autoscaling group removing the VM): as a shutdown. Idle: GitHub must assign no job.
+        grace = state.grace_s if left is None else min(state.grace_s, max(0.0, left))
+        step = _stop(state, StopPlan(reason="preempted", grace_s=grace))
+        return Step(step.state, (*effects, *step.effects))
+    if phase is _P.BUSY:
+        return Step(state, (*effects, StopJobIn(max(0.0, left - state.margin_s))))
+    refusals = _refusals(state.pending, PREEMPTED_REFUSAL)
+    state = replace(state, pending=())
+    if phase is _P.REGISTERING_RUNNER:
+        state = replace(state, run_abandoned=Abandoned("preempted", PREEMPTED_REFUSAL))
+    return Step(state, (*effects, *refusals))
 
 
 def _abandoned(state: AgentState) -> tuple[Effect, ...]:

@@ -43,6 +43,8 @@ def is_lifecycle(event: protocol.AnyEvent) -> bool:
 
 
 _HEARTBEAT_RANK: Final = 0
+# A notice that the VM is going: the controller has the least time to act on it.
+_URGENT_RANK: Final = 4
 
 
 def _rank(event: protocol.AnyEvent) -> int:
@@ -55,6 +57,8 @@ def _rank(event: protocol.AnyEvent) -> int:
     # events that tell a VM's story.
     if isinstance(event, protocol.CommandFailed):
         return 2
+    if isinstance(event, protocol.VmPreempted):
+        return _URGENT_RANK
     return 3
 
 
@@ -109,14 +113,22 @@ class Outbox:
         """How many lifecycle events the controller has not received, all of them counted."""
         return self.lost_count + sum(1 for event in self._queue if is_lifecycle(event))
 
-    def put(self, event: protocol.AnyEvent) -> protocol.AnyEvent:
-        """Queue `event` (stamped here) for delivery; never blocks."""
+    def put(self, event: protocol.AnyEvent, *, first: bool = False) -> protocol.AnyEvent:
+        """Queue `event` (stamped here) for delivery, or with `first` ahead of every event not yet in flight;
+        never blocks."""
         stamped = self._stamper.stamp(event)
         self.stamped += 1
         if len(self._queue) >= self._capacity and not self._make_room(stamped):
             self._overflowed(stamped)
             return stamped
-        self._queue.append(stamped)
+        if first and self._queue:
+            # The head may be in flight: it keeps its place, and so do the urgent ones queued before this one.
+            index = 1
+            while index < len(self._queue) and _rank(self._queue[index]) == _URGENT_RANK:
+                index += 1
+            self._queue.insert(index, stamped)
+        else:
+            self._queue.append(stamped)
         self._ranks[_rank(stamped)] += 1
         self._length.value = len(self._queue)
         return stamped

@@ -47,7 +47,7 @@ class RunnerRegistered(Event, tag="runner_registered"):
 
 # Why a register_runner command was not carried out.
 RegistrationFailure = Literal[
-    "token_expired", "invalid_command", "configure_failed", "runner_start_failed", "internal_error"
+    "token_expired", "invalid_command", "configure_failed", "runner_start_failed", "internal_error", "preempted"
 ]
 # Why the runner process ended.
 RunnerExit = Literal["job_done", "stopped", "unexpected"]
@@ -129,6 +129,29 @@ class InternalError(Event, tag="internal_error"):
     error: Annotated[str, msgspec.Meta(description="The exception's message; secrets masked.")]
 
 
+# The clouds whose notices MIGlet watches (MIGLET_PREEMPTION).
+Provider = Literal["aws", "gcp", "azure"]
+
+
+class VmPreempted(Event, tag="vm_preempted"):
+    """The cloud gave notice that it will take the VM back (or stop it for maintenance); once per notice, ahead of
+    every other event owed."""
+
+    provider: Annotated[Provider, msgspec.Meta(description="MIGLET_PREEMPTION.")]
+    action: Annotated[
+        str,
+        msgspec.Meta(
+            description="The cloud's word for it: terminate, stop, hibernate or autoscaling-terminated (aws);"
+            " preempted or TERMINATE_ON_HOST_MAINTENANCE (gcp); Preempt, Terminate, Reboot or Redeploy (azure)."
+        ),
+    ]
+    deadline: Annotated[
+        str | None, msgspec.Meta(description="When the VM goes: RFC 3339 UTC; null when the cloud gives no time.")
+    ]
+    phase: Annotated[str, msgspec.Meta(description="The agent's phase when the notice came.")]
+    job_name: Annotated[str, msgspec.Meta(description="The job running when the notice came (Busy).")] | None = None
+
+
 class VmStopping(Event, tag="vm_stopping"):
     """The agent is stopping: the VM can be recycled once the runner has exited."""
 
@@ -136,7 +159,7 @@ class VmStopping(Event, tag="vm_stopping"):
         str,
         msgspec.Meta(
             description="Why: a shutdown command's reason, signal, ack_timeout, registration_timeout, idle_timeout,"
-            " 'ephemeral runner finished its job', or internal_error."
+            " 'ephemeral runner finished its job', preempted, or internal_error."
         ),
     ]
     runner_name: str
@@ -152,6 +175,7 @@ AnyEvent = (
     | CommandFailed
     | Heartbeat
     | InternalError
+    | VmPreempted
     | VmStopping
 )
 
@@ -163,6 +187,7 @@ LIFECYCLE_EVENTS: Final = (
     JobStarted,
     JobCompleted,
     RunnerExited,
+    VmPreempted,
     VmStopping,
     CommandFailed,
 )

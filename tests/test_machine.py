@@ -40,7 +40,6 @@ from miglet.machine import (
     Start,
     Step,
     StopRequested,
-    StopRun,
     StopRunner,
     TakeNext,
     Then,
@@ -418,7 +417,7 @@ def test_a_deadline_applies_only_while_its_phase_lasts() -> None:
 def test_a_runner_that_did_not_listen_in_time_is_stopped_and_what_it_says_after_does_not_count() -> None:
     registering = transition(ready(), registration("c1")).state
     timed_out = transition(registering, ListenTimedOut("c1", 30))
-    assert StopRun() in timed_out.effects
+    assert timed_out.state.run_abandoned is not None
     assert not transition(timed_out.state, RunnerListening()).accepted
     gone = transition(timed_out.state, RunnerGone(0))
     assert gone.state.phase is Phase.READY

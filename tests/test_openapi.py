@@ -208,6 +208,10 @@ EXAMPLES: list[protocol.AnyEvent] = [
     protocol.Heartbeat(state="Busy", uptime_s=60.0, events_dropped={"heartbeat": 3}),
     protocol.InternalError(task="poller", error_class="KeyError", error="'id'"),
     protocol.VmStopping(reason="shutdown command", runner_name="vm-123"),
+    protocol.VmPreempted(
+        provider="aws", action="terminate", deadline="2024-01-15T10:32:00Z", phase="Busy", job_name="b"
+    ),
+    protocol.VmPreempted(provider="aws", action="autoscaling-terminated", deadline=None, phase="Ready"),
 ]
 
 

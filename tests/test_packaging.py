@@ -35,7 +35,7 @@ OPERATIONS = ROOT / "docs" / "operations.md"
 
 NAMES = frozenset(variable.name for variable in VARIABLES)
 # Defaults that are words, not values a variable could be set to.
-DESCRIPTIVE_DEFAULTS = frozenset({"required", "unset", "system", "the VM id"})
+DESCRIPTIVE_DEFAULTS = frozenset({"required", "unset", "system", "the VM id", "the cloud's own"})
 
 
 def variable(name: str) -> Variable:

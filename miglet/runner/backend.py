@@ -6,6 +6,7 @@ process simulate many agents. The supervisor only ever talks to this protocol.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Protocol
 
@@ -42,14 +43,28 @@ class Grace:
     def __init__(self, seconds: float) -> None:
         self.seconds = seconds
         self._cut = trio.Event()
+        # The latest moment any grace may last until, once something (a preemption's deadline) set one.
+        self._latest = math.inf
+        self._waiting: set[trio.CancelScope] = set()
 
     def cut_short(self) -> None:
         self._cut.set()
 
+    def shorten(self, seconds: float) -> None:
+        """However long the grace, it is over within `seconds` from now (also a grace already begun)."""
+        self._latest = min(self._latest, trio.current_time() + seconds)
+        for scope in self._waiting:
+            scope.deadline = min(scope.deadline, self._latest)
+
     async def wait(self) -> None:
         """Return when the grace period is over (or was cut short)."""
-        with trio.move_on_after(self.seconds):
-            await self._cut.wait()
+        with trio.move_on_after(self.seconds) as scope:
+            scope.deadline = min(scope.deadline, self._latest)
+            self._waiting.add(scope)
+            try:
+                await self._cut.wait()
+            finally:
+                self._waiting.discard(scope)
 
 
 class Started(msgspec.Struct, frozen=True):

@@ -13,7 +13,6 @@ import logging
 import re
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from functools import partial
 from typing import Final
 from urllib.parse import urlsplit
 
@@ -190,10 +189,35 @@ async def _serve_registration(
     except InvalidRegistration as exc:
         fail(exc.reason, str(exc))
         return
+    with trio.CancelScope() as registering:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_stop_when_abandoned, driver, attempt, registering)
+            await _configure_and_run(config, driver, backend, registration, attempt, timings, fail, on_bug)
+            nursery.cancel_scope.cancel()
+    if registering.cancelled_caught:
+        # Given up on (the runner did not listen in time, the VM is being preempted): nothing of it is kept.
+        with trio.CancelScope(shield=True):
+            await backend.clean()
+    # Whatever the runner did, it is gone: a backend that did not say so must not hold the agent in
+    # RegisteringRunner (the machine ignores this unless this registration is still being carried out).
+    fail("runner_start_failed", "runner exited before listening for jobs")
+
+
+async def _configure_and_run(
+    config: Config,
+    driver: Driver,
+    backend: RunnerBackend,
+    registration: Registration,
+    attempt: int,
+    timings: PhaseTimings,
+    fail: Callable[[RegistrationFailure, str], None],
+    on_bug: BugReport,
+) -> None:
+    command_id = registration.command_id
     # config.sh refuses to run over an existing configuration (a runner that exited, a failed attempt).
     await backend.clean()
     if registration.jit_config is None:
-        log.info("Configuring the runner", extra={"command_id": command.id, "runner_name": registration.name})
+        log.info("Configuring the runner", extra={"command_id": command_id, "runner_name": registration.name})
         try:
             await backend.configure(registration, relay_line)
         except ConfigureFailed as exc:
@@ -201,11 +225,17 @@ async def _serve_registration(
             await backend.clean()
             return
         timings.mark("configured_s")
-    log.info("Starting the runner", extra={"command_id": command.id})
+    log.info("Starting the runner", extra={"command_id": command_id})
     await _run(driver, backend, registration, attempt, config.listen_timeout, timings, fail, on_bug)
-    # Whatever the runner did, it is gone: a backend that did not say so must not hold the agent in
-    # RegisteringRunner (the machine ignores this unless this registration is still being carried out).
-    fail("runner_start_failed", "runner exited before listening for jobs")
+
+
+async def _stop_when_abandoned(driver: Driver, attempt: int, registering: trio.CancelScope) -> None:
+    """Stop the registration (`config.sh`, or the runner starting) once the machine gives up on it."""
+    state = await driver.wait_for(
+        lambda state: state.attempt != attempt or state.run_abandoned is not None or state.phase in machine.OVER
+    )
+    if state.attempt == attempt and state.run_abandoned is not None:
+        registering.cancel()
 
 
 async def _run(
@@ -226,8 +256,7 @@ async def _run(
     send, receive = trio.open_memory_channel[RunEvent](0)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_run_backend, backend, registration, send, fail)
-        listen = partial(_listen_deadline, driver, registration.command_id, attempt, listen_timeout)
-        nursery.start_soon(listen, nursery.cancel_scope)
+        nursery.start_soon(_listen_deadline, driver, registration.command_id, attempt, listen_timeout)
         with trio.CancelScope(shield=True):
             async with receive:
                 async for event in receive:
@@ -272,15 +301,11 @@ def _follow(driver: Driver, event: RunEvent, timings: PhaseTimings, on_bug: BugR
         on_bug("runner_output", exc)
 
 
-async def _listen_deadline(
-    driver: Driver, command_id: str, attempt: int, limit_s: float, run_scope: trio.CancelScope
-) -> None:
-    """Tell the machine when the runner has not said `Listening for Jobs` within `limit_s` seconds, and stop the
-    runner if it says so."""
+async def _listen_deadline(driver: Driver, command_id: str, attempt: int, limit_s: float) -> None:
+    """Tell the machine when the runner has not said `Listening for Jobs` within `limit_s` seconds (it then
+    gives the registration up, and `_stop_when_abandoned` stops the runner)."""
     with trio.move_on_after(limit_s) as waiting:
         await driver.wait_for(lambda state: state.phase is not Phase.REGISTERING_RUNNER)
     if not waiting.cancelled_caught:
         return
-    step = driver.apply(machine.ListenTimedOut(command_id, limit_s, attempt))
-    if any(isinstance(effect, machine.StopRun) for effect in step.effects):
-        run_scope.cancel()
+    driver.apply(machine.ListenTimedOut(command_id, limit_s, attempt))
