@@ -63,11 +63,13 @@ async def running_agent(
     runner: SimulatedRunner,
     *,
     transport: httpx.AsyncBaseTransport | None = None,
+    metadata_transport: httpx.AsyncBaseTransport | None = None,
 ) -> AsyncIterator[Running]:
     """Run an agent in the background; leaving the block waits for it to end by itself."""
     agent = Agent(
         config,
         transport=transport or httpx.ASGITransport(app=controller),
+        metadata_transport=metadata_transport,
         backend=runner,
         handle_signals=False,
         rng=random.Random(1),
