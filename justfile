@@ -18,6 +18,10 @@ setup:
 demo:
     {{bin}}/python -m fake_controller.demo
 
+# The demo, with the cloud taking the VM back while the job runs (aws, gcp or azure)
+demo-preempt provider="aws":
+    {{bin}}/python -m fake_controller.demo --preempt {{provider}}
+
 # Lint, type-check and run the whole test suite
 test: lint
     {{bin}}/python -m pytest -q

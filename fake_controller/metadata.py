@@ -17,10 +17,15 @@ admin API (JSON bodies):
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import itertools
 import secrets
+import sys
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
+from functools import partial
 from typing import Any, Final
 from urllib.parse import parse_qs, unquote
 
@@ -235,3 +240,46 @@ class FakeMetadata:
             return 200, b"", json, {}
         document = {"DocumentIncarnation": self._incarnation, "Events": self.events}
         return 200, msgspec.json.encode(document), json, {}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m fake_controller.metadata",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=__doc__.split("\n\n", 2)[2] if __doc__ else None,
+    )
+    parser.add_argument("--provider", choices=PROVIDERS, required=True, help="which cloud to pretend to be")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on [%(default)s]")
+    parser.add_argument("--port", type=int, default=8081, help="port to listen on, 0 for any [%(default)s]")
+    parser.add_argument("--vm-name", default="vm-123", help="the VM's name (Azure) [%(default)s]")
+    parser.add_argument("--notice-after", type=float, metavar="SECONDS", help="give a notice this long after starting")
+    parser.add_argument(
+        "--notice-in", type=float, default=120.0, metavar="SECONDS", help="the notice's deadline [%(default)s]"
+    )
+    return parser
+
+
+async def _main(args: argparse.Namespace) -> None:
+    from fake_controller.server import serve
+
+    metadata = FakeMetadata(args.provider, vm_name=args.vm_name)
+    async with trio.open_nursery() as nursery:
+        url = await nursery.start(partial(serve, metadata, args.host, args.port))
+        print(f"fake {args.provider} metadata service on {url}", flush=True)
+        if args.notice_after is not None:
+            await trio.sleep(args.notice_after)
+            metadata.notice(
+                action="terminate", preempted=True, event_type="Preempt", in_s=args.notice_in, resources=[args.vm_name]
+            )
+            print(f"gave a notice: the VM goes in {args.notice_in:g} s", flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    with contextlib.suppress(KeyboardInterrupt):
+        trio.run(_main, args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -10,10 +10,11 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
 
 from fake_controller.controller import FakeController
+from fake_controller.metadata import FakeMetadata
 
 
 async def serve(
-    controller: FakeController,
+    controller: FakeController | FakeMetadata,
     host: str = "127.0.0.1",
     port: int = 0,
     *,
@@ -21,7 +22,8 @@ async def serve(
     keyfile: str | None = None,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve `controller` until cancelled; `nursery.start(serve, ...)` returns the base URL (port 0 picks one).
+    """Serve `controller` (or a fake metadata service) until cancelled; `nursery.start(serve, ...)` returns the
+    base URL (port 0 picks one).
 
     With `certfile` and `keyfile` it serves HTTPS.
     """

@@ -17,10 +17,11 @@ import trio
 from fake_controller import FakeController, Settings
 from fake_controller.fake_runner.behaviour import Job
 from fake_controller.metadata import FakeMetadata
+from fake_controller.server import serve
 from fake_controller.simulated_runner import SimulatedRunner
 from miglet.config import Config
 from miglet.machine import AgentState, Phase
-from miglet.preemption import AwsWatcher, MetadataClient, Notice, open_metadata_client
+from miglet.preemption import AwsWatcher, MetadataClient, Notice, open_metadata_client, watch
 from tests.agents import ConfigFactory, Running, running_agent
 
 LOOPBACK = "http://127.0.0.1:9"
@@ -306,3 +307,30 @@ def test_preemption_is_off_unless_asked_for(make_config: ConfigFactory) -> None:
     config = make_config()
     assert config.preemption == "off"
     assert config.effective_metadata_endpoint is None
+
+
+@pytest.mark.parametrize("provider", ["aws", "gcp", "azure"])
+async def test_each_watcher_over_real_http_on_loopback(provider: str) -> None:
+    metadata = FakeMetadata(provider, vm_name="vm-123")
+    seen: list[Notice] = []
+    noticed = trio.Event()
+
+    def notify(notice: Notice) -> None:
+        seen.append(notice)
+        noticed.set()
+
+    async def never() -> None:
+        await trio.sleep_forever()
+
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            url = await nursery.start(serve, metadata)
+            assert url.startswith("http://127.0.0.1:")
+            async with open_metadata_client(url) as http:
+                nursery.start_soon(watch, provider, MetadataClient(http), notify, never)
+                await trio.sleep(0.5)
+                metadata.notice(action="terminate", preempted=True, event_type="Preempt", in_s=120)
+                await noticed.wait()
+                nursery.cancel_scope.cancel()
+    assert seen[0].provider == provider
+    assert seen[0].deadline is not None
