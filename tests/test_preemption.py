@@ -20,6 +20,7 @@ from fake_controller.metadata import FakeMetadata
 from fake_controller.server import serve
 from fake_controller.simulated_runner import SimulatedRunner
 from miglet.config import Config
+from miglet.protocol import Provider
 from miglet.machine import AgentState, Phase
 from miglet.preemption import AwsWatcher, MetadataClient, Notice, open_metadata_client, watch
 from tests.agents import ConfigFactory, Running, running_agent
@@ -310,7 +311,7 @@ def test_preemption_is_off_unless_asked_for(make_config: ConfigFactory) -> None:
 
 
 @pytest.mark.parametrize("provider", ["aws", "gcp", "azure"])
-async def test_each_watcher_over_real_http_on_loopback(provider: str) -> None:
+async def test_each_watcher_over_real_http_on_loopback(provider: Provider) -> None:
     metadata = FakeMetadata(provider, vm_name="vm-123")
     seen: list[Notice] = []
     noticed = trio.Event()
