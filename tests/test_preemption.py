@@ -20,9 +20,9 @@ from fake_controller.metadata import FakeMetadata
 from fake_controller.server import serve
 from fake_controller.simulated_runner import SimulatedRunner
 from miglet.config import Config
-from miglet.protocol import Provider
 from miglet.machine import AgentState, Phase
 from miglet.preemption import AwsWatcher, MetadataClient, Notice, open_metadata_client, watch
+from miglet.protocol import Provider
 from tests.agents import ConfigFactory, Running, running_agent
 
 LOOPBACK = "http://127.0.0.1:9"
