@@ -32,6 +32,9 @@ ROWS: list[Row] = [
     ("100 agents: controller requests/s", "fleet.100.requests_per_s", None),
     ("1,000 agents: all Idle (s)", "fleet.1000.all_idle_s", 10),
     ("1,000 agents: controller requests/s", "fleet.1000.requests_per_s", None),
+    ("AWS notice → vm_preempted delivered, max (ms)", "preemption.aws.max_ms", 5000),
+    ("GCP notice → vm_preempted delivered, max (ms)", "preemption.gcp.max_ms", 1000),
+    ("Azure notice → vm_preempted delivered, max (ms)", "preemption.azure.max_ms", 5000),
 ]
 
 
@@ -53,7 +56,8 @@ def document(results: dict[str, Any], figures: str) -> str:
     trials = _get(results, "startup.trials") or "several"
     return f"""# Benchmarks
 
-Run with `just bench` (all) or `.venv/bin/python -m benchmarks latency startup footprint fleet` (any of them).
+Run with `just bench` (all) or `.venv/bin/python -m benchmarks latency startup footprint fleet preemption` (any
+of them).
 The run prints this table and writes `benchmarks/results.json`; this page is regenerated from it.
 
 Last run: {results.get("date", "unknown")} on {machine_line}.
@@ -83,6 +87,10 @@ for comparing machines (on a typical cloud VM it is 30-50 ms).
 - **Fleet** (`benchmarks/fleet.py`): N agents in one process with the in-process simulated runner, against
   one `python -m fake_controller` process, over loopback; time from start until every agent is Idle, and the
   requests the controller served per second over that time.
+- **Preemption** (`benchmarks/preemption.py`): for each cloud, eight times, one Idle agent with the simulated
+  runner, over real HTTP on loopback against the fake controller and that cloud's fake metadata service; at a
+  random moment a notice appears, and the figure is the time until the controller has received
+  `vm_preempted`. AWS and Azure are polled every 2 s; GCP's values are held open with `wait_for_change`.
 
 ## Findings
 

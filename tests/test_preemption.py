@@ -118,23 +118,31 @@ async def test_a_job_that_ends_before_the_margin_ends_as_usual(
     assert [notice["action"] for notice in notices(running)] == ["stop"]
 
 
+@pytest.mark.parametrize(
+    ("provider", "action"),
+    [("aws", "terminate"), ("gcp", "TERMINATE_ON_HOST_MAINTENANCE"), ("azure", "Terminate")],
+)
 async def test_in_ready_no_runner_is_started_and_a_shutdown_still_stops(
-    make_config: ConfigFactory, runner: SimulatedRunner, autojump_clock: trio.testing.MockClock
+    make_config: ConfigFactory,
+    runner: SimulatedRunner,
+    autojump_clock: trio.testing.MockClock,
+    provider: str,
+    action: str,
 ) -> None:
     controller = FakeController(Settings(send_registration=False))
-    metadata = FakeMetadata("gcp")
+    metadata = FakeMetadata(provider)
     async with running_agent(
-        preempting(make_config, "gcp"), controller, runner, metadata_transport=httpx.ASGITransport(app=metadata)
+        preempting(make_config, provider), controller, runner, metadata_transport=httpx.ASGITransport(app=metadata)
     ) as running:
         await running.reach(Phase.READY)
-        metadata.notice(maintenance="TERMINATE_ON_HOST_MAINTENANCE")
+        metadata.notice(action=action, maintenance=action, event_type=action, in_s=120)
         await delivered(running, lambda state: state.preempted is not None)
         controller.enqueue("vm-123", controller.registration_command("vm-123") | {"id": "late"})
         await delivered(running, lambda state: state.has_seen("late"))
         assert running.agent.phase is Phase.READY
         controller.enqueue("vm-123", {"type": "shutdown", "parameters": {"reason": "scale-in"}})
     [notice] = notices(running)
-    assert (notice["action"], notice["phase"]) == ("TERMINATE_ON_HOST_MAINTENANCE", "Ready")
+    assert (notice["action"], notice["phase"]) == (action, "Ready")
     [refused] = running.events("command_failed")
     assert refused["command_id"] == "late"
     assert refused["error"].startswith("preempted:")
@@ -252,17 +260,19 @@ async def test_gcp_is_watched_with_wait_for_change_not_a_tight_poll(
     assert notice["action"] == "preempted"
 
 
+@pytest.mark.parametrize("provider", ["aws", "gcp", "azure"])
 async def test_unusable_metadata_is_logged_at_most_once_a_minute_and_changes_nothing(
     make_config: ConfigFactory,
     controller: FakeController,
     runner: SimulatedRunner,
     autojump_clock: trio.testing.MockClock,
     caplog: pytest.LogCaptureFixture,
+    provider: str,
 ) -> None:
     caplog.set_level(logging.WARNING, logger="miglet")
-    metadata = FakeMetadata("azure")
+    metadata = FakeMetadata(provider)
     async with running_agent(
-        preempting(make_config, "azure"), controller, runner, metadata_transport=httpx.ASGITransport(app=metadata)
+        preempting(make_config, provider), controller, runner, metadata_transport=httpx.ASGITransport(app=metadata)
     ) as running:
         await running.reach(Phase.IDLE)
         metadata.garbage = True
@@ -272,11 +282,11 @@ async def test_unusable_metadata_is_logged_at_most_once_a_minute_and_changes_not
         await trio.sleep(90)
         assert running.agent.phase is Phase.IDLE
         metadata.status = None
-        metadata.notice(event_type="Preempt")
+        metadata.notice(action="terminate", preempted=True, event_type="Preempt", in_s=120)
     complaints = [record for record in caplog.records if record.getMessage().startswith("Cannot read the metadata")]
     assert 2 <= len(complaints) <= 4
     assert running.events("internal_error") == []
-    assert [notice["action"] for notice in notices(running)] == ["Preempt"]
+    assert len(notices(running)) == 1
 
 
 async def test_imdsv2_tokens_are_renewed_before_they_expire_and_after_a_refusal(
