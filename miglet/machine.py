@@ -98,7 +98,8 @@ class Preemption(msgspec.Struct, frozen=True):
 
 
 PREEMPTED_REFUSAL: Final = "preempted: the cloud is taking the VM back"
-# Notices already reported, so that each is reported once (a cloud repeats its notice on every poll).
+# Notices already reported, so that each is reported once (a cloud repeats its notice on every poll): one per
+# kind of notice, and there are a handful of kinds.
 NOTICES_KEPT: Final = 16
 
 
@@ -620,7 +621,8 @@ def _runner_exited(state: AgentState, code: int, killed: int | None) -> Step:
 
 
 def _notice_key(notice: PreemptionNoticed) -> str:
-    return f"{notice.provider} {notice.action} {notice.deadline}"
+    # Not the deadline: a cloud may move it from one look to the next (GCP's is counted from when it is seen).
+    return f"{notice.provider} {notice.action}"
 
 
 def _preempted(state: AgentState, notice: PreemptionNoticed) -> Step:

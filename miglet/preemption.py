@@ -47,6 +47,9 @@ COMPLAIN_EVERY_S: Final = 60.0
 QUOTED_CHARS: Final = 200
 
 AZURE_API: Final = {"api-version": "2020-07-01"}
+MAX_EVENT_ID: Final = 128
+# Scheduled events approved at most (a service inventing new ones on every look gets no more).
+MAX_APPROVALS: Final = 8
 AZURE_STOPS: Final = frozenset({"Reboot", "Redeploy"})
 AZURE_DEADLINES: Final = frozenset({"Preempt", "Terminate"})
 AWS_SPOT_ACTIONS: Final = frozenset({"terminate", "stop", "hibernate"})
@@ -330,7 +333,7 @@ class AzureWatcher:
         self._runner_stopped = runner_stopped
         self._poll_s = poll_s
         self._name: str | None = None
-        self._approving: set[str] = set()
+        self._approving: set[str] = set()  # at most MAX_APPROVALS
         self._complaints = _Complaints("azure")
 
     async def run(self) -> None:
@@ -341,7 +344,7 @@ class AzureWatcher:
                         action = event.event_type
                         as_stop = action in AZURE_STOPS
                         self._notify(Notice(provider="azure", action=action, deadline=deadline, as_stop=as_stop))
-                        if event.event_id not in self._approving:
+                        if event.event_id not in self._approving and len(self._approving) < MAX_APPROVALS:
                             self._approving.add(event.event_id)
                             nursery.start_soon(self._approve, event.event_id)
                 except MetadataUnavailable as exc:
@@ -372,6 +375,8 @@ class AzureWatcher:
         for event in document.events:
             if self._name not in event.resources or event.event_type not in AZURE_DEADLINES | AZURE_STOPS:
                 continue
+            if not 0 < len(event.event_id) <= MAX_EVENT_ID or not event.event_id.isprintable():
+                raise MetadataUnavailable(f"scheduledevents: unusable EventId {event.event_id[:QUOTED_CHARS]!r}")
             found.append((event, _not_before(event.not_before)))
         return found
 

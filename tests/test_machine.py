@@ -16,6 +16,7 @@ from miglet import exitcodes, protocol
 from miglet.machine import (
     LEGAL_TRANSITIONS,
     MAX_PENDING_REGISTRATIONS,
+    PREEMPTED_REFUSAL,
     SEEN_COMMANDS_KEPT,
     SEEN_GENERATION,
     Acknowledged,
@@ -31,14 +32,19 @@ from miglet.machine import (
     JobRunning,
     ListenTimedOut,
     Phase,
+    PreemptionDue,
+    PreemptionNoticed,
     Register,
     RegistrationAborted,
     RunnerGone,
     RunnerListening,
     RunnerProcess,
+    Send,
+    ShortenGrace,
     SignalReceived,
     Start,
     Step,
+    StopJobIn,
     StopRequested,
     StopRunner,
     TakeNext,
@@ -452,6 +458,12 @@ any_inputs = st.one_of(
     st.builds(DeadlinePassed, st.sampled_from(list(Phase)), st.just(60.0)),
     st.builds(RunnerProcess, st.one_of(st.none(), st.integers(1, 100))),
     st.just(Undelivered()),
+    st.builds(
+        lambda action, left: notice(action, left),
+        st.sampled_from(["terminate", "stop"]),
+        st.sampled_from([None, 0.0, 10.0, 120.0]),
+    ),
+    st.just(PreemptionDue()),
 )
 
 
@@ -550,3 +562,76 @@ def test_reports_on_an_earlier_hand_over_of_a_command_sent_again_change_nothing(
     ):
         assert not transition(again, late).accepted
     assert transition(again, RegistrationAborted("A", "configure_failed", "404", attempt=2)).accepted
+
+
+# --- Preemption notices ----------------------------------------------------------------------------------------
+
+
+def notice(action: str = "terminate", left: float | None = 120.0) -> PreemptionNoticed:
+    deadline = None if left is None else "2024-01-15T10:32:00Z"
+    return PreemptionNoticed(provider="aws", action=action, deadline=deadline, seconds_left=left)
+
+
+def busy() -> AgentState:
+    return run([START, Acknowledged(), registration("c1"), RunnerListening(), JobRunning("b")])[0]
+
+
+def test_a_notice_is_reported_first_and_once() -> None:
+    step = transition(busy(), notice())
+    [send] = [effect for effect in step.effects if isinstance(effect, Send)]
+    assert send.first
+    assert send.event == protocol.VmPreempted(
+        provider="aws", action="terminate", deadline="2024-01-15T10:32:00Z", phase="Busy", job_name="b"
+    )
+    again = transition(step.state, notice())
+    assert again.ignored == "a notice already reported"
+    assert again.events == ()
+
+
+def test_a_busy_runner_keeps_its_job_until_the_margin() -> None:
+    step = transition(busy(), notice(left=120))
+    assert step.state.phase is Phase.BUSY
+    assert StopJobIn(100) in step.effects
+    due = transition(step.state, PreemptionDue())
+    assert due.state.stop is not None
+    assert (due.state.stop.reason, due.state.stop.grace_s) == ("preempted", 20)
+    # Stopped for another reason first: the deadline only shortens the runner's grace.
+    stopping = transition(busy(), StopRequested(reason="scale-in", grace_s=300)).state
+    late = transition(stopping, notice(left=60))
+    assert ShortenGrace(40) in late.effects
+    assert not transition(late.state, PreemptionDue()).accepted
+
+
+def test_an_idle_runner_is_stopped_at_once_and_a_notice_without_a_deadline_is_a_shutdown() -> None:
+    idle = run([START, Acknowledged(), registration("c1"), RunnerListening()])[0]
+    stopped = transition(idle, notice()).state
+    assert stopped.phase is Phase.STOPPING
+    assert stopped.stop is not None
+    assert stopped.stop.reason == "preempted"
+    removed = transition(busy(), notice("autoscaling-terminated", left=None)).state
+    assert removed.phase is Phase.STOPPING
+    assert removed.stop is not None
+    assert removed.stop.grace_s == 30.0  # the configured grace, as for a shutdown
+
+
+def test_in_ready_later_registrations_are_refused_and_a_registration_in_progress_is_abandoned() -> None:
+    preempted = transition(ready(), notice()).state
+    refused = transition(preempted, registration("c9"))
+    assert refused.state.phase is Phase.READY
+    assert [event.error for event in refused.events if isinstance(event, protocol.CommandFailed)] == [PREEMPTED_REFUSAL]
+    registering = transition(ready(), registration("c1")).state
+    waiting = transition(registering, registration("c2")).state
+    abandoned = transition(waiting, notice())
+    assert abandoned.state.run_abandoned is not None
+    assert refusals(list(abandoned.events)) == ["c2"]
+    failed = transition(abandoned.state, RegistrationAborted("c1", "runner_start_failed", "cancelled"))
+    assert failed.events == (protocol.RegistrationFailed(command_id="c1", reason="preempted", error=PREEMPTED_REFUSAL),)
+
+
+def test_a_persistent_runner_whose_job_ends_before_the_margin_takes_no_other() -> None:
+    persistent = Start(runner_name="r", ephemeral=False)
+    state = run([persistent, Acknowledged(), registration("c1"), RunnerListening(), JobRunning("b")])[0]
+    state, _ = drive_from(transition(state, notice()).state, [JobDone("b", "Succeeded")])
+    assert state.phase is Phase.STOPPING
+    assert state.stop is not None
+    assert state.stop.reason == "preempted"
