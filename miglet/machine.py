@@ -451,6 +451,9 @@ def _transition(state: AgentState, event: Input) -> Step:
             due = Log("The preemption's deadline is near: stopping the runner", logging.WARNING)
             step = _stop(state, plan)
             return Step(step.state, (due, *step.effects))
+        case PreemptionDue() if phase is _P.STOPPING and state.preempted is not None:
+            # Stopping for another reason with a longer grace: the deadline wins, the margin left for the report.
+            return Step(state, (ShortenGrace(state.margin_s),))
         case Finished() if phase is _P.STOPPING:
             return Step(replace(state, phase=_P.STOPPED, listening=False, job=None), _abandoned(state))
         case Undelivered() if phase is _P.STOPPED and state.stop is not None and state.stop.exit_code == exitcodes.OK:

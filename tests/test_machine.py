@@ -599,7 +599,10 @@ def test_a_busy_runner_keeps_its_job_until_the_margin() -> None:
     stopping = transition(busy(), StopRequested(reason="scale-in", grace_s=300)).state
     late = transition(stopping, notice(left=60))
     assert ShortenGrace(40) in late.effects
-    assert not transition(late.state, PreemptionDue()).accepted
+    # A shutdown with a long grace after the notice: when the margin is reached, the grace is cut to it.
+    noticed = transition(busy(), notice(left=120)).state
+    shut = transition(noticed, StopRequested(reason="scale-in", grace_s=300)).state
+    assert transition(shut, PreemptionDue()).effects == (ShortenGrace(20),)
 
 
 def test_an_idle_runner_is_stopped_at_once_and_a_notice_without_a_deadline_is_a_shutdown() -> None:
