@@ -40,6 +40,7 @@ from miglet.runner.backend import ConfigureFailed, Grace, RunnerBackend
 from miglet.runner.output import relay_line
 from miglet.runner.process import ProcessRunner, kill_leftover_runner
 from miglet.runner.reaper import reap_orphans_task, sweep_descendants
+from miglet.sdnotify import Notifier
 from miglet.secret import Secret
 from miglet.stamp import Stamper
 from miglet.statefile import StateFileError, StateFileMissing, StateFileWriter, read_state_file
@@ -119,6 +120,7 @@ class Agent:
         handle_signals: bool = True,
         held_signals: HeldSignals | None = None,
         started_at: float | None = None,
+        notifier: Notifier | None = None,
     ) -> None:
         self.config = config
         self.stop_controls = StopControls(config.shutdown_grace, config.flush_timeout)
@@ -151,6 +153,9 @@ class Agent:
         self._root: trio.Nursery | None = None
         self.timings = PhaseTimings(time.monotonic() if started_at is None else started_at)
         self.driver.observe(self.timings.observe)
+        self._notifier = notifier
+        if notifier is not None:
+            self.driver.observe(notifier.observe)
 
     @property
     def phase(self) -> Phase:
@@ -252,6 +257,8 @@ class Agent:
                 supervise = self.supervision.run
                 if self._handle_signals:
                     root.start_soon(supervise, "signals", self._watch_signals)
+                if self._notifier is not None and self._notifier.watchdog_s is not None:
+                    root.start_soon(supervise, "watchdog", self._notifier.watchdog)
                 if is_child_subreaper():  # `miglet run`: orphans of the runner come to this process
                     root.start_soon(supervise, "reaper", reap_orphans_task)
                 root.start_soon(supervise, "outbox", partial(self._serve_outbox, client))

@@ -127,6 +127,7 @@ def _run(config: Config, held: HeldSignals, problems: list[tuple[str, str]], exp
 
         from miglet.app import Agent
         from miglet.logs import configure_logging
+        from miglet.sdnotify import Notifier
         from miglet.timings import process_start
     finally:
         gc.freeze()
@@ -138,7 +139,9 @@ def _run(config: Config, held: HeldSignals, problems: list[tuple[str, str]], exp
     for exposure in exposures:
         log.warning(exposure.message, extra=exposure.fields)
     try:
-        return trio.run(Agent(config, started_at=process_start(), held_signals=held).run)
+        notifier = Notifier.from_environment()
+        agent = Agent(config, started_at=process_start(), held_signals=held, notifier=notifier)
+        return trio.run(agent.run)
     except KeyboardInterrupt:
         log.warning("Interrupted before the agent could stop cleanly")
         return EXIT_FAILURE
