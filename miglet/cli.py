@@ -13,13 +13,13 @@ import gc
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Final
 
-from miglet import __version__, exitcodes
-from miglet.config import VARIABLES, Config, ConfigError, load_config
-from miglet.hardening import Exposure, harden_process, token_exposures
+from miglet import __version__, exitcodes, preflight
+from miglet.config import VARIABLES, Config, ConfigError, check_config, load_config
+from miglet.hardening import harden_process, token_exposures
 from miglet.stop_signals import HeldSignals, ignore_stop_signals
 
 EXIT_OK: Final = exitcodes.OK
@@ -101,22 +101,50 @@ def main(argv: Sequence[str] | None = None) -> int:
         held.hold()
         problems = harden_process()
     env = _environment(args)
+    if args.command == "check-config":
+        return _check_config(env)
     config = _load(env)
     if config is None:
         return EXIT_CONFIG
+    # Before the VM is announced: a runner that cannot start would only waste the registration token.
+    broken = preflight.runner_dir_problems(config.runner_dir)
+    for problem in broken:
+        print(f"miglet: configuration error: {problem}", file=sys.stderr)
+    if broken:
+        return EXIT_CONFIG
     exposures = token_exposures(config, (env.get("MIGLET_CONTROLLER_TOKEN_FILE") or "").strip() or None)
-    if args.command == "check-config":
+    warnings: list[tuple[str, Mapping[str, object]]] = [(warning, {}) for warning in preflight.misspelt(env)]
+    warnings += [(exposure.message, exposure.fields) for exposure in exposures]
+    return _run(config, held, problems, warnings)
+
+
+def _check_config(env: dict[str, str]) -> int:
+    """Every problem with the configuration and what it points at, at once; the effective values; warnings."""
+    config, errors = check_config(env)
+    if config is not None:
+        errors += preflight.preflight(config)
+    warnings = preflight.misspelt(env)
+    if config is not None:
         from miglet.status import print_config
 
         print_config(config)
-        for exposure in exposures:
-            details = "".join(f" {key}={value}" for key, value in exposure.fields.items())
-            print(f"miglet: warning: {exposure.message}{details}", file=sys.stderr)
-        return EXIT_OK
-    return _run(config, held, problems, exposures)
+        stop_time = preflight.stop_time_warning(config)
+        warnings += [stop_time] if stop_time is not None else []
+        for exposure in token_exposures(config, (env.get("MIGLET_CONTROLLER_TOKEN_FILE") or "").strip() or None):
+            warnings.append(exposure.message + "".join(f" {key}={value}" for key, value in exposure.fields.items()))
+    for warning in warnings:
+        print(f"miglet: warning: {warning}", file=sys.stderr)
+    for error in errors:
+        print(f"miglet: configuration error: {error}", file=sys.stderr)
+    return EXIT_CONFIG if errors else EXIT_OK
 
 
-def _run(config: Config, held: HeldSignals, problems: list[tuple[str, str]], exposures: list[Exposure]) -> int:
+def _run(
+    config: Config,
+    held: HeldSignals,
+    problems: list[tuple[str, str]],
+    warnings: list[tuple[str, Mapping[str, object]]],
+) -> int:
     # Importing trio and httpx creates about fifty thousand objects, none of them garbage; collecting while
     # they are created only costs start-up time, and freezing them keeps later collections from rescanning them.
     # httpx imports its transport, httpcore, only when the first client is made: it is imported here instead.
@@ -136,8 +164,8 @@ def _run(config: Config, held: HeldSignals, problems: list[tuple[str, str]], exp
     log.info("MIGlet starting", extra={"version": __version__, "vm_id": config.vm_id, "pool_id": config.pool_id})
     for what, error in problems:
         log.warning(what, extra={"error": error})
-    for exposure in exposures:
-        log.warning(exposure.message, extra=exposure.fields)
+    for message, fields in warnings:
+        log.warning(message, extra=fields)
     try:
         notifier = Notifier.from_environment()
         agent = Agent(config, started_at=process_start(), held_signals=held, notifier=notifier)

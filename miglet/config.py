@@ -517,10 +517,26 @@ def _runner_user(reader: _Reader, name: str, default: str | None) -> str | None:
 
 
 def load_config(env: Mapping[str, str] | None = None) -> Config:
-    """Build the configuration from `env` (default: the process environment), checking every value."""
+    """Build the configuration from `env` (default: the process environment), checking every value; raises the
+    first problem found."""
+    config, problems = check_config(env)
+    if config is None:
+        raise problems[0]
+    return config
+
+
+def check_config(env: Mapping[str, str] | None = None) -> tuple[Config | None, list[ConfigError]]:
+    """The configuration from `env`, or None and every problem with it."""
     reader = _Reader(os.environ if env is None else env)
     defaults = msgspec.structs.asdict(_DEFAULTS)
-    return Config(**{field: setting.read(reader, setting.variable, defaults[field]) for field, setting in SETTINGS})
+    values: dict[str, Any] = {}
+    problems: list[ConfigError] = []
+    for field, setting in SETTINGS:
+        try:
+            values[field] = setting.read(reader, setting.variable, defaults[field])
+        except ConfigError as exc:
+            problems.append(exc)
+    return (None, problems) if problems else (Config(**values), [])
 
 
 def _settings() -> tuple[tuple[str, Setting], ...]:

@@ -74,6 +74,10 @@ def status_command(state_file: Path | None, *, as_json: bool) -> int:
 
 def print_config(config: Config) -> None:
     """Print the effective configuration; secrets show as masked because `Secret` never prints its value."""
+    effective = {
+        "runner_name": config.effective_runner_name,
+        "metadata_endpoint": config.effective_metadata_endpoint,
+    }
     for field in config.__struct_fields__:
-        value = getattr(config, field)
+        value = effective.get(field, getattr(config, field))
         print(f"{field} = {'unset' if value is None else value}")

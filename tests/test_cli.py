@@ -18,6 +18,7 @@ import trio
 
 import miglet.cli
 import miglet.logs
+from fake_controller.fake_runner import install
 from miglet import exitcodes
 from miglet.cli import main
 from miglet.stop_signals import STOP_SIGNALS
@@ -58,7 +59,7 @@ def test_agent_runs_with_the_collector_on_and_start_up_objects_frozen(
         "MIGLET_VM_ID": "vm-1",
         "MIGLET_POOL_ID": "pool-1",
         "MIGLET_CONTROLLER_ENDPOINT": "http://127.0.0.1:9",
-        "MIGLET_RUNNER_DIR": str(tmp_path),
+        "MIGLET_RUNNER_DIR": str(install(tmp_path / "runner")),
         "MIGLET_STATE_FILE": str(tmp_path / "state.json"),
     }.items():
         monkeypatch.setenv(name, value)
@@ -76,7 +77,7 @@ def environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, **extra: str) -
         "MIGLET_VM_ID": "vm-1",
         "MIGLET_POOL_ID": "pool-1",
         "MIGLET_CONTROLLER_ENDPOINT": "http://127.0.0.1:9",
-        "MIGLET_RUNNER_DIR": str(tmp_path),
+        "MIGLET_RUNNER_DIR": str(install(tmp_path / "runner")),
         "MIGLET_STATE_FILE": str(tmp_path / "state.json"),
         **extra,
     }.items():

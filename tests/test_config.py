@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from fake_controller.fake_runner import install
 from miglet.config import ConfigError, load_config
 from miglet.secret import Secret
 
@@ -154,14 +155,24 @@ def test_cli_exits_2_with_one_line_and_no_traceback() -> None:
     assert "Traceback" not in result.stderr
 
 
-def test_cli_flag_overrides_the_environment() -> None:
-    result = _run_cli({**BASE, "MIGLET_POLL_INTERVAL": "often"}, "check-config", "--poll-interval", "7")
+@pytest.fixture
+def runnable(tmp_path: Path) -> dict[str, str]:
+    """BASE, with a runner directory and a state file that pass the pre-flight checks."""
+    return {
+        **BASE,
+        "MIGLET_RUNNER_DIR": str(install(tmp_path / "runner")),
+        "MIGLET_STATE_FILE": str(tmp_path / "state" / "state.json"),
+    }
+
+
+def test_cli_flag_overrides_the_environment(runnable: dict[str, str]) -> None:
+    result = _run_cli({**runnable, "MIGLET_POLL_INTERVAL": "often"}, "check-config", "--poll-interval", "7")
     assert result.returncode == 0, result.stderr
     assert "poll_interval = 7.0" in result.stdout
 
 
-def test_check_config_masks_the_controller_token() -> None:
-    result = _run_cli({**BASE, "MIGLET_CONTROLLER_TOKEN": "ctl-token-value-123"}, "check-config")
+def test_check_config_masks_the_controller_token(runnable: dict[str, str]) -> None:
+    result = _run_cli({**runnable, "MIGLET_CONTROLLER_TOKEN": "ctl-token-value-123"}, "check-config")
     assert result.returncode == 0
     assert "ctl-token-value-123" not in result.stdout + result.stderr
     assert "controller_token = Secret('***')" in result.stdout
