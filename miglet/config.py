@@ -27,6 +27,8 @@ from miglet.tokenfile import BEARER_TOKEN, BEARER_TOKEN_RULE, TokenFileError, re
 LogFormat = Literal["auto", "json", "text"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 Preemption = Literal["off", "aws", "gcp", "azure"]
+# The longest a long poll may ask the controller to hold a request (MIGLET_COMMAND_WAIT), in seconds.
+MAX_COMMAND_WAIT: Final = 600
 # Each cloud's metadata service, where MIGLET_METADATA_ENDPOINT does not say otherwise.
 METADATA_ENDPOINTS: Final = {
     "aws": "http://169.254.169.254",
@@ -121,7 +123,7 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
         Setting(
             "MIGLET_COMMAND_WAIT",
             "long-poll: ask the controller to hold a poll up to N s (0: off)",
-            _integer(minimum=0, maximum=600),
+            _integer(minimum=0, maximum=MAX_COMMAND_WAIT),
         ),
     ] = 20
     heartbeat_interval: Annotated[

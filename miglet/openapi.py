@@ -14,6 +14,7 @@ from typing import Any, Final
 import msgspec
 
 from miglet import __version__, protocol
+from miglet.config import MAX_COMMAND_WAIT
 from miglet.controller import MAX_BODY_BYTES
 from miglet.retry import MAX_RETRY_AFTER
 from miglet.secret import Secret
@@ -40,9 +41,12 @@ def _ref(name: str) -> Schema:
 
 def _schema_hook(type_: type) -> Schema:
     if type_ is Secret:
+        # Not `writeOnly`: the controller sends these in its answers, and tools read writeOnly as "never in a
+        # response" (schemathesis flags a correct answer, generators drop the field).
         return {
             "type": "string",
-            "writeOnly": True,
+            "format": "password",
+            "x-secret": True,
             "description": "A secret: MIGlet uses it, but never logs, prints or sends it anywhere else.",
         }
     raise NotImplementedError(f"no schema for {type_!r}")
@@ -148,7 +152,7 @@ def _get_commands() -> Schema:
                     "Long poll (extension): hold the request up to this many seconds until a command exists."
                     " Sent when MIGLET_COMMAND_WAIT > 0; MIGlet waits that long plus 10 s for the answer."
                 ),
-                "schema": {"type": "integer", "minimum": 0},
+                "schema": {"type": "integer", "minimum": 1, "maximum": MAX_COMMAND_WAIT},
             },
         ],
         "responses": {

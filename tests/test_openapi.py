@@ -79,7 +79,7 @@ def test_render_is_stable_json() -> None:
     assert json.loads(text) == openapi.build()
 
 
-def test_secrets_are_write_only_strings(document: dict[str, Any]) -> None:
+def test_secrets_are_marked_as_secrets_but_not_write_only(document: dict[str, Any]) -> None:
     schemas = document["components"]["schemas"]
     fields = [
         ("RegisterRunnerParameters", "registration_token"),
@@ -89,7 +89,8 @@ def test_secrets_are_write_only_strings(document: dict[str, Any]) -> None:
     for struct, field in fields:
         options = schemas[struct]["properties"][field]["anyOf"]
         secret = next(option for option in options if option.get("type") == "string")
-        assert secret["writeOnly"] is True, (struct, field)
+        assert (secret["format"], secret["x-secret"]) == ("password", True), (struct, field)
+        assert "writeOnly" not in secret
         assert secret["description"]
 
 
@@ -105,12 +106,13 @@ def test_unions_cover_every_wire_type(document: dict[str, Any]) -> None:
             assert target["properties"]["type"] == {"enum": [tag]}
 
 
-def test_wait_is_an_optional_non_negative_integer(document: dict[str, Any]) -> None:
+def test_wait_is_an_optional_integer_within_the_bounds_miglet_sends(document: dict[str, Any]) -> None:
     parameters = document["paths"][COMMANDS]["get"]["parameters"]
     wait = next(parameter for parameter in parameters if parameter["name"] == "wait")
     assert wait["in"] == "query"
     assert wait["required"] is False
-    assert wait["schema"] == {"type": "integer", "minimum": 0}
+    # MIGLET_COMMAND_WAIT is 0-600, and 0 sends no `wait` at all.
+    assert wait["schema"] == {"type": "integer", "minimum": 1, "maximum": 600}
 
 
 def test_bearer_auth_is_optional(document: dict[str, Any]) -> None:
