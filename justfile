@@ -37,6 +37,12 @@ lint:
 openapi:
     {{bin}}/python -m miglet.openapi > docs/openapi.json.tmp && mv docs/openapi.json.tmp docs/openapi.json
 
+# Build the wheel and the source distribution into dist/
+dist:
+    rm -rf dist
+    {{bin}}/python -m build --outdir dist . >/dev/null
+    @ls -1 dist
+
 # Build the container image (MIGlet only; add the runner in your own layer, see docs/operations.md)
 docker-build tag="miglet":
     docker build -t {{tag}} .
