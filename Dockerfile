@@ -50,10 +50,13 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_ROOT_USER_ACTION=ignore
 
-# The build context is mounted, not copied, so no layer keeps the source; a writable mount lets the build
-# backend write where it likes, and whatever it writes is thrown away.
+# The locked dependencies in a layer of their own (every version pinned, every hash checked), cached until the lock
+# changes; then MIGlet alone on top. The build context is mounted, not copied, so no layer keeps the source; a
+# writable mount lets the build backend write where it likes, and whatever it writes is thrown away.
+RUN --mount=type=bind,source=requirements.lock,target=/tmp/requirements.lock \
+    pip install --no-cache-dir --require-hashes -r /tmp/requirements.lock
 RUN --mount=type=bind,target=/tmp/miglet-src,rw \
-    pip install --no-cache-dir /tmp/miglet-src
+    pip install --no-cache-dir --no-deps /tmp/miglet-src
 
 # The runner runs as this user, never as MIGlet's (config.sh refuses root unless told otherwise); its directory
 # is its own. The state file's directory is MIGlet's (root's) alone: `miglet status` runs as root too.

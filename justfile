@@ -37,10 +37,15 @@ lint:
 openapi:
     {{bin}}/python -m miglet.openapi > docs/openapi.json.tmp && mv docs/openapi.json.tmp docs/openapi.json
 
+# Pin MIGlet's runtime dependencies, with their hashes, in requirements.lock (after changing pyproject.toml)
+lock:
+    {{bin}}/pip-compile --quiet --generate-hashes --strip-extras --no-emit-index-url --no-emit-find-links --output-file requirements.lock pyproject.toml
+
 # Build the wheel and the source distribution into dist/
 dist:
     rm -rf dist
     {{bin}}/python -m build --outdir dist . >/dev/null
+    cp requirements.lock dist/
     @ls -1 dist
 
 # Build the container image (MIGlet only; add the runner in your own layer, see docs/operations.md)

@@ -318,3 +318,24 @@ def test_operations_doc_gives_the_exit_codes() -> None:
     text = OPERATIONS.read_text()
     for code, meaning in ((0, "clean stop"), (1, "unrecoverable failure"), (EXIT_CONFIG, "configuration error")):
         assert f"| {code} | {meaning} |" in text
+
+
+# --- The lock -------------------------------------------------------------------------------------------------------
+
+
+def test_the_lock_pins_every_runtime_dependency_within_its_range_with_hashes() -> None:
+    from packaging.requirements import Requirement
+
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    text = (ROOT / "requirements.lock").read_text()
+    pins = dict(re.findall(r"^([a-z0-9][a-z0-9._-]*)==(\S+) \\$", text, re.MULTILINE))
+    for line in pyproject["project"]["dependencies"]:
+        requirement = Requirement(line)
+        assert requirement.name in pins, f"{requirement.name} is not in requirements.lock: run `just lock`"
+        assert requirement.specifier.contains(pins[requirement.name]), (requirement, pins[requirement.name])
+    # Every pin carries its hashes, so that pip --require-hashes installs exactly what was locked.
+    entries = re.split(r"\n(?=[a-z0-9])", text.split("\n\n", 1)[-1] if text.startswith("#") else text)
+    assert all("--hash=sha256:" in entry for entry in entries if "==" in entry)
+    # Runtime only: nothing the fake controller or the tests need.
+    assert "hypercorn" not in pins
+    assert "pytest" not in pins
