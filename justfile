@@ -41,11 +41,18 @@ openapi:
 lock:
     {{bin}}/pip-compile --quiet --generate-hashes --strip-extras --no-emit-index-url --no-emit-find-links --output-file requirements.lock pyproject.toml
 
-# Build the wheel and the source distribution into dist/
+# Build into dist/: the wheel, the source distribution, the lock, the standalone build and its Debian package
 dist:
-    rm -rf dist
+    rm -rf dist build/bundle-venv
     {{bin}}/python -m build --outdir dist . >/dev/null
     cp requirements.lock dist/
+    # The standalone build is made from exactly the locked runtime set, plus PyInstaller to build it.
+    python3 -m venv build/bundle-venv
+    build/bundle-venv/bin/pip install -q --require-hashes -r requirements.lock
+    build/bundle-venv/bin/pip install -q --no-deps dist/miglet-*.whl
+    build/bundle-venv/bin/pip install -q 'pyinstaller>=6.10,<7'
+    build/bundle-venv/bin/python packaging/bundle/build.py bundle dist
+    {{bin}}/python packaging/bundle/build.py deb dist
     @ls -1 dist
 
 # Build the container image (MIGlet only; add the runner in your own layer, see docs/operations.md)

@@ -94,13 +94,14 @@ async def miglet_against(
     env: dict[str, str] | None = None,
     python: str = sys.executable,
     user: str | None = None,
+    command: list[str] | None = None,
 ) -> AsyncIterator[tuple[Miglet, Path]]:
     runner_dir = runner_dir or install(tmp_path / "runner", behaviour)
     state_file = tmp_path / "state" / "state.json"
     async with trio.open_nursery() as nursery:
         url = await nursery.start(serve, controller)
         environment = {
-            "PATH": os.environ["PATH"],
+            "PATH": os.environ["PATH"] if command is None else "/usr/bin:/bin",
             "MIGLET_VM_ID": "vm-123",
             "MIGLET_POOL_ID": "pool-001",
             "MIGLET_CONTROLLER_ENDPOINT": url,
@@ -111,7 +112,11 @@ async def miglet_against(
         }
         as_user: dict[str, Any] = {} if user is None else {"user": user, "group": user_group(user), "extra_groups": []}
         process = await trio.lowlevel.open_process(
-            [python, "-m", "miglet"], env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **as_user
+            command or [python, "-m", "miglet"],
+            env=environment,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            **as_user,
         )
         miglet = Miglet(process, state_file)
         nursery.start_soon(miglet.read_logs)
