@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Final
 
 from miglet import __version__, exitcodes, preflight
-from miglet.config import VARIABLES, Config, ConfigError, check_config, load_config
+from miglet.config import VARIABLES, Config, ConfigError, check_config, default_of, load_config
 from miglet.hardening import harden_process, token_exposures
 from miglet.stop_signals import HeldSignals, ignore_stop_signals
 
@@ -123,6 +123,9 @@ def _check_config(env: dict[str, str]) -> int:
     config, errors = check_config(env)
     if config is not None:
         errors += preflight.preflight(config)
+    elif not any(error.variable == "MIGLET_RUNNER_DIR" for error in errors):
+        # The runner directory is worth checking however the rest is (an image is built before its VM has an id).
+        errors += preflight.runner_dir_problems(Path(env.get("MIGLET_RUNNER_DIR") or default_of("runner_dir")))
     warnings = preflight.misspelt(env)
     if config is not None:
         from miglet.status import print_config
