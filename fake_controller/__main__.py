@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -103,6 +104,12 @@ async def _main(args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if importlib.util.find_spec("hypercorn") is None:
+        print(
+            "fake_controller: serving needs hypercorn, an optional dependency: pip install 'miglet[fake-controller]'",
+            file=sys.stderr,
+        )
+        return 2
     with contextlib.suppress(KeyboardInterrupt):
         trio.run(_main, args)
     return 0

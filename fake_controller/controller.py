@@ -21,6 +21,8 @@ import msgspec
 import trio
 
 from fake_controller.faults import GARBLED, DroppedConnection, Fault, FaultInjector, FaultPlan
+from miglet import protocol
+from miglet.config import MAX_COMMAND_WAIT
 
 _VM_PATH: Final = "/api/v1/vms/"
 Scope = MutableMapping[str, Any]
@@ -192,6 +194,8 @@ class FakeController:
             if method == "POST" and tail == "events":
                 return self._handle_event(vm_id, body)
             if method == "GET" and tail == "commands":
+                if (problem := _wait_problem(query)) is not None:
+                    return 400, {"error": problem}
                 return 200, await self._handle_commands(vm_id, query)
         if path.startswith("/_admin/"):
             return self._handle_admin(method, path.removeprefix("/_admin"), body)
@@ -204,6 +208,11 @@ class FakeController:
             return 400, {"error": "body is not JSON"}
         if not isinstance(event, dict):
             return 400, {"error": "event must be an object"}
+        try:
+            # The same wire types as MIGlet's: an event of the wrong shape is a broken client, told so.
+            msgspec.convert(event, protocol.AnyEvent)
+        except msgspec.ValidationError as exc:
+            return 400, {"error": f"not a valid event: {exc}"}
         vm = self.vm(vm_id)
         vm.deliveries.append(event)
         event_id = event.get("event_id")
@@ -292,6 +301,17 @@ class FakeController:
                 return 400, {"error": f"not a fault plan: {exc}"}
             return 200, msgspec.to_builtins(self.faults.plan)
         return 404, {"error": f"no admin route for {method} {path}"}
+
+
+def _wait_problem(query: dict[str, list[str]]) -> str | None:
+    """Why `?wait=` is not what the protocol allows (a whole number of seconds, 0 to MAX_COMMAND_WAIT)."""
+    values = query.get("wait")
+    if values is None:
+        return None
+    text = values[0]
+    if len(values) > 1 or not text.isdigit() or int(text) > MAX_COMMAND_WAIT:
+        return f"wait must be a whole number of seconds from 0 to {MAX_COMMAND_WAIT}, got {text!r}"
+    return None
 
 
 def _wait_seconds(query: dict[str, list[str]]) -> float:

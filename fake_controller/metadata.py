@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import itertools
 import secrets
 import sys
@@ -276,6 +277,9 @@ async def _main(args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if importlib.util.find_spec("hypercorn") is None:
+        print("fake metadata: serving needs hypercorn: pip install 'miglet[fake-controller]'", file=sys.stderr)
+        return 2
     with contextlib.suppress(KeyboardInterrupt):
         trio.run(_main, args)
     return 0

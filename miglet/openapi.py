@@ -152,7 +152,7 @@ def _get_commands() -> Schema:
                     "Long poll (extension): hold the request up to this many seconds until a command exists."
                     " Sent when MIGLET_COMMAND_WAIT > 0; MIGlet waits that long plus 10 s for the answer."
                 ),
-                "schema": {"type": "integer", "minimum": 1, "maximum": MAX_COMMAND_WAIT},
+                "schema": {"type": "integer", "minimum": 0, "maximum": MAX_COMMAND_WAIT},
             },
         ],
         "responses": {

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import httpx
 import pytest
@@ -103,3 +104,31 @@ def test_command_line_help_lists_the_admin_api_and_faults() -> None:
     assert "POST /_admin/vms/{vm_id}/commands" in result.stdout
     assert "--error-rate" in result.stdout
     assert "--no-long-poll" in result.stdout
+
+
+async def test_a_malformed_event_or_an_out_of_range_wait_is_answered_400() -> None:
+    controller = FakeController()
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=controller), base_url="http://c") as http:
+        wrong = await http.post("/api/v1/vms/vm-1/events", json={"type": "job_started", "job_name": 7})
+        assert wrong.status_code == 400
+        assert "not a valid event" in wrong.json()["error"]
+        unknown = await http.post("/api/v1/vms/vm-1/events", json={"type": "vm_exploded"})
+        assert unknown.status_code == 400
+        for wait in ("-1", "601", "soon", "1.5"):
+            answer = await http.get("/api/v1/vms/vm-1/commands", params={"wait": wait})
+            assert answer.status_code == 400, wait
+            assert "wait must be a whole number" in answer.json()["error"]
+    # Nothing malformed is recorded as received.
+    assert controller.events_of("vm-1") == []
+
+
+def test_without_hypercorn_the_command_says_what_to_install(monkeypatch: pytest.MonkeyPatch, capsys: Any) -> None:
+    import importlib.util
+
+    from fake_controller.__main__ import main
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "hypercorn" else real(name, *a))
+    assert main([]) == 2
+    [line] = capsys.readouterr().err.splitlines()
+    assert "pip install 'miglet[fake-controller]'" in line
