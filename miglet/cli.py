@@ -41,7 +41,8 @@ def _add_variable_flags(parser: argparse.ArgumentParser) -> None:
     for variable in VARIABLES:
         if variable.secret:
             continue  # a secret on the command line would show in every process list
-        group.add_argument(variable.flag, dest=variable.name, metavar="VALUE", help=argparse.SUPPRESS)
+        help_text = f"{variable.meaning} ({variable.name}; default: {variable.default})".replace("%", "%%")
+        group.add_argument(variable.flag, dest=variable.name, metavar="VALUE", help=help_text)
 
 
 def build_parser() -> argparse.ArgumentParser:

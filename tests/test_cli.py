@@ -21,6 +21,7 @@ import miglet.logs
 from fake_controller.fake_runner import install
 from miglet import exitcodes
 from miglet.cli import main
+from miglet.config import VARIABLES
 from miglet.stop_signals import STOP_SIGNALS
 
 
@@ -123,3 +124,17 @@ def test_check_config_warns_when_a_job_could_read_the_controller_token(
     monkeypatch.delenv("MIGLET_CONTROLLER_TOKEN")
     assert main(["check-config"]) == 0
     assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("command", ["run", "check-config"])
+def test_help_lists_every_flag_with_its_variable_and_default(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for variable in VARIABLES:
+        if variable.secret:
+            # A secret on the command line would show in every process list.
+            assert f"{variable.flag} VALUE" not in text
+        else:
+            assert f"{variable.flag} VALUE" in text
+            assert f"({variable.name}; default: {variable.default})" in text
