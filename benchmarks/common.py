@@ -117,10 +117,16 @@ def _runtime_distributions(name: str) -> list[metadata.Distribution]:
 
 @asynccontextmanager
 async def registered_miglet(
-    controller: FakeController, url: str, runner_dir: Path, workdir: Path, vm_id: str
+    controller: FakeController,
+    url: str,
+    runner_dir: Path,
+    workdir: Path,
+    vm_id: str,
+    command: list[str] | None = None,
 ) -> AsyncIterator[trio.Process]:
     """`python -m miglet` against `controller`, from the moment its runner is registered until the block ends;
-    then it is stopped with SIGTERM (and killed if it does not stop within 30 s). It runs on `runtime_python`."""
+    then it is stopped with SIGTERM (and killed if it does not stop within 30 s). It runs on `runtime_python`,
+    unless `command` says otherwise (the standalone build)."""
     env = {
         **os.environ,
         "MIGLET_VM_ID": vm_id,
@@ -131,7 +137,7 @@ async def registered_miglet(
         "MIGLET_LOG_LEVEL": "warning",
     }
     process = await trio.lowlevel.open_process(
-        [runtime_python(workdir), "-m", "miglet"], env=env, stderr=subprocess.DEVNULL
+        command or [str(runtime_python(workdir)), "-m", "miglet"], env=env, stderr=subprocess.DEVNULL
     )
     try:
         while not controller.events_of(vm_id, "runner_registered"):

@@ -26,6 +26,7 @@ ROWS: list[Row] = [
     ("process start → listening, overhead max (ms)", "startup.overhead_max_ms", None),
     ("  of which: Python + trio/httpx/msgspec imports (ms)", "startup.python_and_library_imports_p50_ms", None),
     ("  of which: the rest, MIGlet's own (ms)", "startup.overhead_beyond_imports_p50_ms", None),
+    ("process start → listening, standalone build, overhead p50 (ms)", "startup.bundle_overhead_p50_ms", 300),
     ("idle RSS (MB)", "footprint.rss_mb", 40),
     ("idle CPU (s per minute)", "footprint.cpu_s_per_min", 0.5),
     ("100 agents: all Idle (s)", "fleet.100.all_idle_s", None),
@@ -80,7 +81,9 @@ for comparing machines (on a typical cloud VM it is 30-50 ms).
   `config.sh`, then `run.sh` until `Listening for Jobs`, run alone the same way) is subtracted. What is left
   is MIGlet's cost: interpreter start, imports, the handshake, the first poll, and spawning the runner. Each
   trial also times a bare import of the libraries (the "of which" floor); the last row is the median of the
-  per-trial differences, so noise can make it come out near zero or slightly negative.
+  per-trial differences, so noise can make it come out near zero or slightly negative. The standalone build
+  (PyInstaller onedir, `packaging/bundle/build.py`) runs the same trials beside it, where PyInstaller is
+  installed.
 - **Idle footprint** (`benchmarks/footprint.py`): `python -m miglet`, in the same venv, with default settings
   (long-poll 20 s, 5 s interval, 30 s heartbeats) idles for 60 s with its runner listening; RSS is read from
   `/proc`, CPU is user + system time over the window, per minute.

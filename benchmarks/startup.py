@@ -11,17 +11,20 @@ that cost.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import signal
 import statistics
 import subprocess
+import sys
+import tarfile
 import time
 from pathlib import Path
 from typing import Any
 
 import trio
 
-from benchmarks.common import registered_miglet, runtime_python, served_controller
+from benchmarks.common import ROOT, registered_miglet, runtime_python, served_controller
 from fake_controller import FakeController
 from fake_controller.fake_runner import install
 from miglet.runner.backend import Registration
@@ -83,11 +86,31 @@ async def libraries_alone(python: Path) -> float:
     return time.monotonic() - start
 
 
+def standalone_build(workdir: Path) -> Path | None:
+    """The standalone build's executable, built once (None where PyInstaller is not installed)."""
+    if importlib.util.find_spec("PyInstaller") is None:
+        return None
+    dist = workdir / "bundle-dist"
+    executable = dist / "miglet" / "miglet"
+    if not executable.exists():
+        build = ROOT / "packaging" / "bundle" / "build.py"
+        subprocess.run([sys.executable, str(build), "bundle", str(dist)], check=True, capture_output=True)
+        [archive] = dist.glob("miglet-*.tar.gz")
+        with tarfile.open(archive) as tar:
+            tar.extractall(dist, filter="tar")
+    return executable
+
+
 async def miglet_once(
-    url: str, runner_dir: Path, workdir: Path, vm_id: str, controller: FakeController
+    url: str,
+    runner_dir: Path,
+    workdir: Path,
+    vm_id: str,
+    controller: FakeController,
+    command: list[str] | None = None,
 ) -> dict[str, float]:
     """MIGlet's phase timings, from its start to its runner listening."""
-    async with registered_miglet(controller, url, runner_dir, workdir, vm_id):
+    async with registered_miglet(controller, url, runner_dir, workdir, vm_id, command):
         pass
     timings: dict[str, float] = controller.events_of(vm_id, "runner_registered")[0]["timings"]
     return timings
@@ -97,18 +120,25 @@ async def run(workdir: Path, trials: int = 15) -> dict[str, Any]:
     runner_dir = install(workdir / "startup-runner")
     python = runtime_python(workdir)
     controller = FakeController()
+    bundle = standalone_build(workdir)
     alone: list[float] = []
     floor: list[float] = []
     phases: list[dict[str, float]] = []
+    bundled: list[float] = []
     async with served_controller(controller) as url:
         for index in range(trials):
             # Paired: the runner alone, then MIGlet with it, so that drift in the machine's speed cancels out.
             alone.append(await runner_alone(runner_dir))
             floor.append(await libraries_alone(python))
             phases.append(await miglet_once(url, runner_dir, workdir, f"start-{index}", controller))
+            if bundle is not None:
+                command = [str(bundle), "run"]
+                timings = await miglet_once(url, runner_dir, workdir, f"bundle-{index}", controller, command)
+                bundled.append(timings["listening_s"] - alone[-1])
     listening = [phase["listening_s"] for phase in phases]
     overhead = [total - runner for total, runner in zip(listening, alone, strict=True)]
-    return {
+    standalone = {"bundle_overhead_p50_ms": round(statistics.median(bundled) * 1000, 1)} if bundled else {}
+    return standalone | {
         "trials": trials,
         "fake_runner_alone_ms": round(statistics.median(alone) * 1000, 1),
         "to_listening_p50_ms": round(statistics.median(listening) * 1000, 1),
