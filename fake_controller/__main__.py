@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import sys
 from collections.abc import Sequence
 from typing import Any
 
 import trio
 
-from fake_controller.controller import FakeController, Settings
+from fake_controller.controller import FakeController, Settings, serving_unavailable
 from fake_controller.faults import FaultPlan
 
 
@@ -104,11 +103,7 @@ async def _main(args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if importlib.util.find_spec("hypercorn") is None:
-        print(
-            "fake_controller: serving needs hypercorn, an optional dependency: pip install 'miglet[fake-controller]'",
-            file=sys.stderr,
-        )
+    if serving_unavailable("fake_controller"):
         return 2
     with contextlib.suppress(KeyboardInterrupt):
         trio.run(_main, args)

@@ -7,9 +7,11 @@ until a command exists, and commands can be queued for any VM (from a test, or t
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import secrets
 import string
+import sys
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -148,15 +150,9 @@ class FakeController:
             return
         if scope["type"] != "http":
             return
-        body = await _read_body(receive)
-        path = unquote(scope["path"])
-        query = scope.get("query_string", b"").decode("latin-1")
-        headers = {key.decode("latin-1").lower(): value.decode("latin-1") for key, value in scope["headers"]}
-        self.requests.append(
-            RecordedRequest(
-                method=scope["method"], path=path, query=query, headers=headers, body=body, at=trio.current_time()
-            )
-        )
+        request = await read_request(scope, receive)
+        self.requests.append(request)
+        path, query, headers, body = request.path, request.query, request.headers, request.body
         self.request_arrived.set()
         self.request_arrived = trio.Event()
         is_event = path.endswith("/events")
@@ -328,6 +324,29 @@ def _text(moment: datetime) -> str:
 
 def _now_text() -> str:
     return _text(datetime.now(UTC))
+
+
+async def read_request(scope: Scope, receive: Receive) -> RecordedRequest:
+    """An HTTP request as the fakes record it, its body read whole."""
+    return RecordedRequest(
+        method=scope["method"],
+        path=unquote(scope["path"]),
+        query=scope.get("query_string", b"").decode("latin-1"),
+        headers={key.decode("latin-1").lower(): value.decode("latin-1") for key, value in scope["headers"]},
+        body=await _read_body(receive),
+        at=trio.current_time(),
+    )
+
+
+def serving_unavailable(what: str) -> bool:
+    """Whether hypercorn, which serving over HTTP needs, is missing (then said in one line on stderr)."""
+    if importlib.util.find_spec("hypercorn") is not None:
+        return False
+    print(
+        f"{what}: serving needs hypercorn, an optional dependency: pip install 'miglet[fake-controller]'",
+        file=sys.stderr,
+    )
+    return True
 
 
 async def _read_body(receive: Receive) -> bytes:

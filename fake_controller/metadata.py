@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import itertools
 import secrets
 import sys
@@ -28,12 +27,21 @@ from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 from functools import partial
 from typing import Any, Final
-from urllib.parse import parse_qs, unquote
+from urllib.parse import parse_qs
 
 import msgspec
 import trio
 
-from fake_controller.controller import Receive, RecordedRequest, Scope, Send, _lifespan, _read_body, _respond_raw
+from fake_controller.controller import (
+    Receive,
+    RecordedRequest,
+    Scope,
+    Send,
+    _lifespan,
+    _respond_raw,
+    read_request,
+    serving_unavailable,
+)
 
 PROVIDERS: Final = ("aws", "gcp", "azure")
 GARBAGE: Final = b'{"Events": [{"EventId": 7, "Resources": "nope"'
@@ -125,14 +133,9 @@ class FakeMetadata:
             return
         if scope["type"] != "http":
             return
-        body = await _read_body(receive)
-        path = unquote(scope["path"])
-        query = scope.get("query_string", b"").decode("latin-1")
-        headers = {key.decode("latin-1").lower(): value.decode("latin-1") for key, value in scope["headers"]}
-        method = scope["method"]
-        self.requests.append(
-            RecordedRequest(method=method, path=path, query=query, headers=headers, body=body, at=trio.current_time())
-        )
+        request = await read_request(scope, receive)
+        self.requests.append(request)
+        method, path, query, headers, body = request.method, request.path, request.query, request.headers, request.body
         if path.startswith("/_admin/"):
             status, answer, content_type = self._admin(method, path, body)
         else:
@@ -277,8 +280,7 @@ async def _main(args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if importlib.util.find_spec("hypercorn") is None:
-        print("fake metadata: serving needs hypercorn: pip install 'miglet[fake-controller]'", file=sys.stderr)
+    if serving_unavailable("fake metadata"):
         return 2
     with contextlib.suppress(KeyboardInterrupt):
         trio.run(_main, args)
