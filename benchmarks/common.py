@@ -128,7 +128,7 @@ async def registered_miglet(
     then it is stopped with SIGTERM (and killed if it does not stop within 30 s). It runs on `runtime_python`,
     unless `command` says otherwise (the standalone build)."""
     env = {
-        **os.environ,
+        **{key: value for key, value in os.environ.items() if not key.startswith("MIGLET_")},
         "MIGLET_VM_ID": vm_id,
         "MIGLET_POOL_ID": "bench",
         "MIGLET_CONTROLLER_ENDPOINT": url,

@@ -53,8 +53,10 @@ async def _demo(workdir: Path, preempt: str | None) -> int:
         async with trio.open_nursery() as nursery:
             url = await nursery.start(serve, controller)
             print(f"demo: fake controller on {url}; fake runner in {runner_dir}", flush=True)
+            # Not the caller's own MIGLET_ settings: the demo talks to its fakes on loopback and nothing else.
+            inherited = {key: value for key, value in os.environ.items() if not key.startswith("MIGLET_")}
             env = {
-                **os.environ,
+                **inherited,
                 "MIGLET_VM_ID": "demo-vm-001",
                 "MIGLET_POOL_ID": "demo-pool",
                 "MIGLET_CONTROLLER_ENDPOINT": url,

@@ -74,6 +74,8 @@ class FakeMetadata:
         self.events: list[dict[str, Any]] = []
         self.approvals: list[str] = []
         self.approved = trio.Event()  # set at the first approval
+        self.approval_delay_s = 0.0  # how long an approval takes to be answered
+        self.ignore_wait = False  # GCP: answer at once, whatever wait_for_change asks
         self._incarnation = 1
         self._event_ids = itertools.count(1)
 
@@ -183,6 +185,8 @@ class FakeMetadata:
                 return self._aws(method, path, headers)
             case "gcp":
                 return await self._gcp(method, path, query, headers)
+        if method == "POST" and self.approval_delay_s:
+            await trio.sleep(self.approval_delay_s)
         return self._azure(method, path, query, headers, body)
 
     def _aws(self, method: str, path: str, headers: dict[str, str]) -> tuple[int, bytes, bytes, dict[str, str]]:
@@ -210,7 +214,7 @@ class FakeMetadata:
         key = path.removeprefix("/computeMetadata/v1/")
         if method != "GET" or key not in self.values:
             return 404, b"Not Found", text, {}
-        if query.get("wait_for_change") == ["true"]:
+        if query.get("wait_for_change") == ["true"] and not self.ignore_wait:
             last = query.get("last_etag", [None])[0]
             limit = min(GCP_MAX_WAIT_S, float(query.get("timeout_sec", [GCP_MAX_WAIT_S])[0]))
             with trio.move_on_after(limit):

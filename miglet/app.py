@@ -25,6 +25,7 @@ from typing import Final
 
 import httpx
 import trio
+from trio_util import AsyncValue
 
 from miglet import exitcodes, machine, preemption, protocol
 from miglet.config import Config
@@ -66,6 +67,8 @@ MISSING_LISTED: Final = 20
 RUNNER_PHASES: Final = frozenset({Phase.REGISTERING_RUNNER, Phase.IDLE, Phase.BUSY})
 # Before telling the cloud it may take the VM, the events owed (`vm_preempted` first) get this long to go out.
 APPROVAL_FLUSH_S: Final = 10.0
+# Approvals owed to the cloud get this long to be given once the agent is otherwise done.
+APPROVAL_WAIT_S: Final = 5.0
 
 
 class StopControls:
@@ -151,6 +154,8 @@ class Agent:
         self._held_signals = held_signals or HeldSignals()
         self._started_at = 0.0
         self._root: trio.Nursery | None = None
+        # Approvals of scheduled events owed to the cloud (Azure), which the end of a stop waits for a moment.
+        self._approving: AsyncValue[int] = AsyncValue(0)
         self.timings = PhaseTimings(time.monotonic() if started_at is None else started_at)
         self.driver.observe(self.timings.observe)
         self._notifier = notifier
@@ -193,15 +198,18 @@ class Agent:
                 controls.cut_short()
             case machine.ShortenGrace(seconds=seconds):
                 controls.grace.shorten(seconds)
-            case machine.StopJobIn(seconds=seconds):
+            case machine.StopJobIn(seconds=seconds, grace_s=grace):
                 if self._root is not None:
-                    self._root.start_soon(self._preemption_due, seconds)
+                    self._root.start_soon(self._preemption_due, seconds, grace)
 
     async def _watch_preemption(self, provider: protocol.Provider) -> None:
         endpoint = self.config.effective_metadata_endpoint
         assert endpoint is not None
         async with open_metadata_client(endpoint, self._metadata_transport) as http:
-            await preemption.watch(provider, MetadataClient(http), self._on_notice, self._runner_stopped)
+            watcher = preemption.watch(
+                provider, MetadataClient(http), self._on_notice, self._runner_stopped, self._approving
+            )
+            await watcher
 
     def _on_notice(self, notice: preemption.Notice) -> None:
         deadline = notice.deadline
@@ -223,9 +231,9 @@ class Agent:
         with trio.move_on_after(APPROVAL_FLUSH_S):
             await self.outbox.wait_empty()
 
-    async def _preemption_due(self, seconds: float) -> None:
+    async def _preemption_due(self, seconds: float, grace: float) -> None:
         await trio.sleep(seconds)
-        self.driver.apply(machine.PreemptionDue())
+        self.driver.apply(machine.PreemptionDue(grace))
 
     def _give_up(self) -> None:
         """Tasks keep failing: stop the ordinary way (the runner is stopped, events delivered), with exit code 1.
@@ -283,6 +291,8 @@ class Agent:
                     self.supervision.bug("agent", exc)
                     self._give_up()
                 await self._finish(backend)
+                with trio.move_on_after(APPROVAL_WAIT_S):
+                    await self._approving.wait_value(0)
                 root.cancel_scope.cancel()
         finally:
             agent_context.reset(token)

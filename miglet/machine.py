@@ -233,7 +233,10 @@ class PreemptionNoticed(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class PreemptionDue(msgspec.Struct, frozen=True):
-    """A preemption's deadline is MIGLET_PREEMPTION_MARGIN away: the job running must stop now."""
+    """A preemption's deadline is MIGLET_PREEMPTION_MARGIN away: the job running must stop now, within `grace_s`
+    (None: the margin)."""
+
+    grace_s: float | None = None
 
 
 class Finished(msgspec.Struct, frozen=True):
@@ -302,9 +305,10 @@ class ShortenGrace(msgspec.Struct, frozen=True):
 
 
 class StopJobIn(msgspec.Struct, frozen=True):
-    """Apply `PreemptionDue` in `seconds`: the running job may go on until then."""
+    """Apply `PreemptionDue(grace_s)` in `seconds`: the running job may go on until then."""
 
     seconds: float
+    grace_s: float
 
 
 class CutShort(msgspec.Struct, frozen=True):
@@ -446,8 +450,9 @@ def _transition(state: AgentState, event: Input) -> Step:
             return _ignore(state, "a notice already reported")
         case PreemptionNoticed():
             return _preempted(state, event)
-        case PreemptionDue() if phase not in OVER and state.preempted is not None:
-            plan = StopPlan(reason="preempted", grace_s=min(state.grace_s, state.margin_s))
+        case PreemptionDue(grace_s=grace) if phase not in OVER and state.preempted is not None:
+            grace = min(state.grace_s, state.margin_s) if grace is None else grace
+            plan = StopPlan(reason="preempted", grace_s=grace)
             due = Log("The preemption's deadline is near: stopping the runner", logging.WARNING)
             step = _stop(state, plan)
             return Step(step.state, (due, *step.effects))
@@ -655,7 +660,10 @@ def _preempted(state: AgentState, notice: PreemptionNoticed) -> Step:
         step = _stop(state, StopPlan(reason="preempted", grace_s=grace))
         return Step(step.state, (*effects, *step.effects))
     if phase is _P.BUSY:
-        return Step(state, (*effects, StopJobIn(max(0.0, left - state.margin_s))))
+        # The job goes on until the margin; then it gets the margin to wind down, or what is left when the notice
+        # came later than that.
+        grace = min(state.grace_s, state.margin_s, max(0.0, left))
+        return Step(state, (*effects, StopJobIn(max(0.0, left - state.margin_s), grace)))
     refusals = _refusals(state.pending, PREEMPTED_REFUSAL)
     state = replace(state, pending=())
     if phase is _P.REGISTERING_RUNNER:

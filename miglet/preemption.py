@@ -28,6 +28,7 @@ from typing import Final
 import httpx
 import msgspec
 import trio
+from trio_util import AsyncValue
 
 from miglet import protocol
 from miglet.secret import redact
@@ -44,6 +45,10 @@ GCP_NOTICE_S: Final = 30.0
 REQUEST_DEADLINE_S: Final = 5.0
 MAX_ANSWER_BYTES: Final = 64 * 1024
 COMPLAIN_EVERY_S: Final = 60.0
+# A notice's deadline is minutes away: one further than this from now is garbage.
+PLAUSIBLE: Final = timedelta(days=1)
+# A GCP value is asked for at most this often, whatever the server does with wait_for_change.
+GCP_MIN_INTERVAL_S: Final = 1.0
 QUOTED_CHARS: Final = 200
 
 AZURE_API: Final = {"api-version": "2020-07-01"}
@@ -119,7 +124,11 @@ class MetadataClient:
             response = await self._http.send(request, stream=True)
             try:
                 body = b""
-                async for chunk in response.aiter_bytes():
+                encoding = response.headers.get("Content-Encoding", "identity").strip().lower()
+                if encoding not in ("", "identity"):
+                    # Asked for identity: a compressed answer could grow far past the cap before it is counted.
+                    raise MetadataUnavailable(f"{what}: answer sent with Content-Encoding {encoding[:40]!r}")
+                async for chunk in response.aiter_raw():
                     body += chunk
                     if len(body) > MAX_ANSWER_BYTES:
                         raise MetadataUnavailable(f"{what}: answer larger than {MAX_ANSWER_BYTES} bytes")
@@ -170,11 +179,27 @@ def _problem(what: str, answer: _Answer) -> MetadataUnavailable:
 
 
 def _utc(text: str) -> datetime:
-    """An RFC 3339 time with its offset; raises ValueError."""
-    when = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    """An RFC 3339 time with its offset, within a day of now; raises MetadataUnavailable."""
+    try:
+        when = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise MetadataUnavailable(f"unusable time {text[:QUOTED_CHARS]!r}") from None
     if when.tzinfo is None:
-        raise ValueError(f"no offset in {text!r}")
-    return when.astimezone(UTC)
+        raise MetadataUnavailable(f"no offset in the time {text[:QUOTED_CHARS]!r}")
+    return _plausible(when, text)
+
+
+def _plausible(when: datetime, text: str) -> datetime:
+    """`when` in UTC, if it is within a day of now (a notice's deadline is minutes away); else unusable."""
+    now = datetime.now(UTC)
+    try:
+        utc = when.astimezone(UTC)
+        plausible = now - PLAUSIBLE <= utc <= now + PLAUSIBLE
+    except (OverflowError, ArithmeticError, ValueError):  # a year 1 or 9999 moved across midnight
+        plausible = False
+    if not plausible:
+        raise MetadataUnavailable(f"the time {text[:QUOTED_CHARS]!r} is not within a day of now")
+    return utc
 
 
 # --- AWS -------------------------------------------------------------------------------------------------------
@@ -188,9 +213,9 @@ class _SpotAction(msgspec.Struct, frozen=True):
 def _spot_notice(body: bytes) -> Notice:
     try:
         action = msgspec.json.decode(body, type=_SpotAction)
-        deadline = _utc(action.time)
-    except (msgspec.DecodeError, ValueError, RecursionError) as exc:
-        raise MetadataUnavailable(f"spot/instance-action: unusable notice: {exc}") from None
+    except (msgspec.DecodeError, RecursionError) as exc:
+        raise MetadataUnavailable(f"spot/instance-action: unusable notice: {str(exc)[:QUOTED_CHARS]}") from None
+    deadline = _utc(action.time)
     if action.action not in AWS_SPOT_ACTIONS:
         raise MetadataUnavailable(f"spot/instance-action: unknown action {action.action[:QUOTED_CHARS]!r}")
     return Notice(provider="aws", action=action.action, deadline=deadline)
@@ -275,6 +300,7 @@ class GcpWatcher:
         etag: str | None = None
         alarmed = False
         while True:
+            started = trio.current_time()
             params = {"wait_for_change": "true", "timeout_sec": str(GCP_WAIT_S)}
             if etag is not None:
                 params["last_etag"] = etag
@@ -302,6 +328,9 @@ class GcpWatcher:
             if answer.etag is None or len(answer.etag) > 256:
                 # Without an ETag there is nothing to wait on: a plain poll instead.
                 await trio.sleep(POLL_S)
+            else:
+                # A server that answers at once, whatever wait_for_change says, is not asked in a tight loop.
+                await trio.sleep_until(started + GCP_MIN_INTERVAL_S)
             etag = None if answer.etag is None or len(answer.etag) > 256 else answer.etag
 
 
@@ -327,10 +356,13 @@ class AzureWatcher:
         runner_stopped: RunnerStopped,
         *,
         poll_s: float = POLL_S,
+        approving: AsyncValue[int] | None = None,
     ) -> None:
         self._client = client
         self._notify = notify
         self._runner_stopped = runner_stopped
+        # How many approvals are owed and not yet given: the agent lets them finish before it exits.
+        self.approving = approving or AsyncValue(0)
         self._poll_s = poll_s
         self._name: str | None = None
         self._approving: set[str] = set()  # at most MAX_APPROVALS
@@ -346,6 +378,7 @@ class AzureWatcher:
                         self._notify(Notice(provider="azure", action=action, deadline=deadline, as_stop=as_stop))
                         if event.event_id not in self._approving and len(self._approving) < MAX_APPROVALS:
                             self._approving.add(event.event_id)
+                            self.approving.value += 1
                             nursery.start_soon(self._approve, event.event_id)
                 except MetadataUnavailable as exc:
                     self._complaints.complain(str(exc))
@@ -383,6 +416,12 @@ class AzureWatcher:
     async def _approve(self, event_id: str) -> None:
         """Once the runner has stopped, tell Azure it may go ahead (tried a few times; Azure goes ahead anyway
         at its deadline)."""
+        try:
+            await self._approve_once_stopped(event_id)
+        finally:
+            self.approving.value -= 1
+
+    async def _approve_once_stopped(self, event_id: str) -> None:
         await self._runner_stopped()
         body = msgspec.json.encode({"StartRequests": [{"EventId": event_id}]})
         for attempt in range(5):
@@ -409,11 +448,11 @@ def _not_before(text: str) -> datetime:
         return datetime.now(UTC)
     try:
         when = parsedate_to_datetime(text)
-    except (TypeError, ValueError, IndexError) as exc:
-        raise MetadataUnavailable(f"scheduledevents: unusable NotBefore {text[:QUOTED_CHARS]!r}: {exc}") from None
+    except (TypeError, ValueError, IndexError, OverflowError):
+        raise MetadataUnavailable(f"scheduledevents: unusable NotBefore {text[:QUOTED_CHARS]!r}") from None
     if when.tzinfo is None:
         when = when.replace(tzinfo=UTC)
-    return when.astimezone(UTC)
+    return _plausible(when, text)
 
 
 async def watch(
@@ -421,6 +460,7 @@ async def watch(
     client: MetadataClient,
     notify: NoticeSink,
     runner_stopped: RunnerStopped,
+    approving: AsyncValue[int] | None = None,
 ) -> None:
     """Watch `provider`'s metadata service until cancelled."""
     match provider:
@@ -429,4 +469,4 @@ async def watch(
         case "gcp":
             await GcpWatcher(client, notify).run()
         case "azure":
-            await AzureWatcher(client, notify, runner_stopped).run()
+            await AzureWatcher(client, notify, runner_stopped, approving=approving).run()

@@ -591,7 +591,10 @@ def test_a_notice_is_reported_first_and_once() -> None:
 def test_a_busy_runner_keeps_its_job_until_the_margin() -> None:
     step = transition(busy(), notice(left=120))
     assert step.state.phase is Phase.BUSY
-    assert StopJobIn(100) in step.effects
+    assert StopJobIn(100, 20) in step.effects
+    # A notice later than the margin: the job stops at once, with what is left for its grace.
+    late_notice = transition(busy(), notice(left=8))
+    assert StopJobIn(0, 8) in late_notice.effects
     due = transition(step.state, PreemptionDue())
     assert due.state.stop is not None
     assert (due.state.stop.reason, due.state.stop.grace_s) == ("preempted", 20)

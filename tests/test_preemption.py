@@ -21,7 +21,14 @@ from fake_controller.server import serve
 from fake_controller.simulated_runner import SimulatedRunner
 from miglet.config import Config
 from miglet.machine import AgentState, Phase
-from miglet.preemption import AwsWatcher, MetadataClient, Notice, open_metadata_client, watch
+from miglet.preemption import (
+    AwsWatcher,
+    MetadataClient,
+    MetadataUnavailable,
+    Notice,
+    open_metadata_client,
+    watch,
+)
 from miglet.protocol import Provider
 from tests.agents import ConfigFactory, Running, running_agent
 
@@ -345,3 +352,75 @@ async def test_each_watcher_over_real_http_on_loopback(provider: Provider) -> No
                 nursery.cancel_scope.cancel()
     assert seen[0].provider == provider
     assert seen[0].deadline is not None
+
+
+async def test_dates_far_from_now_are_unusable_answers_not_a_crash(
+    make_config: ConfigFactory,
+    controller: FakeController,
+    runner: SimulatedRunner,
+    autojump_clock: trio.testing.MockClock,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="miglet")
+    metadata = FakeMetadata("aws")
+    async with running_agent(
+        preempting(make_config, "aws"), controller, runner, metadata_transport=httpx.ASGITransport(app=metadata)
+    ) as running:
+        await running.reach(Phase.IDLE)
+        runner.submit_job(Job("long", duration_s=3600))
+        await running.reach(Phase.BUSY)
+        for time in ("9999-12-31T23:59:59-23:59", "0001-01-01T00:00:00+01:00", "2001-01-01T00:00:00Z"):
+            metadata.spot_action = {"action": "terminate", "time": time}
+            await trio.sleep(70)
+            assert running.agent.phase is Phase.BUSY
+        running.agent.request_stop("test over")
+    assert notices(running) == []
+    assert running.events("internal_error") == []
+    complaints = [record for record in caplog.records if record.getMessage().startswith("Cannot read the metadata")]
+    assert 3 <= len(complaints) <= 4  # once a minute, whatever the answer
+
+
+async def test_an_azure_approval_still_answered_slowly_is_given_before_the_agent_exits(
+    make_config: ConfigFactory,
+    controller: FakeController,
+    runner: SimulatedRunner,
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    metadata = FakeMetadata("azure", vm_name="vm-123")
+    metadata.approval_delay_s = 0.5
+    async with running_agent(
+        preempting(make_config, "azure"), controller, runner, metadata_transport=httpx.ASGITransport(app=metadata)
+    ) as running:
+        await running.reach(Phase.IDLE)
+        metadata.notice(event_type="Preempt", event_id="slow")
+    assert running.exit_code == 0
+    assert metadata.approvals == ["slow"]
+
+
+async def test_a_gcp_server_that_ignores_wait_for_change_is_not_asked_in_a_tight_loop(
+    make_config: ConfigFactory,
+    controller: FakeController,
+    runner: SimulatedRunner,
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    metadata = FakeMetadata("gcp")
+    metadata.ignore_wait = True
+    async with running_agent(
+        preempting(make_config, "gcp"), controller, runner, metadata_transport=httpx.ASGITransport(app=metadata)
+    ) as running:
+        await running.reach(Phase.IDLE)
+        start = len(metadata.requests)
+        await trio.sleep(60)
+        asked = len(metadata.requests) - start
+        running.agent.request_stop("test over")
+    assert asked <= 2 * 61  # two values, at most once a second each
+
+
+async def test_a_compressed_answer_is_refused_before_it_is_inflated() -> None:
+    async def gzip_answer(request: httpx.Request) -> httpx.Response:
+        body = httpx.ByteStream(b"\x1f\x8b" + b"\0" * 100)
+        return httpx.Response(200, stream=body, headers={"Content-Encoding": "gzip"})
+
+    async with open_metadata_client(LOOPBACK, httpx.MockTransport(gzip_answer)) as http:
+        with pytest.raises(MetadataUnavailable, match="Content-Encoding 'gzip'"):
+            await MetadataClient(http).request("GET", "/latest/meta-data/spot/instance-action")
