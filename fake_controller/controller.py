@@ -33,6 +33,8 @@ Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 # Told of everything a VM does: (vm_id, what, details); the command line prints it.
 Observer = Callable[[str, str, dict[str, Any]], None]
 _HEADER: Final = frozenset({"type", "vm_id", "pool_id", "org_id", "event_id", "timestamp"})
+# What every event must carry (docs/protocol.md, "Header fields"); org_id only when the VM has one.
+_REQUIRED_HEADER: Final = ("vm_id", "pool_id", "event_id", "timestamp")
 _GARBLED: Final = frozenset({*GARBLED, "huge"})
 # Faults that come after the request was processed.
 _AFTER: Final = frozenset({"drop_after", "trickle"})
@@ -168,7 +170,7 @@ class FakeController:
         if fault is not None and fault.kind != "latency" and not after:
             await _misbehave(send, fault, is_event)
             return
-        status, payload = await self._route(scope["method"], path, parse_qs(query), body)
+        status, payload = await self._route(scope["method"], path, parse_qs(query, keep_blank_values=True), body)
         if fault is not None and fault.kind == "trickle":
             await _trickle(send, status, msgspec.json.encode(payload), fault.delay_s)
             return
@@ -206,9 +208,11 @@ class FakeController:
             return 400, {"error": "event must be an object"}
         try:
             # The same wire types as MIGlet's: an event of the wrong shape is a broken client, told so.
-            msgspec.convert(event, protocol.AnyEvent)
+            msgspec.convert(_integral(event), protocol.AnyEvent)
         except msgspec.ValidationError as exc:
             return 400, {"error": f"not a valid event: {exc}"}
+        if missing := [field for field in _REQUIRED_HEADER if not isinstance(event.get(field), str)]:
+            return 400, {"error": f"not a valid event: the header lacks {', '.join(missing)}"}
         vm = self.vm(vm_id)
         vm.deliveries.append(event)
         event_id = event.get("event_id")
@@ -297,6 +301,17 @@ class FakeController:
                 return 400, {"error": f"not a fault plan: {exc}"}
             return 200, msgspec.to_builtins(self.faults.plan)
         return 404, {"error": f"no admin route for {method} {path}"}
+
+
+def _integral(value: Any) -> Any:
+    """`value` with every whole float made an int: JSON's 3.0 is an integer to the document, a float to msgspec."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, dict):
+        return {key: _integral(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_integral(item) for item in value]
+    return value
 
 
 def _wait_problem(query: dict[str, list[str]]) -> str | None:

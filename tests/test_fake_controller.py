@@ -31,11 +31,16 @@ async def served(controller: FakeController) -> AsyncIterator[httpx.AsyncClient]
             nursery.cancel_scope.cancel()
 
 
+def vm_started(event_id: str) -> dict[str, str]:
+    header = {"vm_id": "vm-1", "pool_id": "pool-1", "timestamp": "2024-01-15T10:30:00.000Z"}
+    return {"type": "vm_started", "event_id": event_id, **header}
+
+
 async def test_seed_behaviour_register_once_after_vm_started() -> None:
     controller = FakeController(Settings(long_poll=False))
     async with served(controller) as client:
         before = (await client.get("/api/v1/vms/vm-1/commands")).json()
-        ack = (await client.post("/api/v1/vms/vm-1/events", json={"type": "vm_started", "vm_id": "vm-1"})).json()
+        ack = (await client.post("/api/v1/vms/vm-1/events", json=vm_started("e0"))).json()
         first = (await client.get("/api/v1/vms/vm-1/commands")).json()
         second = (await client.get("/api/v1/vms/vm-1/commands")).json()
     assert before == {"commands": [], "vm_id": "vm-1"}
@@ -76,12 +81,12 @@ async def test_admin_faults_and_dropped_connections() -> None:
         assert (failed.status_code, failed.headers["retry-after"]) == (503, "2")
         await client.put("/_admin/faults", json={"drop_rate": 1.0})
         with pytest.raises(httpx.RemoteProtocolError):
-            await client.post("/api/v1/vms/vm-1/events", json={"type": "vm_started", "event_id": "e1"})
+            await client.post("/api/v1/vms/vm-1/events", json=vm_started("e1"))
         assert controller.events_of("vm-1") == []  # dropped before it was processed
         await client.put("/_admin/faults", json={"drop_after_rate": 1.0})
         for _ in range(2):
             with pytest.raises(httpx.RemoteProtocolError):
-                await client.post("/api/v1/vms/vm-1/events", json={"type": "vm_started", "event_id": "e2"})
+                await client.post("/api/v1/vms/vm-1/events", json=vm_started("e2"))
         bad = await client.put("/_admin/faults", json={"error_rate": "lots"})
         assert bad.status_code == 400
     assert [event["event_id"] for event in controller.events_of("vm-1")] == ["e2"]
@@ -114,6 +119,9 @@ async def test_a_malformed_event_or_an_out_of_range_wait_is_answered_400() -> No
         assert "not a valid event" in wrong.json()["error"]
         unknown = await http.post("/api/v1/vms/vm-1/events", json={"type": "vm_exploded"})
         assert unknown.status_code == 400
+        headless = await http.post("/api/v1/vms/vm-1/events", json={"type": "vm_started", "vm_id": "vm-1"})
+        assert headless.status_code == 400
+        assert "the header lacks pool_id, event_id, timestamp" in headless.json()["error"]
         for wait in ("-1", "601", "soon", "1.5"):
             answer = await http.get("/api/v1/vms/vm-1/commands", params={"wait": wait})
             assert answer.status_code == 400, wait

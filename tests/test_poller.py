@@ -74,7 +74,8 @@ def poll_times(controller: FakeController) -> list[float]:
 async def vm_started(controller: FakeController) -> None:
     transport = httpx.ASGITransport(app=controller)
     async with httpx.AsyncClient(transport=transport, base_url="http://c") as http:
-        await http.post("/api/v1/vms/vm-123/events", json={"type": "vm_started", "vm_id": "vm-123"})
+        header = {"pool_id": "pool-001", "event_id": "e1", "timestamp": "2024-01-15T10:30:00.000Z"}
+        await http.post("/api/v1/vms/vm-123/events", json={"type": "vm_started", "vm_id": "vm-123", **header})
 
 
 async def test_no_poll_before_ready(make_config: ConfigFactory, autojump_clock: trio.testing.MockClock) -> None:
