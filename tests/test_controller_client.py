@@ -20,6 +20,7 @@ from fake_controller.server import serve
 from miglet import protocol
 from miglet.controller import ControllerRejected, ControllerUnavailable, open_controller_client
 from miglet.secret import Secret
+from miglet.stamp import Stamper
 from tests.agents import ConfigFactory
 
 TIMEOUT = 15
@@ -47,7 +48,8 @@ async def test_tls_with_a_private_ca(make_config: ConfigFactory, tls_files: tupl
             token = Secret("controller-bearer-token-1")
             trusted = make_config(controller_endpoint=url, ca_bundle=ca_file, controller_token=token)
             async with open_controller_client(trusted) as client:
-                body = await client.post_event(protocol.VmStarted(vm_id="vm-123"), read_answer=True)
+                started = Stamper("vm-123", "pool-001", None).stamp(protocol.VmStarted())
+                body = await client.post_event(started, read_answer=True)
                 assert protocol.decode_acknowledgment(body).is_acknowledged
                 await client.get_commands()
             async with open_controller_client(make_config(controller_endpoint=url)) as untrusting:
