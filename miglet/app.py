@@ -32,6 +32,7 @@ from miglet.config import Config
 from miglet.controller import ControllerClient, open_controller_client
 from miglet.driver import Driver
 from miglet.hardening import is_child_subreaper
+from miglet.hostinfo import agent_info, host_info
 from miglet.logs import AgentContext, agent_context
 from miglet.machine import Phase
 from miglet.outbox import Outbox, describe
@@ -307,7 +308,9 @@ class Agent:
         supervise = self.supervision.run
         on_bug = self.supervision.bug
         driver = self.driver
-        vm_started = self.stamper.stamp(protocol.VmStarted())
+        # What the agent and its VM are; a fact that cannot be read is left out, and never fails the handshake.
+        announced = protocol.VmStarted(agent=agent_info(preemption=config.preemption != "off"), host=host_info())
+        vm_started = self.stamper.stamp(announced)
         async with trio.open_nursery() as work:
             work.start_soon(
                 supervise, "handshake", partial(handshake_task, client, driver, vm_started, self.policy, self._rng)

@@ -122,6 +122,7 @@ class AgentState(msgspec.Struct, frozen=True, kw_only=True):
     job: str | None = None
     jobs_completed: int = 0
     runner_pid: int | None = None  # the runner process running now (config.sh or run.sh), for the state file
+    runner_version: str | None = None  # as the runner last said it
     signals: int = 0  # stop signals received
     stop: StopPlan | None = None
     margin_s: float = 20.0  # how long before a preemption's deadline a running job is stopped
@@ -199,6 +200,12 @@ class RunnerGone(msgspec.Struct, frozen=True):
     killed_processes: int | None = None  # what the runner left behind, killed once it had exited
 
 
+class RunnerVersion(msgspec.Struct, frozen=True):
+    """The runner said which version it is (`Current runner version: '…'`)."""
+
+    version: str
+
+
 class RunnerProcess(msgspec.Struct, frozen=True):
     """A runner process started (its pid) or ended (None)."""
 
@@ -260,6 +267,7 @@ Input = (
     | JobDone
     | RunnerGone
     | RunnerProcess
+    | RunnerVersion
     | StopRequested
     | SignalReceived
     | DeadlinePassed
@@ -370,6 +378,8 @@ def _transition(state: AgentState, event: Input) -> Step:
         case RunnerProcess(pid=pid):
             # Whatever the phase: the state file must always name a process that a restarted MIGlet should stop.
             return Step(replace(state, runner_pid=pid))
+        case RunnerVersion(version=version) if state.run_abandoned is None:
+            return Step(replace(state, runner_version=version))
         case Start(runner_name=name, ephemeral=ephemeral, grace_s=grace, margin_s=margin) if phase is _P.INITIALIZING:
             waiting = replace(state, phase=_P.WAITING_FOR_CONTROLLER, runner_name=name, ephemeral=ephemeral)
             return Step(replace(waiting, grace_s=grace, margin_s=margin))
@@ -396,7 +406,10 @@ def _transition(state: AgentState, event: Input) -> Step:
             return Step(replace(state, run_abandoned=why), (give_up,))
         case RunnerListening(timings=timings) if phase is _P.REGISTERING_RUNNER and state.run_abandoned is None:
             registered = protocol.RunnerRegistered(
-                runner_name=state.runner_name, command_id=state.command_id or "", timings=timings
+                runner_name=state.runner_name,
+                command_id=state.command_id or "",
+                timings=timings,
+                runner_version=state.runner_version,
             )
             listening = replace(state, phase=_P.IDLE, listening=True, pending=())
             refusals = _refusals(state.pending, f"cannot register a runner while {_P.IDLE.value}")

@@ -31,8 +31,36 @@ class Event(msgspec.Struct, kw_only=True, omit_defaults=True, tag_field="type"):
     timestamp: Annotated[str, msgspec.Meta(description="When the event happened: RFC 3339 UTC, milliseconds.")] = ""
 
 
+class AgentInfo(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """What MIGlet this is."""
+
+    version: str
+    capabilities: Annotated[
+        list[str],
+        msgspec.Meta(
+            description="Protocol features this agent supports: long_poll, jit_config, shutdown, remove_token,"
+            " heartbeat, and preemption when it watches for notices."
+        ),
+    ]
+
+
+class HostInfo(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """What the VM is; a fact that cannot be read is left out."""
+
+    hostname: str | None = None
+    os: Annotated[str, msgspec.Meta(description="PRETTY_NAME from /etc/os-release.")] | None = None
+    kernel: str | None = None
+    arch: str | None = None
+    cpus: int | None = None
+    memory_mb: int | None = None
+    boot_time: Annotated[str, msgspec.Meta(description="RFC 3339 UTC.")] | None = None
+
+
 class VmStarted(Event, tag="vm_started"):
     """Seed: the VM is up. Sent until the controller acknowledges it; the answer is an `Acknowledgment`."""
+
+    agent: Annotated[AgentInfo, msgspec.Meta(description="Extension: the agent's version and features.")] | None = None
+    host: Annotated[HostInfo, msgspec.Meta(description="Extension: what the VM is.")] | None = None
 
 
 class RunnerRegistered(Event, tag="runner_registered"):
@@ -40,6 +68,9 @@ class RunnerRegistered(Event, tag="runner_registered"):
 
     runner_name: str
     command_id: Annotated[str, msgspec.Meta(description="The register_runner command that was carried out.")]
+    runner_version: (
+        Annotated[str, msgspec.Meta(description="As the runner prints it (`Current runner version: '…'`).")] | None
+    ) = None
     timings: (
         Annotated[dict[str, float], msgspec.Meta(description="Seconds from process start to each milestone.")] | None
     ) = None

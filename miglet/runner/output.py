@@ -21,8 +21,9 @@ _STAMP: Final = r"(?:\d{4}-\d\d-\d\d \d\d:\d\d:\d\dZ: )?"
 _LISTENING: Final = re.compile(_STAMP + r"Listening for Jobs")
 _RUNNING: Final = re.compile(_STAMP + r"Running job: (?P<name>.+)")
 _COMPLETED: Final = re.compile(_STAMP + r"Job (?P<name>.+) completed with result: (?P<result>[A-Za-z]+)")
+_VERSION: Final = re.compile(_STAMP + r"Current runner version: '(?P<version>[0-9A-Za-z.+-]{1,64})'")
 
-RunnerSignal = machine.RunnerListening | machine.JobRunning | machine.JobDone
+RunnerSignal = machine.RunnerListening | machine.JobRunning | machine.JobDone | machine.RunnerVersion
 
 # The runner's own lines, tagged as such, so that log readers can tell them from MIGlet's.
 runner_log = logging.getLogger("miglet.runner.output")
@@ -41,6 +42,8 @@ def interpret(line: str) -> RunnerSignal | None:
         return machine.JobDone(name=redact(match["name"]), result=match["result"])
     if match := _RUNNING.fullmatch(line):
         return machine.JobRunning(name=redact(match["name"]))
+    if match := _VERSION.fullmatch(line):
+        return machine.RunnerVersion(match["version"])
     return None
 
 
