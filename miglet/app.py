@@ -207,10 +207,9 @@ class Agent:
         endpoint = self.config.effective_metadata_endpoint
         assert endpoint is not None
         async with open_metadata_client(endpoint, self._metadata_transport) as http:
-            watcher = preemption.watch(
+            await preemption.watch(
                 provider, MetadataClient(http), self._on_notice, self._runner_stopped, self._approving
             )
-            await watcher
 
     def _on_notice(self, notice: preemption.Notice) -> None:
         deadline = notice.deadline

@@ -19,7 +19,7 @@ from typing import Final
 
 from miglet import __version__, exitcodes, preflight
 from miglet.config import VARIABLES, Config, ConfigError, check_config, default_of, load_config
-from miglet.hardening import harden_process, token_exposures
+from miglet.hardening import Exposure, harden_process, token_exposures
 from miglet.stop_signals import HeldSignals, ignore_stop_signals
 
 EXIT_OK: Final = exitcodes.OK
@@ -113,10 +113,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"miglet: configuration error: {problem}", file=sys.stderr)
     if broken:
         return EXIT_CONFIG
-    exposures = token_exposures(config, (env.get("MIGLET_CONTROLLER_TOKEN_FILE") or "").strip() or None)
+    exposures = _exposures(config, env)
     warnings: list[tuple[str, Mapping[str, object]]] = [(warning, {}) for warning in preflight.misspelt(env)]
     warnings += [(exposure.message, exposure.fields) for exposure in exposures]
     return _run(config, held, problems, warnings)
+
+
+def _exposures(config: Config, env: Mapping[str, str]) -> list[Exposure]:
+    """Where a job could read the controller token, in this configuration."""
+    return token_exposures(config, (env.get("MIGLET_CONTROLLER_TOKEN_FILE") or "").strip() or None)
 
 
 def _check_config(env: dict[str, str]) -> int:
@@ -134,7 +139,7 @@ def _check_config(env: dict[str, str]) -> int:
         print_config(config)
         stop_time = preflight.stop_time_warning(config)
         warnings += [stop_time] if stop_time is not None else []
-        for exposure in token_exposures(config, (env.get("MIGLET_CONTROLLER_TOKEN_FILE") or "").strip() or None):
+        for exposure in _exposures(config, env):
             warnings.append(exposure.message + "".join(f" {key}={value}" for key, value in exposure.fields.items()))
     for warning in warnings:
         print(f"miglet: warning: {warning}", file=sys.stderr)

@@ -1,6 +1,6 @@
 """What MIGlet and its VM are, for `vm_started`: read without a process, and never failing the handshake.
 
-Each host fact comes from the kernel or a small file. One that cannot be read (a container without
+Each host fact comes from the kernel, its clocks, or `/etc/os-release`. One that cannot be read (a container without
 `/etc/os-release`, say) is left out, and the rest are still sent.
 """
 
@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Final
@@ -26,7 +27,7 @@ def agent_info(*, preemption: bool) -> protocol.AgentInfo:
     return protocol.AgentInfo(version=__version__, capabilities=capabilities)
 
 
-def host_info(os_release: Path = OS_RELEASE, proc: Path = Path("/proc")) -> protocol.HostInfo:
+def host_info(os_release: Path = OS_RELEASE) -> protocol.HostInfo:
     uname = os.uname()
     return protocol.HostInfo(
         hostname=_fact(socket.gethostname()),
@@ -34,8 +35,8 @@ def host_info(os_release: Path = OS_RELEASE, proc: Path = Path("/proc")) -> prot
         kernel=_fact(uname.release),
         arch=_fact(uname.machine),
         cpus=os.cpu_count(),
-        memory_mb=_memory_mb(proc),
-        boot_time=_boot_time(proc),
+        memory_mb=_memory_mb(),
+        boot_time=_boot_time(),
     )
 
 
@@ -46,16 +47,10 @@ def _fact(text: str | None) -> str | None:
     return cleaned or None
 
 
-def _read(path: Path) -> str | None:
-    try:
-        return read_small_file(path, 64 * 1024).decode("utf-8", "replace")
-    except (OSError, UnsuitableFile, ValueError):
-        return None
-
-
 def _os_name(os_release: Path) -> str | None:
-    text = _read(os_release)
-    if text is None:
+    try:
+        text = read_small_file(os_release, 64 * 1024).decode("utf-8", "replace")
+    except (OSError, UnsuitableFile, ValueError):
         return None
     for line in text.splitlines():
         key, _, value = line.partition("=")
@@ -64,17 +59,15 @@ def _os_name(os_release: Path) -> str | None:
     return None
 
 
-def _memory_mb(proc: Path) -> int | None:
-    for line in (_read(proc / "meminfo") or "").splitlines():
-        if line.startswith("MemTotal:"):
-            with contextlib.suppress(ValueError, IndexError):
-                return int(line.split()[1]) // 1024  # kB
+def _memory_mb() -> int | None:
+    with contextlib.suppress(OSError, ValueError):
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // (1024 * 1024)
     return None
 
 
-def _boot_time(proc: Path) -> str | None:
-    for line in (_read(proc / "stat") or "").splitlines():
-        if line.startswith("btime "):
-            with contextlib.suppress(ValueError, IndexError, OverflowError, OSError):
-                return datetime.fromtimestamp(int(line.split()[1]), UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+def _boot_time() -> str | None:
+    """From the clocks, not /proc/stat (whose size grows with the number of CPUs and interrupts)."""
+    with contextlib.suppress(OSError, ValueError, OverflowError):
+        booted = time.time() - time.clock_gettime(time.CLOCK_BOOTTIME)
+        return datetime.fromtimestamp(booted, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     return None
