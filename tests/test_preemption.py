@@ -7,7 +7,8 @@ reached through `httpx.ASGITransport` (no socket is opened; the endpoint names l
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from typing import Any
 
 import httpx
@@ -39,6 +40,21 @@ def preempting(make_config: ConfigFactory, provider: str, **overrides: Any) -> C
     return make_config(preemption=provider, metadata_endpoint=LOOPBACK, **overrides)
 
 
+@asynccontextmanager
+async def watching(
+    make_config: ConfigFactory,
+    controller: FakeController,
+    runner: SimulatedRunner,
+    metadata: FakeMetadata,
+    **overrides: Any,
+) -> AsyncIterator[Running]:
+    """An agent watching `metadata`'s cloud, reached in-process."""
+    config = preempting(make_config, metadata.provider, **overrides)
+    transport = httpx.ASGITransport(app=metadata)
+    async with running_agent(config, controller, runner, metadata_transport=transport) as running:
+        yield running
+
+
 def notices(running: Running) -> list[dict[str, Any]]:
     return running.events("vm_preempted")
 
@@ -58,10 +74,7 @@ async def test_a_notice_when_idle_stops_the_runner_at_once(
     provider: str,
 ) -> None:
     metadata = FakeMetadata(provider, vm_name="vm-123")
-    config = preempting(make_config, provider)
-    async with running_agent(
-        config, controller, runner, metadata_transport=httpx.ASGITransport(app=metadata)
-    ) as running:
+    async with watching(make_config, controller, runner, metadata) as running:
         await running.reach(Phase.IDLE)
         metadata.notice(action="terminate", preempted=True, event_type="Preempt", in_s=120)
     assert running.exit_code == 0
@@ -84,10 +97,7 @@ async def test_a_running_job_goes_on_until_the_margin_then_ends_canceled(
     job_gets: float,
 ) -> None:
     metadata = FakeMetadata(provider)
-    config = preempting(make_config, provider, preemption_margin=20)
-    async with running_agent(
-        config, controller, runner, metadata_transport=httpx.ASGITransport(app=metadata)
-    ) as running:
+    async with watching(make_config, controller, runner, metadata, preemption_margin=20) as running:
         await running.reach(Phase.IDLE)
         runner.submit_job(Job("long", duration_s=3600))
         await running.reach(Phase.BUSY)
@@ -112,9 +122,7 @@ async def test_a_job_that_ends_before_the_margin_ends_as_usual(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     metadata = FakeMetadata("aws")
-    async with running_agent(
-        preempting(make_config, "aws"), controller, runner, metadata_transport=httpx.ASGITransport(app=metadata)
-    ) as running:
+    async with watching(make_config, controller, runner, metadata) as running:
         await running.reach(Phase.IDLE)
         runner.submit_job(Job("short", duration_s=30))
         await running.reach(Phase.BUSY)
@@ -138,9 +146,7 @@ async def test_in_ready_no_runner_is_started_and_a_shutdown_still_stops(
 ) -> None:
     controller = FakeController(Settings(send_registration=False))
     metadata = FakeMetadata(provider)
-    async with running_agent(
-        preempting(make_config, provider), controller, runner, metadata_transport=httpx.ASGITransport(app=metadata)
-    ) as running:
+    async with watching(make_config, controller, runner, metadata) as running:
         await running.reach(Phase.READY)
         metadata.notice(action=action, maintenance=action, event_type=action, in_s=120)
         await delivered(running, lambda state: state.preempted is not None)
@@ -163,9 +169,7 @@ async def test_a_registration_in_progress_is_stopped_and_cleaned(
 ) -> None:
     runner = SimulatedRunner(configure_delay_s=600)
     metadata = FakeMetadata("aws")
-    async with running_agent(
-        preempting(make_config, "aws"), controller, runner, metadata_transport=httpx.ASGITransport(app=metadata)
-    ) as running:
+    async with watching(make_config, controller, runner, metadata) as running:
         await running.reach(Phase.REGISTERING_RUNNER)
         metadata.notice(action="terminate", in_s=120)
         await running.reach(Phase.READY)
@@ -185,12 +189,7 @@ async def test_an_autoscaling_termination_stops_as_a_shutdown_would(
 ) -> None:
     metadata = FakeMetadata("aws")
     metadata.lifecycle_state = "InService"
-    async with running_agent(
-        preempting(make_config, "aws", shutdown_grace=7),
-        controller,
-        runner,
-        metadata_transport=httpx.ASGITransport(app=metadata),
-    ) as running:
+    async with watching(make_config, controller, runner, metadata, shutdown_grace=7) as running:
         await running.reach(Phase.IDLE)
         runner.submit_job(Job("long", duration_s=3600))
         await running.reach(Phase.BUSY)
@@ -207,9 +206,7 @@ async def test_an_azure_event_for_another_vm_is_ignored_and_ours_is_approved_onc
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     metadata = FakeMetadata("azure", vm_name="vm-123")
-    async with running_agent(
-        preempting(make_config, "azure"), controller, runner, metadata_transport=httpx.ASGITransport(app=metadata)
-    ) as running:
+    async with watching(make_config, controller, runner, metadata) as running:
         await running.reach(Phase.IDLE)
         metadata.notice(event_type="Preempt", resources=["another-vm"], event_id="theirs")
         metadata.notice(event_type="Freeze", resources=["vm-123"], event_id="a-freeze")
@@ -231,9 +228,7 @@ async def test_a_notice_repeated_on_every_poll_is_reported_once(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     metadata = FakeMetadata("aws")
-    async with running_agent(
-        preempting(make_config, "aws"), controller, runner, metadata_transport=httpx.ASGITransport(app=metadata)
-    ) as running:
+    async with watching(make_config, controller, runner, metadata) as running:
         await running.reach(Phase.IDLE)
         runner.submit_job(Job("long", duration_s=3600))
         await running.reach(Phase.BUSY)
@@ -251,9 +246,7 @@ async def test_gcp_is_watched_with_wait_for_change_not_a_tight_poll(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     metadata = FakeMetadata("gcp")
-    async with running_agent(
-        preempting(make_config, "gcp"), controller, runner, metadata_transport=httpx.ASGITransport(app=metadata)
-    ) as running:
+    async with watching(make_config, controller, runner, metadata) as running:
         await running.reach(Phase.IDLE)
         await trio.sleep(600)
         metadata.notice(preempted=True)
@@ -278,9 +271,7 @@ async def test_unusable_metadata_is_logged_at_most_once_a_minute_and_changes_not
 ) -> None:
     caplog.set_level(logging.WARNING, logger="miglet")
     metadata = FakeMetadata(provider)
-    async with running_agent(
-        preempting(make_config, provider), controller, runner, metadata_transport=httpx.ASGITransport(app=metadata)
-    ) as running:
+    async with watching(make_config, controller, runner, metadata) as running:
         await running.reach(Phase.IDLE)
         metadata.garbage = True
         await trio.sleep(90)
@@ -363,9 +354,7 @@ async def test_dates_far_from_now_are_unusable_answers_not_a_crash(
 ) -> None:
     caplog.set_level(logging.WARNING, logger="miglet")
     metadata = FakeMetadata("aws")
-    async with running_agent(
-        preempting(make_config, "aws"), controller, runner, metadata_transport=httpx.ASGITransport(app=metadata)
-    ) as running:
+    async with watching(make_config, controller, runner, metadata) as running:
         await running.reach(Phase.IDLE)
         runner.submit_job(Job("long", duration_s=3600))
         await running.reach(Phase.BUSY)
@@ -388,9 +377,7 @@ async def test_an_azure_approval_still_answered_slowly_is_given_before_the_agent
 ) -> None:
     metadata = FakeMetadata("azure", vm_name="vm-123")
     metadata.approval_delay_s = 0.5
-    async with running_agent(
-        preempting(make_config, "azure"), controller, runner, metadata_transport=httpx.ASGITransport(app=metadata)
-    ) as running:
+    async with watching(make_config, controller, runner, metadata) as running:
         await running.reach(Phase.IDLE)
         metadata.notice(event_type="Preempt", event_id="slow")
     assert running.exit_code == 0
@@ -405,9 +392,7 @@ async def test_a_gcp_server_that_ignores_wait_for_change_is_not_asked_in_a_tight
 ) -> None:
     metadata = FakeMetadata("gcp")
     metadata.ignore_wait = True
-    async with running_agent(
-        preempting(make_config, "gcp"), controller, runner, metadata_transport=httpx.ASGITransport(app=metadata)
-    ) as running:
+    async with watching(make_config, controller, runner, metadata) as running:
         await running.reach(Phase.IDLE)
         start = len(metadata.requests)
         await trio.sleep(60)
