@@ -24,6 +24,7 @@ from miglet.config import Config
 from miglet.machine import AgentState, Phase
 from miglet.preemption import (
     AwsWatcher,
+    AzureWatcher,
     MetadataClient,
     MetadataUnavailable,
     Notice,
@@ -408,4 +409,42 @@ async def test_a_compressed_answer_is_refused_before_it_is_inflated() -> None:
 
     async with open_metadata_client(LOOPBACK, httpx.MockTransport(gzip_answer)) as http:
         with pytest.raises(MetadataUnavailable, match="Content-Encoding 'gzip'"):
+            await MetadataClient(http).request("GET", "/latest/meta-data/spot/instance-action")
+
+
+@pytest.mark.parametrize(
+    ("body", "problem"),
+    [
+        (b"[" * 30_000 + b"]" * 30_000, "unusable answer"),  # deeper than any parser should follow
+        (b'{"Events": []}' + b" " * 70_000, "larger than"),
+        (b"\xff\xfe not JSON", "unusable answer"),
+    ],
+)
+async def test_a_hostile_scheduled_events_answer_is_unusable_not_a_crash(body: bytes, problem: str) -> None:
+    async def answer(request: httpx.Request) -> httpx.Response:
+        # Streamed, as a real transport answers.
+        name = request.url.path.endswith("/name")
+        return httpx.Response(200, stream=httpx.ByteStream(b"vm-123" if name else body))
+
+    async def never() -> None:
+        await trio.sleep_forever()
+
+    async with open_metadata_client(LOOPBACK, httpx.MockTransport(answer)) as http:
+        watcher = AzureWatcher(MetadataClient(http), lambda notice: None, never)
+        with pytest.raises(MetadataUnavailable, match=problem):
+            await watcher._look()
+
+
+async def test_a_metadata_service_that_trickles_is_cut_at_the_deadline(autojump_clock: trio.testing.MockClock) -> None:
+    class Trickle(httpx.AsyncByteStream):
+        async def __aiter__(self) -> AsyncIterator[bytes]:
+            while True:
+                await trio.sleep(1)
+                yield b" "
+
+    async def answer(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, stream=Trickle())
+
+    async with open_metadata_client(LOOPBACK, httpx.MockTransport(answer)) as http:
+        with pytest.raises(MetadataUnavailable, match="no answer within 5 s"):
             await MetadataClient(http).request("GET", "/latest/meta-data/spot/instance-action")

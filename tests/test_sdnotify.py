@@ -83,3 +83,14 @@ def test_no_socket_no_notifier_and_a_watchdog_for_another_process_is_not_ours() 
     other = Notifier.from_environment({"NOTIFY_SOCKET": "@x", "WATCHDOG_USEC": "1000", "WATCHDOG_PID": "1"})
     assert other is not None
     assert other.watchdog_s is None
+
+
+def test_a_socket_that_is_not_there_or_an_absurd_watchdog_changes_nothing(tmp_path: Path) -> None:
+    gone = Notifier.from_environment({"NOTIFY_SOCKET": str(tmp_path / "nobody-listens")})
+    assert gone is not None
+    for _ in range(3):
+        gone.send("READY=1")  # logged once, never raised
+    for usec in ("soon", "-5", "0", "9" * 40):
+        notifier = Notifier.from_environment({"NOTIFY_SOCKET": "@x", "WATCHDOG_USEC": usec})
+        assert notifier is not None
+        assert notifier.watchdog_s is None or notifier.watchdog_s > 0
