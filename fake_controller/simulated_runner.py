@@ -43,12 +43,16 @@ class SimulatedRunner:
         configure_delay_s: float = 0.0,
         reject_tokens: frozenset[str] = frozenset(),
         exit_after_listening: int | None = None,
+        warmup_s: float | None = None,
     ) -> None:
         self.version = version
         self.connect_delay_s = connect_delay_s
         self.configure_delay_s = configure_delay_s
         self.reject_tokens = reject_tokens
         self.exit_after_listening = exit_after_listening
+        # How long a warmup takes; None: there is nothing to warm up.
+        self.warmup_s = warmup_s
+        self.warmups: list[str] = []  # how each warmup ended: "done" or "stopped"
         self.configure_calls: list[ConfigureCall] = []
         self.remove_calls: list[str] = []
         self.runs = 0
@@ -129,6 +133,14 @@ class SimulatedRunner:
             raise
         if not job.lost:  # taken back by GitHub before the runner could renew it: no result line
             await say(f"{_stamp()}: Job {job.name} completed with result: {job.result}")
+
+    async def warmup(self) -> bool:
+        if self.warmup_s is None:
+            return False
+        self.warmups.append("stopped")
+        await trio.sleep(self.warmup_s)
+        self.warmups[-1] = "done"
+        return True
 
     async def remove(self, token: Secret, on_line: LineSink) -> None:
         self.remove_calls.append(token.reveal())

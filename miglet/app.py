@@ -19,6 +19,7 @@ import os
 import random
 import signal
 import time
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from functools import partial
 from typing import Final
@@ -39,6 +40,7 @@ from miglet.outbox import Outbox, describe
 from miglet.preemption import MetadataClient, open_metadata_client
 from miglet.retry import RetryPolicy
 from miglet.runner.backend import ConfigureFailed, Grace, RunnerBackend
+from miglet.runner.hooks import JobHooks
 from miglet.runner.output import relay_line
 from miglet.runner.process import ProcessRunner, kill_leftover_runner
 from miglet.runner.reaper import reap_orphans_task, sweep_descendants
@@ -52,6 +54,7 @@ from miglet.supervision import TaskSupervisor
 from miglet.tasks.handshake import handshake_task
 from miglet.tasks.heartbeat import heartbeat_task, state_refresh_task
 from miglet.tasks.poller import poller_task
+from miglet.tasks.runner_extras import Warmup, deliver_identities, spool_task
 from miglet.tasks.supervisor import supervisor_task
 from miglet.timings import PhaseTimings
 from miglet.tokenfile import TokenFileError, read_token_file
@@ -70,6 +73,8 @@ RUNNER_PHASES: Final = frozenset({Phase.REGISTERING_RUNNER, Phase.IDLE, Phase.BU
 APPROVAL_FLUSH_S: Final = 10.0
 # Approvals owed to the cloud get this long to be given once the agent is otherwise done.
 APPROVAL_WAIT_S: Final = 5.0
+# Beside the state file: MIGlet's job hook scripts, and the spool they hand over through.
+JOB_HOOKS_DIR: Final = "job-hooks"
 
 
 class StopControls:
@@ -158,6 +163,9 @@ class Agent:
         # Approvals of scheduled events owed to the cloud (Azure), which the end of a stop waits for a moment.
         self._approving: AsyncValue[int] = AsyncValue(0)
         self.timings = PhaseTimings(time.monotonic() if started_at is None else started_at)
+        # MIGlet's job hooks and their spool, beside the state file (`miglet.runner.hooks`).
+        self.job_hooks = JobHooks(config.state_file.parent / JOB_HOOKS_DIR, config.runner_dir, config.runner_user)
+        self._warmup: Warmup | None = None
         self.driver.observe(self.timings.observe)
         self._notifier = notifier
         if notifier is not None:
@@ -255,7 +263,10 @@ class Agent:
                 grace=lambda: self.stop_controls.grace,
                 user=config.runner_user,
                 on_pid=lambda pid: self.driver.apply(machine.RunnerProcess(pid)),
+                prepare_run=self._prepare_run,
             )
+            if config.runner_warmup == "auto":
+                self._warmup = Warmup(backend, self.timings)
             token_source = None if config.controller_token_file is None else self._reread_token
             async with (
                 open_controller_client(config, self._transport, token_source) as client,
@@ -308,17 +319,30 @@ class Agent:
         on_bug = self.supervision.bug
         driver = self.driver
         # What the agent and its VM are; a fact that cannot be read is left out, and never fails the handshake.
-        announced = protocol.VmStarted(agent=agent_info(preemption=config.preemption != "off"), host=host_info())
+        agent = agent_info(preemption=config.preemption != "off", job_identity=config.job_identity)
+        announced = protocol.VmStarted(agent=agent, host=host_info())
         vm_started = self.stamper.stamp(announced)
         async with trio.open_nursery() as work:
             work.start_soon(
                 supervise, "handshake", partial(handshake_task, client, driver, vm_started, self.policy, self._rng)
             )
             work.start_soon(supervise, "poller", partial(poller_task, config, client, driver, self.policy, self._rng))
+            spool = self.job_hooks.spool
             run_runner = partial(
-                supervisor_task, config, driver, backend, self._registrations_out, self.timings, on_bug=on_bug
+                supervisor_task,
+                config,
+                driver,
+                backend,
+                self._registrations_out,
+                self.timings,
+                on_bug=on_bug,
+                identify=partial(deliver_identities, spool, driver) if config.job_identity else lambda: None,
             )
             work.start_soon(supervise, "runner_supervisor", run_runner)
+            if config.job_identity:
+                work.start_soon(supervise, "job_identity", partial(spool_task, spool, driver))
+            if self._warmup is not None:
+                work.start_soon(supervise, "warmup", partial(self._warmup.run, driver))
             heartbeats = partial(heartbeat_task, driver, self.outbox, config.heartbeat_interval, self._started_at)
             work.start_soon(supervise, "heartbeat", heartbeats)
             self._start_deadlines(work)
@@ -326,6 +350,13 @@ class Agent:
             self.outbox.hurry()
             self.supervision.hurry()
             work.cancel_scope.cancel()
+
+    def _prepare_run(self, environ: Mapping[str, str]) -> dict[str, str]:
+        """Just before run.sh starts: MIGlet's job hooks, or the operator's put back when job identity is off."""
+        if self.config.job_identity:
+            return self.job_hooks.prepare(environ)
+        self.job_hooks.restore()
+        return {}
 
     async def _serve_outbox(self, client: ControllerClient) -> None:
         """Deliver events once `vm_started` has been acknowledged (or the agent stops without it): nothing goes

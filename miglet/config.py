@@ -27,6 +27,7 @@ from miglet.tokenfile import BEARER_TOKEN, BEARER_TOKEN_RULE, TokenFileError, re
 LogFormat = Literal["auto", "json", "text"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 Preemption = Literal["off", "aws", "gcp", "azure"]
+Warmup = Literal["auto", "off"]
 # The longest a long poll may ask the controller to hold a request (MIGLET_COMMAND_WAIT), in seconds.
 MAX_COMMAND_WAIT: Final = 600
 # Each cloud's metadata service, where MIGLET_METADATA_ENDPOINT does not say otherwise.
@@ -146,6 +147,22 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     runner_disable_update: Annotated[
         bool, Setting("MIGLET_RUNNER_DISABLE_UPDATE", "register with --disableupdate", _boolean)
     ] = False
+    runner_warmup: Annotated[
+        Warmup,
+        Setting(
+            "MIGLET_RUNNER_WARMUP",
+            "auto: warm the runner up (Runner.Listener warmup) while waiting for a registration; off",
+            _choice("auto", "off"),
+        ),
+    ] = "auto"
+    job_identity: Annotated[
+        bool,
+        Setting(
+            "MIGLET_JOB_IDENTITY",
+            "install job hooks that tell the controller which workflow run each job belongs to",
+            _boolean,
+        ),
+    ] = True
     allow_http_runner_url: Annotated[
         bool,
         Setting("MIGLET_ALLOW_HTTP_RUNNER_URL", "accept an http:// runner_url (a GitHub Enterprise Server)", _boolean),

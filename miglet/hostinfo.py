@@ -22,8 +22,9 @@ MAX_FACT: Final = 128
 BASE_CAPABILITIES: Final = ("long_poll", "jit_config", "shutdown", "remove_token", "heartbeat")
 
 
-def agent_info(*, preemption: bool) -> protocol.AgentInfo:
-    capabilities = [*BASE_CAPABILITIES, *(["preemption"] if preemption else [])]
+def agent_info(*, preemption: bool, job_identity: bool = True) -> protocol.AgentInfo:
+    optional = {"job_identity": job_identity, "preemption": preemption}
+    capabilities = [*BASE_CAPABILITIES, *(name for name, on in optional.items() if on)]
     return protocol.AgentInfo(version=__version__, capabilities=capabilities)
 
 

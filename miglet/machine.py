@@ -120,6 +120,10 @@ class AgentState(msgspec.Struct, frozen=True, kw_only=True):
     # preempted): the supervisor stops it, and what the runner prints no longer counts.
     run_abandoned: Abandoned | None = None
     job: str | None = None
+    # Which workflow run the job belongs to, once its hook said so (`job_identified` is sent once per job).
+    github: protocol.GithubContext | None = None
+    # What a job-started hook said before the runner's `Running job` line was read: it belongs to the next job.
+    github_early: protocol.GithubContext | None = None
     jobs_completed: int = 0
     runner_pid: int | None = None  # the runner process running now (config.sh or run.sh), for the state file
     runner_version: str | None = None  # as the runner last said it
@@ -195,6 +199,13 @@ class JobDone(msgspec.Struct, frozen=True):
     result: str
 
 
+class JobIdentified(msgspec.Struct, frozen=True):
+    """A job hook of the runner's said which workflow run its job belongs to (`stage`: which hook)."""
+
+    stage: Literal["started", "completed"]
+    github: protocol.GithubContext
+
+
 class RunnerGone(msgspec.Struct, frozen=True):
     exit_code: int
     killed_processes: int | None = None  # what the runner left behind, killed once it had exited
@@ -265,6 +276,7 @@ Input = (
     | RunnerListening
     | JobRunning
     | JobDone
+    | JobIdentified
     | RunnerGone
     | RunnerProcess
     | RunnerVersion
@@ -415,29 +427,37 @@ def _transition(state: AgentState, event: Input) -> Step:
             refusals = _refusals(state.pending, f"cannot register a runner while {_P.IDLE.value}")
             return Step(listening, (Send(registered), *refusals))
         case JobRunning(name=name) if phase is _P.IDLE:
-            return Step(replace(state, phase=_P.BUSY, job=name), (Send(protocol.JobStarted(job_name=name)),))
+            return _job_started(replace(state, phase=_P.BUSY), name)
         case JobRunning(name=name) if phase is _P.BUSY:
             # The runner never said how the job before ended (it can drop one it could not renew): that one is over.
-            announced = Send(protocol.JobStarted(job_name=name))
-            return Step(
-                replace(state, job=name, jobs_completed=state.jobs_completed + 1), (*_abandoned(state), announced)
-            )
+            step = _job_started(replace(state, jobs_completed=state.jobs_completed + 1), name)
+            return Step(step.state, (*_abandoned(state), *step.effects))
         case JobRunning(name=name) if phase is _P.STOPPING and state.listening:
             # GitHub handed the runner a job just as the stop began: the controller still hears of it (and of the
             # end of one the runner dropped without a result, if there was one).
-            announced = Send(protocol.JobStarted(job_name=name))
-            return Step(replace(state, job=name), (*_abandoned(state), announced))
+            step = _job_started(state, name)
+            return Step(step.state, (*_abandoned(state), *step.effects))
+        case JobIdentified(github=github) if state.job is not None and phase in (_P.BUSY, _P.STOPPING):
+            if state.github is not None:
+                return _ignore(state, "the job's workflow run is known already")
+            return _identified(state, state.job, github)
+        case JobIdentified(stage="started", github=github) if state.listening and phase in (_P.IDLE, _P.STOPPING):
+            # The hook ran before the runner's `Running job` line was read: it is the next job's.
+            return Step(replace(state, github_early=github))
         case RunnerListening() if phase is _P.STOPPING and state.run_abandoned is None:
             # A runner that came up as the stop began: what it does until it has stopped is still reported.
             return Step(replace(state, listening=True))
         case JobDone(name=name, result=result) if phase is _P.BUSY or (phase is _P.STOPPING and state.job is not None):
             # While stopping, the runner still reports the job it was running (usually as Canceled).
-            completed: tuple[Effect, ...] = (Send(protocol.JobCompleted(job_name=name, result=result)),)
+            completed: tuple[Effect, ...] = (
+                Send(protocol.JobCompleted(job_name=name, result=result, github=state.github)),
+            )
             after = _P.IDLE if phase is _P.BUSY else phase
             if after is _P.IDLE and state.preempted is not None and not state.ephemeral:
                 # The job ended before the preemption's deadline; the runner must take no other.
                 completed += (Then(StopRequested(reason="preempted", grace_s=min(state.grace_s, state.margin_s))),)
-            return Step(replace(state, phase=after, job=None, jobs_completed=state.jobs_completed + 1), completed)
+            done = replace(state, phase=after, job=None, github=None, jobs_completed=state.jobs_completed + 1)
+            return Step(done, completed)
         case RunnerGone(exit_code=code, killed_processes=killed) if phase is _P.REGISTERING_RUNNER:
             exited = Log("Runner exited", fields={"exit_code": code, "killed_processes": killed})
             error = f"runner exited with code {code} before listening for jobs"
@@ -473,7 +493,8 @@ def _transition(state: AgentState, event: Input) -> Step:
             # Stopping for another reason with a longer grace: the deadline wins, the margin left for the report.
             return Step(state, (ShortenGrace(state.margin_s),))
         case Finished() if phase is _P.STOPPING:
-            return Step(replace(state, phase=_P.STOPPED, listening=False, job=None), _abandoned(state))
+            stopped = replace(state, phase=_P.STOPPED, listening=False, job=None, github=None, github_early=None)
+            return Step(stopped, _abandoned(state))
         case Undelivered() if phase is _P.STOPPED and state.stop is not None and state.stop.exit_code == exitcodes.OK:
             return Step(replace(state, stop=replace(state.stop, exit_code=exitcodes.UNDELIVERED)))
     return _ignore(state, f"{type(event).__name__} does not apply while {phase.value}")
@@ -621,11 +642,28 @@ def _signal(state: AgentState, name: str) -> Step:
     return Step(step.state, (Log("Received signal", fields={"signal": name}), *step.effects))
 
 
+def _job_started(state: AgentState, name: str) -> Step:
+    """The runner took job `name`; what its hook said already, if it said anything, goes with it."""
+    replace = msgspec.structs.replace
+    started = replace(state, job=name, github=None, github_early=None)
+    announced = Send(protocol.JobStarted(job_name=name))
+    if state.github_early is None:
+        return Step(started, (announced,))
+    step = _identified(started, name, state.github_early)
+    return Step(step.state, (announced, *step.effects))
+
+
+def _identified(state: AgentState, job: str, github: protocol.GithubContext) -> Step:
+    fields = {"job_name": job, "repository": github.repository, "run_id": github.run_id}
+    effects = (Log("Job identified", fields=fields), Send(protocol.JobIdentified(job_name=job, github=github)))
+    return Step(msgspec.structs.replace(state, github=github), effects)
+
+
 def _runner_exited(state: AgentState, code: int, killed: int | None) -> Step:
     replace = msgspec.structs.replace
     exited_log = Log("Runner exited", fields={"exit_code": code, "killed_processes": killed})
-    state = replace(state, listening=False)
     abandoned = _abandoned(state)
+    state = replace(state, listening=False, github=None, github_early=None)
     if state.phase is _P.STOPPING:
         exited = Send(protocol.RunnerExited(exit_code=code, reason="stopped", killed_processes=killed))
         return Step(replace(state, job=None), (exited_log, *abandoned, exited))
@@ -688,4 +726,4 @@ def _abandoned(state: AgentState) -> tuple[Effect, ...]:
     """A job the runner never reported finished (it crashed, or was killed at the end of its grace) is over."""
     if state.job is None:
         return ()
-    return (Send(protocol.JobCompleted(job_name=state.job, result="Abandoned")),)
+    return (Send(protocol.JobCompleted(job_name=state.job, result="Abandoned", github=state.github)),)

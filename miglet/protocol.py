@@ -39,7 +39,7 @@ class AgentInfo(msgspec.Struct, kw_only=True, omit_defaults=True):
         list[str],
         msgspec.Meta(
             description="Protocol features this agent supports: long_poll, jit_config, shutdown, remove_token,"
-            " heartbeat, and preemption when it watches for notices."
+            " heartbeat, job_identity when it installs its job hooks, and preemption when it watches for notices."
         ),
     ]
 
@@ -98,11 +98,42 @@ class JobStarted(Event, tag="job_started"):
     job_name: str
 
 
+_Value = Annotated[str, msgspec.Meta(max_length=256)]
+
+
+class GithubContext(msgspec.Struct, kw_only=True, omit_defaults=True, frozen=True):
+    """Which workflow run a job belongs to, as the job's own environment told the runner's job hook: advisory, since
+    a job can change its environment. Each value is the `GITHUB_*` variable's, control characters removed, secrets
+    masked, at most 256 characters; one that was empty or unset is left out."""
+
+    repository: Annotated[_Value, msgspec.Meta(description="GITHUB_REPOSITORY, e.g. octo-org/app.")] | None = None
+    workflow: Annotated[_Value, msgspec.Meta(description="GITHUB_WORKFLOW: the workflow's name.")] | None = None
+    job: Annotated[_Value, msgspec.Meta(description="GITHUB_JOB: the job's id in the workflow.")] | None = None
+    run_id: Annotated[_Value, msgspec.Meta(description="GITHUB_RUN_ID.")] | None = None
+    run_number: Annotated[_Value, msgspec.Meta(description="GITHUB_RUN_NUMBER.")] | None = None
+    run_attempt: Annotated[_Value, msgspec.Meta(description="GITHUB_RUN_ATTEMPT.")] | None = None
+    ref: Annotated[_Value, msgspec.Meta(description="GITHUB_REF.")] | None = None
+    sha: Annotated[_Value, msgspec.Meta(description="GITHUB_SHA.")] | None = None
+    actor: Annotated[_Value, msgspec.Meta(description="GITHUB_ACTOR.")] | None = None
+    event_name: Annotated[_Value, msgspec.Meta(description="GITHUB_EVENT_NAME.")] | None = None
+    server_url: Annotated[_Value, msgspec.Meta(description="GITHUB_SERVER_URL.")] | None = None
+
+
+class JobIdentified(Event, tag="job_identified"):
+    """The runner's job-started hook said which workflow run the job belongs to (after `job_started`)."""
+
+    job_name: str
+    github: GithubContext
+
+
 class JobCompleted(Event, tag="job_completed"):
     """The runner finished its job."""
 
     job_name: str
     result: Annotated[str, msgspec.Meta(description="As the runner says it, e.g. Succeeded, Failed, Canceled.")]
+    github: (
+        Annotated[GithubContext, msgspec.Meta(description="The job's workflow run, when its hook told it.")] | None
+    ) = None
 
 
 class RunnerExited(Event, tag="runner_exited"):
@@ -201,6 +232,7 @@ AnyEvent = (
     | RunnerRegistered
     | RegistrationFailed
     | JobStarted
+    | JobIdentified
     | JobCompleted
     | RunnerExited
     | CommandFailed
@@ -216,6 +248,7 @@ LIFECYCLE_EVENTS: Final = (
     RegistrationFailed,
     RunnerRegistered,
     JobStarted,
+    JobIdentified,
     JobCompleted,
     RunnerExited,
     VmPreempted,
@@ -390,6 +423,13 @@ def _masked(value: object) -> object:
     if isinstance(value, list | tuple):
         elements = [_masked(item) for item in value]
         return value if elements == list(value) else elements
+    if isinstance(value, msgspec.Struct):
+        replaced: dict[str, object] = {}
+        for name in value.__struct_fields__:
+            member = getattr(value, name)
+            if (masked_member := _masked(member)) is not member:
+                replaced[name] = masked_member
+        return msgspec.structs.replace(value, **replaced) if replaced else value
     return value
 
 

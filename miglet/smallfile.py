@@ -6,6 +6,7 @@ on a FIFO with no writer, nor read a device such as /dev/zero for ever, nor take
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from pathlib import Path
@@ -15,16 +16,22 @@ class UnsuitableFile(Exception):
     """The path names something other than a small regular file."""
 
 
-def read_small_file(path: Path, limit: int) -> bytes:
-    """The content of the regular file at `path` (a symlink to one is fine), at most `limit` bytes.
+def read_small_file(path: Path, limit: int, *, follow_symlinks: bool = True) -> bytes:
+    """The content of the regular file at `path` (a symlink to one is fine, unless `follow_symlinks` is false), at
+    most `limit` bytes.
 
     Raises OSError when it cannot be opened or read, UnsuitableFile when it is no regular file or too large.
     """
+    # O_NONBLOCK: opening a FIFO would wait for a writer; reading a regular file is not affected by it.
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC | (0 if follow_symlinks else os.O_NOFOLLOW)
     try:
-        # O_NONBLOCK: opening a FIFO would wait for a writer; reading a regular file is not affected by it.
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+        fd = os.open(path, flags)
     except ValueError:
         raise UnsuitableFile("has a NUL character in its name") from None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP and not follow_symlinks:
+            raise UnsuitableFile("is a symbolic link") from None
+        raise
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):

@@ -37,7 +37,7 @@ def process_start() -> float:
 
 
 class PhaseTimings:
-    """Seconds from `origin` to each milestone, in the order they were reached."""
+    """Seconds from `origin` to each milestone, in the order they were reached (and a few durations)."""
 
     def __init__(self, origin: float, clock: Callable[[], float] = time.monotonic) -> None:
         self._origin = origin
@@ -46,6 +46,10 @@ class PhaseTimings:
 
     def mark(self, name: str) -> None:
         self._marks[name] = round(self._clock() - self._origin, 4)
+
+    def record(self, name: str, seconds: float) -> None:
+        """A duration rather than a milestone (how long the warmup ran, say)."""
+        self._marks[name] = round(seconds, 4)
 
     def observe(self, before: AgentState, after: AgentState) -> None:
         """A `Driver` observer: marks the milestones that phase changes stand for."""

@@ -63,6 +63,7 @@ async def test_the_bundle_runs_the_seed_flow_with_a_job_to_the_ephemeral_end(tmp
         "vm_started",
         "runner_registered",
         "job_started",
+        "job_identified",
         "job_completed",
         "runner_exited",
         "vm_stopping",

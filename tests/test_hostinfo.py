@@ -31,7 +31,7 @@ async def test_vm_started_says_what_the_agent_and_its_vm_are(
     [started] = running.events("vm_started")
     assert started["agent"] == {
         "version": __version__,
-        "capabilities": ["long_poll", "jit_config", "shutdown", "remove_token", "heartbeat"],
+        "capabilities": ["long_poll", "jit_config", "shutdown", "remove_token", "heartbeat", "job_identity"],
     }
     assert started["host"]["cpus"] >= 1
     assert started["host"]["hostname"]

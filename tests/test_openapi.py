@@ -204,6 +204,12 @@ EXAMPLES: list[protocol.AnyEvent] = [
     protocol.RegistrationFailed(command_id="register-vm-123-1", reason="token_expired", error="expired"),
     protocol.JobStarted(job_name="build"),
     protocol.JobCompleted(job_name="build", result="Succeeded"),
+    protocol.JobIdentified(
+        job_name="build", github=protocol.GithubContext(repository="octo-org/app", run_id="1", run_attempt="1")
+    ),
+    protocol.JobCompleted(
+        job_name="build", result="Failed", github=protocol.GithubContext(repository="octo-org/app", sha="a" * 40)
+    ),
     protocol.RunnerExited(exit_code=0, reason="job_done"),
     protocol.CommandFailed(command_id="cmd-1", command_type="reboot", error="unknown command type 'reboot'"),
     protocol.Heartbeat(state="Idle", uptime_s=30.0),

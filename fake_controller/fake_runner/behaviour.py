@@ -11,7 +11,7 @@ e.g. the system one, when the runner is started as an unprivileged user who cann
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -46,11 +46,15 @@ class Job:
     (LEAVE_BEHIND_WAYS)."""
     lines: tuple[str, ...] = ()
     """Printed one by one while the job runs, spread over its duration (a worker's progress, say)."""
+    github: dict[str, str] = field(default_factory=dict)
+    """`GITHUB_*` variables of the job's environment, over the made-up ones (`worker.job_context`)."""
 
     @classmethod
     def from_obj(cls, obj: Any) -> Job:
         """Validate a decoded JSON object into a Job."""
-        fields = _require_object(obj, "job", {"name", "result", "duration_s", "lost", "leave_behind", "lines"})
+        fields = _require_object(
+            obj, "job", {"name", "result", "duration_s", "lost", "leave_behind", "lines", "github"}
+        )
         name = fields.get("name")
         if not isinstance(name, str) or not name:
             raise BehaviourError("job: 'name' must be a non-empty string")
@@ -67,6 +71,7 @@ class Job:
             lost=lost,
             leave_behind=_ways(fields, "leave_behind"),
             lines=_strings(fields, "lines", ()),
+            github=_environment(fields, "github"),
         )
 
 
@@ -102,6 +107,8 @@ class Behaviour:
     """If false, a JIT config that is not the real base64-JSON format is accepted as an opaque blob."""
     configure_leaves_behind: tuple[str, ...] = ()
     """A sloppy `config.sh`: as configure starts, it starts a lingering process each of these ways."""
+    warmup_s: float = 0.0
+    """How long `Runner.Listener warmup` keeps one core busy (the real one compiles every method it ships)."""
 
     @classmethod
     def from_obj(cls, obj: Any) -> Behaviour:
@@ -133,6 +140,7 @@ class Behaviour:
             colour=colour,
             strict_jitconfig=_bool(fields, "strict_jitconfig", False),
             configure_leaves_behind=_ways(fields, "configure_leaves_behind"),
+            warmup_s=_seconds(fields, "warmup_s", 0.0),
         )
 
     def to_json(self) -> str:
@@ -194,6 +202,15 @@ def _ways(fields: dict[str, Any], key: str) -> tuple[str, ...]:
     if not set(ways) <= set(LEAVE_BEHIND_WAYS):
         raise BehaviourError(f"'{key}' must list some of {', '.join(LEAVE_BEHIND_WAYS)}")
     return ways
+
+
+def _environment(fields: dict[str, Any], key: str) -> dict[str, str]:
+    value = fields.get(key, {})
+    if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        raise BehaviourError(f"'{key}' must be an object of strings")
+    if any("\0" in k + v or "=" in k or not k for k, v in value.items()):
+        raise BehaviourError(f"'{key}' must hold environment variables (no NUL, names without '=')")
+    return dict(value)
 
 
 def _bool(fields: dict[str, Any], key: str, default: bool) -> bool:

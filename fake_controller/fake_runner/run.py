@@ -33,6 +33,7 @@ from .store import (
     write_jit_files,
 )
 from .terminal import YELLOW, Terminal
+from .worker import job_environment, run_hook
 
 POLL_S = 0.05
 NOT_CONFIGURED = "An error occurred: Not configured. Run config.(sh/cmd) to configure the runner."
@@ -158,7 +159,7 @@ def run(root: Path, cmd: CommandLine, behaviour: Behaviour, term: Terminal, stop
         if job is None:
             stopper.sleep(POLL_S)
             continue
-        if _run_job(root, job, behaviour, term, stopper):
+        if _run_job(root, job, behaviour, term, stopper, str(settings.get("workFolder") or "_work")):
             return 0
         if run_once:
             if ephemeral:
@@ -168,21 +169,37 @@ def run(root: Path, cmd: CommandLine, behaviour: Behaviour, term: Terminal, stop
     return 0
 
 
-def _run_job(root: Path, job: Job, behaviour: Behaviour, term: Terminal, stopper: Stopper) -> bool:
-    """Run one job; True if it was cancelled by a stop request."""
+def _run_job(root: Path, job: Job, behaviour: Behaviour, term: Terminal, stopper: Stopper, work_folder: str) -> bool:
+    """Run one job (its hooks and steps, as the worker would); True if it was cancelled by a stop request."""
     # Before the job is announced, so that whoever has seen it start finds what it left behind.
     leave_behind(root, job.leave_behind, f"job {job.name}")
     term.stamped(f"Running job: {job.name}")
-    pause = job.duration_s / (len(job.lines) + 1)
-    for line in (*job.lines, None):
-        if stopper.sleep(pause):
-            stopper.sleep(behaviour.cancel_delay_s, interruptible=False)
-            term.stamped(f"Job {job.name} completed with result: Canceled")
-            return True
-        if line is not None:
-            term.line(line)
+    env, workspace = job_environment(root, work_folder, job)
+    result = job.result
+    cancelled = False
+    started = run_hook(root, "started", env, workspace)
+    if stopper.sleep(0):
+        # Stopped while the hook ran (a Ctrl-C reaches the hook's process too): the job is cancelled.
+        stopper.sleep(behaviour.cancel_delay_s, interruptible=False)
+        cancelled = True
+    elif started is False:
+        result = "Failed"  # the steps are skipped
+    else:
+        pause = job.duration_s / (len(job.lines) + 1)
+        for line in (*job.lines, None):
+            if stopper.sleep(pause):
+                stopper.sleep(behaviour.cancel_delay_s, interruptible=False)
+                cancelled = True
+                break
+            if line is not None:
+                term.line(line)
+    if run_hook(root, "completed", env, workspace) is False and result in ("Succeeded", "SucceededWithIssues"):
+        result = "Failed"
+    if cancelled:
+        term.stamped(f"Job {job.name} completed with result: Canceled")
+        return True
     if not job.lost:
-        term.stamped(f"Job {job.name} completed with result: {job.result}")
+        term.stamped(f"Job {job.name} completed with result: {result}")
     return False
 
 

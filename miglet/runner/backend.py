@@ -104,6 +104,11 @@ class RunnerBackend(Protocol):
         reads. Raises ConfigureFailed when the runner cannot be started at all.
         """
 
+    async def warmup(self) -> bool:
+        """Warm the runner up before a registration (`Runner.Listener warmup`: its code loaded and compiled ahead);
+        False when it has nothing to warm up. Cancelling it stops it at once. Raises ConfigureFailed when it fails.
+        """
+
     async def remove(self, token: Secret, on_line: LineSink) -> None:
         """Deregister the runner (`config.sh remove`); raises ConfigureFailed."""
 

@@ -14,6 +14,7 @@ import contextlib
 import logging
 import os
 import pwd
+import shutil
 import signal
 import subprocess
 from collections import deque
@@ -46,6 +47,8 @@ RUNNER_CONFIG_FILES: Final = (
 )
 MAX_ERROR: Final = 1000
 CONFIG_SH_GRACE_S: Final = 5.0
+# The warmup runs at the lowest priority, so that whatever else runs (config.sh, the runner) goes first.
+WARMUP_NICENESS: Final = 19
 # Once the runner has exited, how long its output pipes may stay open before they are abandoned.
 DRAIN_SECONDS: Final = 2.0
 _DROPPED_ENV_PREFIXES: Final = ("MIGLET_", "ACTIONS_RUNNER_INPUT_")
@@ -112,9 +115,13 @@ class ProcessRunner:
         user: str | None = None,
         environ: Mapping[str, str] | None = None,
         on_pid: Callable[[int | None], object] = lambda pid: None,
+        prepare_run: Callable[[Mapping[str, str]], Mapping[str, str]] = lambda env: {},
     ) -> None:
         self._dir = runner_dir
         self._grace = grace
+        # Called with the runner's environment just before run.sh starts; returns variables to add to it (the
+        # job hooks, `miglet.runner.hooks`).
+        self._prepare_run = prepare_run
         # Told the pid of each runner process as it starts, and None once it has ended.
         self._on_pid = on_pid
         self._env = runner_environment(os.environ if environ is None else environ)
@@ -147,10 +154,48 @@ class ProcessRunner:
             raise ConfigureFailed(_failure("config.sh", code, error))
 
     async def run(self, registration: Registration, events: trio.MemorySendChannel[RunEvent]) -> None:
-        env = {**self._env, "RUNNER_MANUALLY_TRAP_SIG": "1"}
+        env = {**self._env, **self._prepare_run(self._env), "RUNNER_MANUALLY_TRAP_SIG": "1"}
         if registration.jit_config is not None:
             env["ACTIONS_RUNNER_INPUT_JITCONFIG"] = registration.jit_config.reveal()
         await self._run(["./run.sh"], env, _nowhere, self._grace, events)
+
+    async def warmup(self) -> bool:
+        """`./bin/Runner.Listener warmup`, at the lowest CPU priority; cancelling it kills it at once (it keeps
+        nothing). False when there is no Runner.Listener to warm up."""
+        listener = self._dir / "bin" / "Runner.Listener"
+        if not listener.is_file():
+            return False
+        argv = ["./bin/Runner.Listener", "warmup"]
+        if (nice := shutil.which("nice")) is not None:
+            argv = [nice, "-n", str(WARMUP_NICENESS), *argv]
+        try:
+            with trio_children.track() as adopt:
+                process = await trio.lowlevel.open_process(
+                    argv,
+                    cwd=self._dir,
+                    env=self._env,
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                    start_new_session=True,
+                    **self._spawn_options,
+                )
+                adopt(process.pid)
+                try:
+                    await process.wait()
+                except BaseException:
+                    # Stopped: its session goes with it, killed before it is reaped so that its pid cannot name
+                    # another process yet. Not a sweep of MIGlet's descendants, which would take config.sh's
+                    # processes, started meanwhile, for leftovers.
+                    with trio.CancelScope(shield=True):
+                        await kill_session_and_wait(process.pid)
+                        await process.wait()
+                    raise
+        except OSError as exc:
+            raise ConfigureFailed(f"cannot start the warmup in {self._dir}: {exc.strerror or exc}") from None
+        if process.returncode != 0:
+            raise ConfigureFailed(f"Runner.Listener warmup exited with code {process.returncode}")
+        return True
 
     async def remove(self, token: Secret, on_line: LineSink) -> None:
         env = {**self._env, "ACTIONS_RUNNER_INPUT_TOKEN": token.reveal()}

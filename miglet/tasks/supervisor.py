@@ -13,7 +13,7 @@ import logging
 import re
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from typing import Final
+from typing import Final, NamedTuple
 from urllib.parse import urlsplit
 
 import trio
@@ -151,9 +151,11 @@ async def supervisor_task(
     now: Callable[[], datetime] = lambda: datetime.now(UTC),
     *,
     on_bug: BugReport = log_bug,
+    identify: Callable[[], None] = lambda: None,
 ) -> None:
     """Carry out each registration the machine hands over (`machine.Register`), in turn; the channel belongs to
-    the caller, so that a restart can go on reading."""
+    the caller, so that a restart can go on reading. `identify` hands the machine what the job hooks told, and
+    is called before a job's end is: its hooks ran before the runner said the job was over."""
     async for handed_over in registrations:
         command, attempt = handed_over.command, handed_over.attempt
         state = driver.state
@@ -162,7 +164,7 @@ async def supervisor_task(
             log.info("Skipping a registration no longer in progress", extra={"command_id": command.id})
             continue
         try:
-            await _serve_registration(config, driver, backend, handed_over, timings, now(), on_bug)
+            await _serve_registration(config, driver, backend, handed_over, timings, now(), on_bug, identify)
         except Exception as exc:
             # A bug: the agent must not stay in RegisteringRunner for a registration nobody carries out.
             on_bug("runner_supervisor", exc)
@@ -178,6 +180,7 @@ async def _serve_registration(
     timings: PhaseTimings,
     now: datetime,
     on_bug: BugReport,
+    identify: Callable[[], None],
 ) -> None:
     command, attempt = handed_over.command, handed_over.attempt
 
@@ -192,7 +195,8 @@ async def _serve_registration(
     with trio.CancelScope() as registering:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_stop_when_abandoned, driver, attempt, registering)
-            await _configure_and_run(config, driver, backend, registration, attempt, timings, fail, on_bug)
+            run = _Run(driver, backend, registration, attempt, timings, fail, on_bug, identify)
+            await _configure_and_run(config, run)
             nursery.cancel_scope.cancel()
     if registering.cancelled_caught:
         # Given up on (the runner did not listen in time, the VM is being preempted): nothing of it is kept.
@@ -203,16 +207,21 @@ async def _serve_registration(
     fail("runner_start_failed", "runner exited before listening for jobs")
 
 
-async def _configure_and_run(
-    config: Config,
-    driver: Driver,
-    backend: RunnerBackend,
-    registration: Registration,
-    attempt: int,
-    timings: PhaseTimings,
-    fail: Callable[[RegistrationFailure, str], None],
-    on_bug: BugReport,
-) -> None:
+class _Run(NamedTuple):
+    """One registration being carried out, and what carrying it out reports to."""
+
+    driver: Driver
+    backend: RunnerBackend
+    registration: Registration
+    attempt: int
+    timings: PhaseTimings
+    fail: Callable[[RegistrationFailure, str], None]
+    on_bug: BugReport
+    identify: Callable[[], None]
+
+
+async def _configure_and_run(config: Config, run: _Run) -> None:
+    backend, registration = run.backend, run.registration
     command_id = registration.command_id
     # config.sh refuses to run over an existing configuration (a runner that exited, a failed attempt).
     await backend.clean()
@@ -221,12 +230,12 @@ async def _configure_and_run(
         try:
             await backend.configure(registration, relay_line)
         except ConfigureFailed as exc:
-            fail("configure_failed", str(exc))
+            run.fail("configure_failed", str(exc))
             await backend.clean()
             return
-        timings.mark("configured_s")
+        run.timings.mark("configured_s")
     log.info("Starting the runner", extra={"command_id": command_id})
-    await _run(driver, backend, registration, attempt, config.listen_timeout, timings, fail, on_bug)
+    await _run(run, config.listen_timeout)
 
 
 async def _stop_when_abandoned(driver: Driver, attempt: int, registering: trio.CancelScope) -> None:
@@ -238,16 +247,7 @@ async def _stop_when_abandoned(driver: Driver, attempt: int, registering: trio.C
         registering.cancel()
 
 
-async def _run(
-    driver: Driver,
-    backend: RunnerBackend,
-    registration: Registration,
-    attempt: int,
-    listen_timeout: float,
-    timings: PhaseTimings,
-    fail: Callable[[RegistrationFailure, str], None],
-    on_bug: BugReport,
-) -> None:
+async def _run(run: _Run, listen_timeout: float) -> None:
     """Run the runner and follow what it does until it is gone.
 
     Cancelling this stops the runner gracefully, and its last lines and its exit are still followed: reading goes
@@ -255,12 +255,13 @@ async def _run(
     """
     send, receive = trio.open_memory_channel[RunEvent](0)
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(_run_backend, backend, registration, send, fail)
-        nursery.start_soon(_listen_deadline, driver, registration.command_id, attempt, listen_timeout)
+        nursery.start_soon(_run_backend, run.backend, run.registration, send, run.fail)
+        command_id = run.registration.command_id
+        nursery.start_soon(_listen_deadline, run.driver, command_id, run.attempt, listen_timeout)
         with trio.CancelScope(shield=True):
             async with receive:
                 async for event in receive:
-                    _follow(driver, event, timings, on_bug)
+                    _follow(run, event)
         nursery.cancel_scope.cancel()
 
 
@@ -277,9 +278,10 @@ async def _run_backend(
             fail("runner_start_failed", str(exc))
 
 
-def _follow(driver: Driver, event: RunEvent, timings: PhaseTimings, on_bug: BugReport) -> None:
+def _follow(run: _Run, event: RunEvent) -> None:
     """Feed one thing the runner did to the machine. A bug here is reported and goes no further, so that it
     cannot stop a runner in the middle of a job."""
+    driver, timings = run.driver, run.timings
     try:
         match event:
             case Line(stream=stream, text=text):
@@ -292,13 +294,24 @@ def _follow(driver: Driver, event: RunEvent, timings: PhaseTimings, on_bug: BugR
                     timings.mark("listening_s")
                     log.info("Runner is listening for jobs", extra={"timings": timings.snapshot()})
                     signal = machine.RunnerListening(timings=timings.snapshot())
+                if isinstance(signal, machine.JobDone):
+                    _identify(run)  # what the job's hooks told goes before its end
                 driver.apply(signal)
             case Exited(exit_code=code, killed_processes=killed):
+                _identify(run)
                 driver.apply(machine.RunnerGone(code, killed))
             case Started():
                 pass  # its pid reaches the state file through the backend's own report
     except Exception as exc:
-        on_bug("runner_output", exc)
+        run.on_bug("runner_output", exc)
+
+
+def _identify(run: _Run) -> None:
+    """Whatever goes wrong reading the hooks' hand-overs must not cost the event that follows."""
+    try:
+        run.identify()
+    except Exception as exc:
+        run.on_bug("job_identity", exc)
 
 
 async def _listen_deadline(driver: Driver, command_id: str, attempt: int, limit_s: float) -> None:

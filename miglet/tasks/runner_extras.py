@@ -1,0 +1,82 @@
+"""Two helpers of the runner supervisor: the warmup while the agent waits in Ready, and the job hooks' spool.
+
+The warmup (`./bin/Runner.Listener warmup`) loads and compiles the runner's code before a registration comes, so
+that config.sh and run.sh start from a warm page cache. It runs once, in the first Ready, at the lowest CPU
+priority, and is stopped the moment the agent leaves Ready: a registration never waits for it
+(docs/benchmarks.md measures stopping it against letting it finish). How long it ran is reported among the
+phase timings as `warmup_s`.
+
+The spool watcher reads what the runner's job hooks hand over (`miglet.runner.hooks`) while a runner listens,
+and feeds it to the machine, which sends `job_identified`.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Final
+
+import trio
+
+from miglet import machine
+from miglet.driver import Driver
+from miglet.machine import BEFORE_ACKNOWLEDGMENT, Phase
+from miglet.runner.backend import ConfigureFailed, RunnerBackend
+from miglet.runner.hooks import Spool
+from miglet.timings import PhaseTimings
+
+log = logging.getLogger(__name__)
+
+# How often the spool is looked at while a runner listens: a hand-over reaches the controller this soon.
+SPOOL_LOOK_S: Final = 0.25
+
+
+class Warmup:
+    """The runner's warmup, tried once in the agent's life (a restart of the task does not try again)."""
+
+    def __init__(self, backend: RunnerBackend, timings: PhaseTimings, *, stop_on_registration: bool = True) -> None:
+        self._backend = backend
+        self._timings = timings
+        self._stop_on_registration = stop_on_registration
+        self.tried = False
+        self.outcome: str | None = None  # done, stopped, failed or absent, once it is over
+
+    async def run(self, driver: Driver) -> None:
+        state = await driver.wait_for(lambda state: state.phase not in BEFORE_ACKNOWLEDGMENT)
+        if self.tried or state.phase is not Phase.READY:
+            return
+        self.tried = True
+        began = trio.current_time()
+        self.outcome = "stopped"
+        try:
+            async with trio.open_nursery() as nursery:
+                if self._stop_on_registration:
+                    nursery.start_soon(self._stop_when_not_ready, driver, nursery.cancel_scope)
+                try:
+                    self.outcome = "done" if await self._backend.warmup() else "absent"
+                except ConfigureFailed as exc:
+                    self.outcome = "failed"
+                    log.warning("The runner's warmup failed", extra={"error": str(exc)})
+                nursery.cancel_scope.cancel()
+        finally:
+            if self.outcome != "absent":
+                seconds = round(trio.current_time() - began, 4)
+                self._timings.record("warmup_s", seconds)
+                log.info("Runner warmup over", extra={"outcome": self.outcome, "warmup_s": seconds})
+
+    @staticmethod
+    async def _stop_when_not_ready(driver: Driver, scope: trio.CancelScope) -> None:
+        await driver.wait_for(lambda state: state.phase is not Phase.READY)
+        scope.cancel()
+
+
+async def spool_task(spool: Spool, driver: Driver, interval: float = SPOOL_LOOK_S) -> None:
+    """While a runner listens, hand what its job hooks wrote to the machine, every `interval` seconds."""
+    while True:
+        await driver.wait_for(lambda state: state.listening)
+        deliver_identities(spool, driver)
+        await trio.sleep(interval)
+
+
+def deliver_identities(spool: Spool, driver: Driver) -> None:
+    for handover in spool.take():
+        driver.apply(machine.JobIdentified(handover.stage, handover.github))
