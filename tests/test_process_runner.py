@@ -321,3 +321,14 @@ async def test_config_sh_gets_a_short_grace_of_its_own(runner_dir: Path, monkeyp
             cancelled_at = trio.current_time()
             nursery.cancel_scope.cancel()
     assert 0.3 <= trio.current_time() - cancelled_at < 5
+
+
+async def test_the_warmup_runs_once_at_the_lowest_priority_and_reports_whether_it_could(tmp_path: Path) -> None:
+    runner_dir = install(tmp_path / "runner")
+    backend = ProcessRunner(runner_dir, grace=lambda: Grace(1))
+    with trio.fail_after(TIMEOUT):
+        assert await backend.warmup()
+    [call] = read_calls(runner_dir)
+    assert (call["cmd"], call["argv"], call["nice"]) == ("warmup", ["warmup"], 19)
+    (runner_dir / "bin" / "Runner.Listener").unlink()
+    assert not await backend.warmup()  # nothing to warm up: not an error

@@ -122,6 +122,7 @@ def _record(root: Path, words: list[str], cmd: CommandLine) -> None:
         "jitconfig_source": cmd.arg_source("jitconfig"),
         "env_runasroot": os.environ.get("RUNNER_ALLOW_RUNASROOT"),
         "env_manually_trap_sig": os.environ.get("RUNNER_MANUALLY_TRAP_SIG"),
+        "nice": os.nice(0),
         "ts": time.time(),
     }
     try:

@@ -181,6 +181,7 @@ class ProcessRunner:
                     **self._spawn_options,
                 )
                 adopt(process.pid)
+                log.info("Warming the runner up", extra={"pid": process.pid})
                 try:
                     await process.wait()
                 except BaseException:
