@@ -443,6 +443,9 @@ class Agent:
         if controls.removing.cancelled_caught or (plan is not None and plan.remove_token and plan.cut_short):
             log.warning("Second signal: the runner is not removed")
         await controls.flush(self.outbox)
+        if self._backend is None:
+            # The runner's .env as the operator left it, should the runner be started without MIGlet after this.
+            self.job_hooks.restore()
         # Whatever escaped the sweeps after each runner process (it started while the runner was being removed,
         # say) goes now: nothing the runner started outlives MIGlet.
         await sweep_descendants()

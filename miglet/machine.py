@@ -122,8 +122,6 @@ class AgentState(msgspec.Struct, frozen=True, kw_only=True):
     job: str | None = None
     # Which workflow run the job belongs to, once its hook said so (`job_identified` is sent once per job).
     github: protocol.GithubContext | None = None
-    # What a job-started hook said before the runner's `Running job` line was read: it belongs to the next job.
-    github_early: protocol.GithubContext | None = None
     jobs_completed: int = 0
     runner_pid: int | None = None  # the runner process running now (config.sh or run.sh), for the state file
     runner_version: str | None = None  # as the runner last said it
@@ -441,9 +439,6 @@ def _transition(state: AgentState, event: Input) -> Step:
             if state.github is not None:
                 return _ignore(state, "the job's workflow run is known already")
             return _identified(state, state.job, github)
-        case JobIdentified(stage="started", github=github) if state.listening and phase in (_P.IDLE, _P.STOPPING):
-            # The hook ran before the runner's `Running job` line was read: it is the next job's.
-            return Step(replace(state, github_early=github))
         case RunnerListening() if phase is _P.STOPPING and state.run_abandoned is None:
             # A runner that came up as the stop began: what it does until it has stopped is still reported.
             return Step(replace(state, listening=True))
@@ -493,7 +488,7 @@ def _transition(state: AgentState, event: Input) -> Step:
             # Stopping for another reason with a longer grace: the deadline wins, the margin left for the report.
             return Step(state, (ShortenGrace(state.margin_s),))
         case Finished() if phase is _P.STOPPING:
-            stopped = replace(state, phase=_P.STOPPED, listening=False, job=None, github=None, github_early=None)
+            stopped = replace(state, phase=_P.STOPPED, listening=False, job=None, github=None)
             return Step(stopped, _abandoned(state))
         case Undelivered() if phase is _P.STOPPED and state.stop is not None and state.stop.exit_code == exitcodes.OK:
             return Step(replace(state, stop=replace(state.stop, exit_code=exitcodes.UNDELIVERED)))
@@ -643,14 +638,9 @@ def _signal(state: AgentState, name: str) -> Step:
 
 
 def _job_started(state: AgentState, name: str) -> Step:
-    """The runner took job `name`; what its hook said already, if it said anything, goes with it."""
-    replace = msgspec.structs.replace
-    started = replace(state, job=name, github=None, github_early=None)
-    announced = Send(protocol.JobStarted(job_name=name))
-    if state.github_early is None:
-        return Step(started, (announced,))
-    step = _identified(started, name, state.github_early)
-    return Step(step.state, (announced, *step.effects))
+    """The runner took job `name`: what its hooks say from now on is about it."""
+    started = msgspec.structs.replace(state, job=name, github=None)
+    return Step(started, (Send(protocol.JobStarted(job_name=name)),))
 
 
 def _identified(state: AgentState, job: str, github: protocol.GithubContext) -> Step:
@@ -663,7 +653,7 @@ def _runner_exited(state: AgentState, code: int, killed: int | None) -> Step:
     replace = msgspec.structs.replace
     exited_log = Log("Runner exited", fields={"exit_code": code, "killed_processes": killed})
     abandoned = _abandoned(state)
-    state = replace(state, listening=False, github=None, github_early=None)
+    state = replace(state, listening=False, github=None)
     if state.phase is _P.STOPPING:
         exited = Send(protocol.RunnerExited(exit_code=code, reason="stopped", killed_processes=killed))
         return Step(replace(state, job=None), (exited_log, *abandoned, exited))

@@ -269,6 +269,11 @@ def test_a_part_written_handover_is_left_to_its_hook_until_it_is_stale(tmp_path:
     assert part.exists()
     assert Spool(spool, clock=lambda: now + 3600).take() == []
     assert not part.exists()
+    future = spool / ".completed.78"
+    future.write_bytes(b"")
+    os.utime(future, (now + 10**6, now + 10**6))  # a job may date its files as it likes
+    assert Spool(spool, clock=lambda: now).take() == []
+    assert not future.exists()
 
 
 # --- Installing the hooks: MIGlet's scripts, the spool, the operator's hooks in .env ------------------------------
@@ -348,6 +353,59 @@ def test_a_symlinked_dotenv_is_left_alone(tmp_path: Path, caplog: pytest.LogCapt
     assert "symbolic link" in errors_logged(caplog)
 
 
+def test_an_operators_hook_survives_a_move_of_miglets_own_directory(tmp_path: Path) -> None:
+    before = hooks(tmp_path)
+    dotenv = before.runner_dir / ".env"
+    dotenv.write_text("ACTIONS_RUNNER_HOOK_JOB_COMPLETED=/opt/ops/done.sh\n")
+    before.prepare({})
+    after = JobHooks(tmp_path / "elsewhere" / "job-hooks", before.runner_dir, None)
+    after.prepare({})
+    assert "hook=/opt/ops/done.sh" in after.script("completed").read_text()
+    after.restore()
+    assert dotenv.read_text() == "ACTIONS_RUNNER_HOOK_JOB_COMPLETED=/opt/ops/done.sh\n"
+
+
+def test_an_empty_hook_in_dotenv_stays_empty(tmp_path: Path) -> None:
+    # Empty in .env turns off a hook set in the environment, for the runner: so it must stay, also once restored.
+    installed = hooks(tmp_path)
+    dotenv = installed.runner_dir / ".env"
+    dotenv.write_text("ACTIONS_RUNNER_HOOK_JOB_STARTED=\n")
+    installed.prepare({"ACTIONS_RUNNER_HOOK_JOB_STARTED": "/opt/env-hook.sh"})
+    assert "exit 0" in installed.script("started").read_text()
+    installed.restore()
+    assert dotenv.read_text() == "ACTIONS_RUNNER_HOOK_JOB_STARTED=\n"
+
+
+def test_a_hook_path_that_is_not_utf8_is_kept_as_it_was(tmp_path: Path) -> None:
+    installed = hooks(tmp_path)
+    operator = tmp_path.joinpath(os.fsdecode(b"caf\xe9.sh"))
+    operator.write_text("exit 7\n")
+    (installed.runner_dir / ".env").write_bytes(b"ACTIONS_RUNNER_HOOK_JOB_STARTED=" + os.fsencode(operator) + b"\n")
+    env = installed.prepare({})
+    assert run_hook(["sh", "-e"], Path(env["ACTIONS_RUNNER_HOOK_JOB_STARTED"]), {}).returncode == 7
+
+
+def test_hooks_are_not_installed_where_others_could_swap_their_directory(
+    shared_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    state = shared_dir / "state"
+    state.mkdir()
+    state.chmod(0o777)
+    installed = JobHooks(state / "job-hooks", shared_dir, None)
+    assert installed.prepare({}) == {}
+    assert "may be changed by users other than MIGlet's" in errors_logged(caplog)
+
+
+def test_each_runner_gets_an_empty_spool(tmp_path: Path) -> None:
+    installed = hooks(tmp_path)
+    installed.prepare({})
+    (installed.spool.path / "started.1").write_bytes(handover(GITHUB_REPOSITORY="left/by-an-earlier-job"))
+    (installed.spool.path / "tree").mkdir()
+    (installed.spool.path / "tree" / "file").write_text("")
+    installed.prepare({})
+    assert os.listdir(installed.spool.path) == []
+
+
 def test_the_real_shell_runs_the_installed_hook_end_to_end(tmp_path: Path) -> None:
     installed = hooks(tmp_path)
     env = installed.prepare({})
@@ -377,21 +435,10 @@ def test_identity_is_sent_once_per_job_and_rides_on_its_completion() -> None:
     assert done.state.github is None
 
 
-def test_identity_read_before_the_jobs_start_line_follows_its_job_started() -> None:
+def test_a_handover_between_jobs_belongs_to_no_job() -> None:
     idle = AgentState(phase=Phase.IDLE, listening=True, runner_name="vm")
-    early = machine.transition(idle, machine.JobIdentified("started", GITHUB))
-    assert early.accepted
-    assert early.events == ()
-    started = machine.transition(early.state, machine.JobRunning("build"))
-    assert started.events == (
-        protocol.JobStarted(job_name="build"),
-        protocol.JobIdentified(job_name="build", github=GITHUB),
-    )
-
-
-def test_a_completed_hooks_handover_between_jobs_is_ignored() -> None:
-    idle = AgentState(phase=Phase.IDLE, listening=True, runner_name="vm")
-    assert not machine.transition(idle, machine.JobIdentified("completed", GITHUB)).accepted
+    for stage in ("started", "completed"):
+        assert not machine.transition(idle, machine.JobIdentified(stage, GITHUB)).accepted
 
 
 def test_a_job_the_runner_never_finished_keeps_its_identity() -> None:

@@ -99,6 +99,8 @@ async def test_a_failing_operators_hook_in_dotenv_still_fails_the_job(tmp_path: 
     # MIGlet's own part ran before the operator's refused the job.
     assert controller.events_of("vm-123", "job_identified")[0]["github"]["run_id"] == "7712345678"
     assert "this runner is retired" in (github_dir(runner_dir) / "job-log.txt").read_text()
+    # Once MIGlet is done, the runner's .env is as the operator wrote it.
+    assert dotenv.read_text() == f"ACTIONS_RUNNER_HOOK_JOB_STARTED={operator}\n"
 
 
 async def test_hostile_values_neither_fail_the_job_nor_forge_a_log_line(tmp_path: Path) -> None:

@@ -1,12 +1,12 @@
 """The job side of the fake runner, like the real `Runner.Worker`: a job's environment and its job hooks.
 
 The real worker runs ACTIONS_RUNNER_HOOK_JOB_STARTED before a job's first step and ACTIONS_RUNNER_HOOK_JOB_COMPLETED
-after its last (`JobExtension`, `JobHookProvider`): an absolute path to a `.sh` script (run as `bash --noprofile
---norc -e -o pipefail PATH`, or `sh -e PATH` without bash) or a `.ps1` one; anything else, or a file that does not
-exist, fails the hook. A hook runs with the job's `GITHUB_*` environment, in the job's workspace
-(`_work/REPO/REPO`), and its output goes to the job's log, not to the listener's console. A started hook that
-fails fails the job and skips its steps; the completed hook runs whatever happened, and its failure fails the job
-too.
+after its last (`JobExtension`, `JobHookProvider`). Each names a script by its absolute path: a `.sh` one is run
+as `bash --noprofile --norc -e -o pipefail PATH` (`sh -e PATH` without bash), and `.ps1` and `.js` ones have
+shells of their own; anything else, or a file that does not exist, fails the hook. A hook runs with the job's
+`GITHUB_*` environment, in the job's workspace (`_work/REPO/REPO`), and its output goes to the job's log, not to
+the listener's console. A started hook that fails fails the job and skips its steps; the completed hook runs
+whatever happened, and its failure fails the job too.
 """
 
 from __future__ import annotations
@@ -108,6 +108,8 @@ def _shell(path: str) -> list[str] | None:
     if extension == ".ps1":
         shell = "pwsh" if shutil.which("pwsh") else "powershell"
         return [shell, "-command", f". '{path}'"]
+    if extension == ".js":
+        return ["node", path]  # the real runner uses the Node.js it ships (externals/nodeNN)
     return None
 
 

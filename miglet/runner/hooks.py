@@ -24,6 +24,7 @@ import os
 import pwd
 import re
 import shlex
+import shutil
 import stat
 import tempfile
 import time
@@ -155,7 +156,8 @@ class Spool:
             modified = os.lstat(self.path / name).st_mtime
         except OSError:
             return False
-        return self._clock() - modified > STALE_PART_S
+        # A time in the future is no hook's either (a job can set any time on its files).
+        return abs(self._clock() - modified) > STALE_PART_S
 
     def _problem(self, what: str, name: str) -> None:
         _remove(self.path / name)
@@ -217,7 +219,7 @@ def _chain(hook: str | None, runner_dir: Path) -> str:
         "    exit 1",
         "fi",
     ]
-    extension = Path(hook).suffix.lower()
+    extension = Path(hook).suffix  # as the runner compares it: `.SH` is no shell script
     if extension == ".sh":
         lines += [
             "if command -v bash >/dev/null 2>&1; then",
@@ -345,13 +347,15 @@ class JobHooks:
             if dotenv.lines is not None:
                 for stage in STAGES:
                     variable = HOOK_VARIABLES[stage]
-                    if dotenv.get(variable) not in (None, str(self.script(stage))):
+                    if dotenv.get(variable) is not None and dotenv.get(variable) != str(self.script(stage)):
                         # The runner would take the .env's hook over MIGlet's: MIGlet's takes its place there.
                         dotenv.set(CHAINED_PREFIX + variable, chained[stage] or "")
                         dotenv.set(variable, str(self.script(stage)))
                 if dotenv.changed:
                     dotenv.write()
-        except (OSError, UnsuitableFile, HooksUnavailable) as exc:
+        except Exception as exc:
+            # Whatever went wrong (a bug included), the runner must start: without MIGlet's hooks, and with the
+            # operator's where they were.
             log.warning(
                 "Job identity is off for this runner: its job hooks cannot be installed",
                 extra={"directory": str(self.directory), "error": _reason(exc)},
@@ -368,13 +372,14 @@ class JobHooks:
                 return
             for stage in STAGES:
                 variable = HOOK_VARIABLES[stage]
-                if dotenv.get(variable) == str(self.script(stage)):
-                    dotenv.set(variable, dotenv.get(CHAINED_PREFIX + variable) or None)
+                if self._is_miglets(stage, dotenv):
+                    # As the operator had it: unset, or set (to nothing, which turns off one set elsewhere).
+                    dotenv.set(variable, dotenv.get(CHAINED_PREFIX + variable))
                     dotenv.set(CHAINED_PREFIX + variable, None)
             if dotenv.changed:
                 dotenv.write()
                 log.info("Put the operator's job hooks back in the runner's .env", extra={"path": str(dotenv.path)})
-        except (OSError, UnsuitableFile) as exc:
+        except Exception as exc:
             log.error(
                 "Cannot put the operator's job hooks back in the runner's .env",
                 extra={"path": str(self.runner_dir / ".env"), "error": _reason(exc)},
@@ -383,53 +388,89 @@ class JobHooks:
     def _operator_hook(self, stage: Stage, dotenv: DotEnv, environ: Mapping[str, str]) -> str | None:
         """The hook the runner would have run without MIGlet's: its .env's over its environment's."""
         variable = HOOK_VARIABLES[stage]
-        configured = dotenv.get(variable)
-        if configured == str(self.script(stage)):
+        if self._is_miglets(stage, dotenv):
             configured = dotenv.get(CHAINED_PREFIX + variable)
-        elif configured is None:
-            configured = environ.get(variable)
+        else:
+            configured = dotenv.get(variable)
+            if configured is None:
+                configured = environ.get(variable)
         if configured == str(self.script(stage)):
             return None  # never itself
         return configured or None
 
+    def _is_miglets(self, stage: Stage, dotenv: DotEnv) -> bool:
+        """Whether `.env`'s hook for `stage` is a MIGlet's: this one's, or one that kept the operator's beside it
+        (from a MIGlet whose state file was elsewhere)."""
+        variable = HOOK_VARIABLES[stage]
+        value = dotenv.get(variable)
+        if value == str(self.script(stage)):
+            return True
+        theirs = f"/{self.directory.name}/{self.script(stage).name}"
+        return value is not None and value.endswith(theirs) and dotenv.get(CHAINED_PREFIX + variable) is not None
+
     def _make_directories(self) -> None:
-        """The scripts' directory (MIGlet's, readable by all) and the spool in it (the runner user's alone)."""
+        """The scripts' directory (MIGlet's, readable by all) and an empty spool in it (the runner user's alone)."""
         self.directory.mkdir(mode=0o755, parents=True, exist_ok=True)
         info = os.lstat(self.directory)
         if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid():
             raise HooksUnavailable(f"{self.directory} is not a directory of MIGlet's own")
+        if (unsafe := _writable_by_others(self.directory)) is not None:
+            raise HooksUnavailable(f"{unsafe} may be changed by users other than MIGlet's: keep MIGLET_STATE_FILE in "
+                                   "a directory only root can write (such as /run/miglet)")  # fmt: skip
         os.chmod(self.directory, 0o755)  # noqa: S103 - the runner's user runs the scripts in it
         owner = pwd.getpwnam(self._user) if self._user is not None else None
-        if owner is not None:
-            blocked = _unreachable(self.directory, owner)
-            if blocked is not None:
-                raise HooksUnavailable(
-                    f"the runner's user {self._user!r} cannot reach {blocked}: let others search it (chmod o+x; "
-                    "for the systemd unit, RuntimeDirectoryMode=0711)"
-                )
+        if owner is not None and (blocked := _unreachable(self.directory, owner)) is not None:
+            raise HooksUnavailable(
+                f"the runner's user {self._user!r} cannot reach {blocked}: let others search it (chmod o+x; "
+                "for the systemd unit, RuntimeDirectoryMode=0711)"
+            )
+        # Afresh for each runner: nothing an earlier runner's jobs left there is read. Its parent is MIGlet's, so
+        # the name cannot be swapped for a link; rmtree does not follow links inside it.
         spool = self.spool.path
         with contextlib.suppress(FileNotFoundError):
-            if not stat.S_ISDIR(os.lstat(spool).st_mode):
+            if stat.S_ISDIR(os.lstat(spool).st_mode):
+                shutil.rmtree(spool)
+            else:
                 os.unlink(spool)
-        with contextlib.suppress(FileExistsError):
-            os.mkdir(spool, 0o700)
-        if owner is not None:
-            os.chown(spool, owner.pw_uid, owner.pw_gid, follow_symlinks=False)
-        os.chmod(spool, 0o700, follow_symlinks=False)
+        os.mkdir(spool, 0o700)
+        fd = os.open(spool, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            if owner is not None:
+                os.fchown(fd, owner.pw_uid, owner.pw_gid)
+            os.fchmod(fd, 0o700)
+        finally:
+            os.close(fd)
 
 
 def _write_file(path: Path, text: str) -> None:
     """Replace `path` at once with `text`, readable and runnable by all (the runner's user runs it)."""
     fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
+        with os.fdopen(fd, "wb") as handle:
+            # A path from .env that is not UTF-8 is kept as the bytes it was.
+            handle.write(text.encode("utf-8", "surrogateescape"))
             os.fchmod(handle.fileno(), 0o755)
         os.replace(temporary, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(temporary)
         raise
+
+
+def _writable_by_others(directory: Path) -> Path | None:
+    """The first directory from `/` to `directory` that someone besides root and MIGlet could rename things in
+    (a sticky one, such as /tmp, protects what others own in it)."""
+    trusted = {0, os.geteuid()}
+    parts = [*reversed(directory.parents), directory]
+    for index, path in enumerate(parts):
+        info = os.lstat(path)
+        if info.st_uid not in trusted:
+            return path
+        shared = info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+        # In a sticky directory, others may rename only what they own: what comes next must be trusted's.
+        if shared and not (info.st_mode & stat.S_ISVTX and index + 1 < len(parts)):
+            return path
+    return None
 
 
 def _unreachable(directory: Path, user: pwd.struct_passwd) -> Path | None:

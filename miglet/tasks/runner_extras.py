@@ -70,9 +70,14 @@ class Warmup:
 
 
 async def spool_task(spool: Spool, driver: Driver, interval: float = SPOOL_LOOK_S) -> None:
-    """While a runner listens, hand what its job hooks wrote to the machine, every `interval` seconds."""
+    """While the runner runs a job, hand what its job hooks wrote to the machine, every `interval` seconds.
+
+    Between jobs the spool is left alone: the real runner prints `Running job` long before its worker runs the
+    started hook (it starts a process and fetches the job's actions first), so nothing written then is the
+    next job's. What the supervisor reads as a job ends (`deliver_identities`) is that job's or nobody's.
+    """
     while True:
-        await driver.wait_for(lambda state: state.listening)
+        await driver.wait_for(lambda state: state.job is not None)
         deliver_identities(spool, driver)
         await trio.sleep(interval)
 
