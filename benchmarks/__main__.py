@@ -18,7 +18,7 @@ from typing import Any
 
 import trio
 
-from benchmarks import fleet, footprint, latency, preemption, report, startup
+from benchmarks import fleet, footprint, latency, preemption, report, startup, warmup
 from benchmarks.common import machine_description
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,6 +31,7 @@ BENCHMARKS: dict[str, Callable[[Path], Awaitable[dict[str, Any]]]] = {
     "footprint": footprint.run,
     "fleet": fleet.run,
     "preemption": preemption.run,
+    "warmup": warmup.run,
 }
 
 
