@@ -418,3 +418,37 @@ def test_a_hostile_job_leaves_processes_outside_the_runners_session(tmp_path: Pa
     finally:
         for record in records:
             os.kill(record["pid"], signal.SIGKILL)
+
+
+def test_warmup_prints_nothing_and_exits_0_configured_or_not(runner: Path) -> None:
+    done = run_sync(["./bin/Runner.Listener", "warmup"], runner, clean_env())
+    assert (done.returncode, done.stdout, done.stderr) == (0, "", "")
+
+
+def test_an_unknown_command_is_refused_as_the_real_listener_refuses_it(runner: Path) -> None:
+    assert configure(runner).returncode == 0
+    done = run_sync(["./bin/Runner.Listener", "warmpu"], runner, clean_env())
+    assert done.returncode == 0  # the real one warns, prints its usage, and exits 0
+    assert "This command does not recognize the command-line input arguments: 'warmpu'." in done.stderr
+    assert "./config.sh remove  Unconfigures the runner" in done.stdout
+
+
+def test_job_hooks_run_like_the_workers_and_a_failing_started_hook_fails_the_job(tmp_path: Path) -> None:
+    runner = install(tmp_path / "runner")
+    assert configure(runner).returncode == 0
+    seen = tmp_path / "seen"
+    started, completed = tmp_path / "started.sh", tmp_path / "completed.sh"
+    started.write_text(f'echo "$GITHUB_REPOSITORY $GITHUB_RUN_ID $PWD" >> {seen}\nexit "$HOOK_EXIT"\n')
+    completed.write_text(f'echo "completed $GITHUB_JOB" >> {seen}\n')
+    hooks = {"ACTIONS_RUNNER_HOOK_JOB_STARTED": str(started), "ACTIONS_RUNNER_HOOK_JOB_COMPLETED": str(completed)}
+    for exit_status, result in ((0, "Succeeded"), (1, "Failed")):
+        seen.unlink(missing_ok=True)
+        queue = runner / "_fake_github" / "jobs"
+        job = {"name": "build", "github": {"GITHUB_REPOSITORY": "octo/app", "GITHUB_RUN_ID": "42"}}
+        (queue / "1.json").write_text(json.dumps(job))
+        proc = start_run(runner, HOOK_EXIT=str(exit_status), **hooks)
+        proc.expect(rf"^{TS}: Job build completed with result: {result}$")
+        os.killpg(proc.popen.pid, signal.SIGINT)
+        assert proc.finish() == 0
+        workspace = runner / "_work" / "app" / "app"
+        assert seen.read_text() == f"octo/app 42 {workspace}\ncompleted build\n"

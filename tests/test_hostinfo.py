@@ -5,14 +5,17 @@ Rules: the os name is read from a file a test points at; the whole agent runs in
 
 from __future__ import annotations
 
+import os
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 
+import pytest
 import trio
 
 from fake_controller import FakeController
 from fake_controller.simulated_runner import SimulatedRunner
-from miglet import __version__, machine
+from miglet import __version__, app, machine
 from miglet.hostinfo import host_info
 from miglet.machine import Phase
 from miglet.runner.output import interpret
@@ -37,6 +40,29 @@ async def test_vm_started_says_what_the_agent_and_its_vm_are(
     assert started["host"]["hostname"]
     [registered] = running.events("runner_registered")
     assert registered["runner_version"] == runner.version
+
+
+@pytest.mark.parametrize("os_release", ["missing", "unreadable"])
+async def test_vm_started_goes_out_without_the_os_when_os_release_cannot_be_read(
+    make_config: ConfigFactory,
+    controller: FakeController,
+    runner: SimulatedRunner,
+    autojump_clock: trio.testing.MockClock,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    os_release: str,
+) -> None:
+    path = tmp_path / "os-release"
+    if os_release == "unreadable":
+        os.mkfifo(path)  # opening it without a writer would block: it is skipped, and nothing waits
+    monkeypatch.setattr(app, "host_info", partial(host_info, os_release=path))
+    async with running_agent(make_config(), controller, runner) as running:
+        await running.reach(Phase.IDLE)
+        running.agent.request_stop("test over")
+    [started] = running.events("vm_started")
+    assert "os" not in started["host"]
+    assert started["host"]["kernel"] == os.uname().release
+    assert running.events("runner_registered")
 
 
 def test_a_fact_that_cannot_be_read_is_left_out(tmp_path: Path) -> None:

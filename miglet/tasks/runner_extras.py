@@ -2,12 +2,13 @@
 
 The warmup (`./bin/Runner.Listener warmup`) loads and compiles the runner's code before a registration comes, so
 that config.sh and run.sh start from a warm page cache. It runs once, in the first Ready, at the lowest CPU
-priority, and is stopped the moment the agent leaves Ready: a registration never waits for it
+priority, a second after the agent became Ready (a registration that comes sooner finds nothing to stop), and is
+stopped the moment the agent leaves Ready: a registration never waits for it
 (docs/benchmarks.md measures stopping it against letting it finish). How long it ran is reported among the
 phase timings as `warmup_s`.
 
-The spool watcher reads what the runner's job hooks hand over (`miglet.runner.hooks`) while a runner listens,
-and feeds it to the machine, which sends `job_identified`.
+The spool watcher reads what the runner's job hooks hand over (`miglet.runner.hooks`) while a job runs, and
+feeds it to the machine, which sends `job_identified`.
 """
 
 from __future__ import annotations
@@ -26,17 +27,19 @@ from miglet.timings import PhaseTimings
 
 log = logging.getLogger(__name__)
 
-# How often the spool is looked at while a runner listens: a hand-over reaches the controller this soon.
+# The warmup starts once the agent has waited this long in Ready, so that it never competes with a registration
+# that was waiting for the VM.
+WARMUP_AFTER_S: Final = 1.0
+# How often the spool is looked at while a job runs: a hand-over reaches the controller this soon.
 SPOOL_LOOK_S: Final = 0.25
 
 
 class Warmup:
     """The runner's warmup, tried once in the agent's life (a restart of the task does not try again)."""
 
-    def __init__(self, backend: RunnerBackend, timings: PhaseTimings, *, stop_on_registration: bool = True) -> None:
+    def __init__(self, backend: RunnerBackend, timings: PhaseTimings) -> None:
         self._backend = backend
         self._timings = timings
-        self._stop_on_registration = stop_on_registration
         self.tried = False
         self.outcome: str | None = None  # done, stopped, failed or absent, once it is over
 
@@ -45,12 +48,14 @@ class Warmup:
         if self.tried or state.phase is not Phase.READY:
             return
         self.tried = True
+        with trio.move_on_after(WARMUP_AFTER_S):
+            await driver.wait_for(lambda state: state.phase is not Phase.READY)
+            return  # the registration came at once: nothing to warm up for, and nothing to compete with it
         began = trio.current_time()
         self.outcome = "stopped"
         try:
             async with trio.open_nursery() as nursery:
-                if self._stop_on_registration:
-                    nursery.start_soon(self._stop_when_not_ready, driver, nursery.cancel_scope)
+                nursery.start_soon(self._stop_when_not_ready, driver, nursery.cancel_scope)
                 try:
                     self.outcome = "done" if await self._backend.warmup() else "absent"
                 except ConfigureFailed as exc:
