@@ -144,6 +144,11 @@ for comparing machines (on a typical cloud VM it is 30-50 ms).
   lowest priority takes about 1.5% of a core from one at the default), but it made the slowest registrations
   slower, and it would go on through the job that follows, holding its memory, for as long as the job keeps
   the CPU busy. Stopping it costs nothing measurable: MIGlet stops it.
+- The machines these benchmarks run on differ: on one whose yardstick (`python_import_asyncio_ms`) read 44 ms
+  the start-up overhead measured 136 ms, on one reading 89 ms the same code measured 333 ms, with the library
+  floor at 246 ms, over the 300 ms target. Run against its predecessor in pairs on the slower machine (twelve
+  pairs, alternating), the version that added the warmup and the job hooks reached listening no later: 712 ms
+  against 755 ms at the median.
 - Idle, MIGlet sleeps in one long-poll at a time: one request per 20 s plus a heartbeat per 30 s.
 - With many agents in one process, the cost is httpx/httpcore/h11 and trio per request (profiled with
   cProfile: no MIGlet function among the top self-time entries); the fake controller needed a listen backlog

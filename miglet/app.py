@@ -40,7 +40,7 @@ from miglet.outbox import Outbox, describe
 from miglet.preemption import MetadataClient, open_metadata_client
 from miglet.retry import RetryPolicy
 from miglet.runner.backend import ConfigureFailed, Grace, RunnerBackend
-from miglet.runner.hooks import JobHooks
+from miglet.runner.hooks import JOB_HOOKS_DIR, JobHooks
 from miglet.runner.output import relay_line
 from miglet.runner.process import ProcessRunner, kill_leftover_runner
 from miglet.runner.reaper import reap_orphans_task, sweep_descendants
@@ -73,8 +73,6 @@ RUNNER_PHASES: Final = frozenset({Phase.REGISTERING_RUNNER, Phase.IDLE, Phase.BU
 APPROVAL_FLUSH_S: Final = 10.0
 # Approvals owed to the cloud get this long to be given once the agent is otherwise done.
 APPROVAL_WAIT_S: Final = 5.0
-# Beside the state file: MIGlet's job hook scripts, and the spool they hand over through.
-JOB_HOOKS_DIR: Final = "job-hooks"
 
 
 class StopControls:

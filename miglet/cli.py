@@ -138,7 +138,8 @@ def _check_config(env: dict[str, str]) -> int:
 
         print_config(config)
         stop_time = preflight.stop_time_warning(config)
-        warnings += [stop_time] if stop_time is not None else []
+        identity = preflight.job_identity_warning(config)
+        warnings += [warning for warning in (stop_time, identity) if warning is not None]
         for exposure in _exposures(config, env):
             warnings.append(exposure.message + "".join(f" {key}={value}" for key, value in exposure.fields.items()))
     for warning in warnings:

@@ -91,6 +91,18 @@ def misspelt(env: Mapping[str, str]) -> list[str]:
     return warnings
 
 
+def job_identity_warning(config: Config) -> str | None:
+    """Job identity is on, but MIGlet's job hooks could not be installed where they go."""
+    if not config.job_identity:
+        return None
+    from miglet.runner.hooks import JOB_HOOKS_DIR, install_problem
+
+    problem = install_problem(config.state_file.parent / JOB_HOOKS_DIR, config.runner_user)
+    if problem is None:
+        return None
+    return f"job identity will be off: MIGlet's job hooks cannot go beside MIGLET_STATE_FILE: {problem}"
+
+
 def stop_time_warning(config: Config) -> str | None:
     needed = config.shutdown_grace + config.flush_timeout + STOP_OVERHEAD_S
     if needed <= UNIT_TIMEOUT_STOP_S:

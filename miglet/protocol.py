@@ -72,7 +72,14 @@ class RunnerRegistered(Event, tag="runner_registered"):
         Annotated[str, msgspec.Meta(description="As the runner prints it (`Current runner version: '…'`).")] | None
     ) = None
     timings: (
-        Annotated[dict[str, float], msgspec.Meta(description="Seconds from process start to each milestone.")] | None
+        Annotated[
+            dict[str, float],
+            msgspec.Meta(
+                description="Seconds from process start to each milestone; warmup_s: how long the runner's warmup"
+                " ran, when it ran."
+            ),
+        ]
+        | None
     ) = None
 
 

@@ -93,3 +93,18 @@ def test_the_runner_listener_and_the_state_directory_are_checked(tmp_path: Path)
     assert problem is not None
     assert "is not a directory" in str(problem)
     assert state_dir_problem(tmp_path / "new" / "state.json") is None
+
+
+def test_check_config_warns_when_the_runners_user_could_not_run_miglets_job_hooks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # pytest's directories are root's alone: the runner's user could not reach the hooks beside the state file.
+    runner_dir = install(tmp_path / "runner", owner="nobody")
+    environment(monkeypatch, runner_dir, tmp_path / "state" / "state.json", MIGLET_RUNNER_USER="nobody")
+    assert main(["check-config"]) == exitcodes.OK  # a warning: the runner works, only without job identity
+    err = capsys.readouterr().err
+    assert "warning: job identity will be off" in err
+    assert "'nobody' cannot reach" in err
+    monkeypatch.setenv("MIGLET_JOB_IDENTITY", "false")
+    assert main(["check-config"]) == exitcodes.OK
+    assert "job identity" not in capsys.readouterr().err

@@ -76,6 +76,8 @@ _PART_NAME: Final = re.compile(r"\.(started|completed)\.[0-9]{1,10}")
 # A part-written hand-over older than this was abandoned (its hook was killed): it goes.
 STALE_PART_S: Final = 60.0
 MAX_DOTENV: Final = 256 * 1024
+# Beside the state file: MIGlet's job hook scripts, and the spool they hand over through.
+JOB_HOOKS_DIR: Final = "job-hooks"
 
 
 class Handover(msgspec.Struct, frozen=True):
@@ -440,6 +442,26 @@ class JobHooks:
             os.fchmod(fd, 0o700)
         finally:
             os.close(fd)
+
+
+def install_problem(directory: Path, runner_user: str | None) -> str | None:
+    """Why MIGlet's hooks could not be installed in `directory` for `runner_user`, as far as can be told before
+    it exists (for `check-config`); None when nothing stands in the way."""
+    existing = directory
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    try:
+        if (unsafe := _writable_by_others(existing)) is not None:
+            return f"{unsafe} may be changed by users other than MIGlet's"
+        if runner_user is not None and os.geteuid() == 0:
+            blocked = _unreachable(existing, pwd.getpwnam(runner_user))
+            if blocked is not None:
+                return (
+                    f"the runner's user {runner_user!r} cannot reach {blocked} (chmod o+x; RuntimeDirectoryMode=0711)"
+                )
+    except (OSError, KeyError) as exc:
+        return _reason(exc) if isinstance(exc, OSError) else f"no user {runner_user!r}"
+    return None
 
 
 def _write_file(path: Path, text: str) -> None:
