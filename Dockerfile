@@ -18,10 +18,11 @@
 # (MIGLET_RUNNER_USER). A job then cannot read the controller token, neither from MIGlet's environment or memory
 # nor from a token file readable by root only, and cannot signal MIGlet. With one user for both, a job could
 # read every file MIGlet reads and kill MIGlet (MIGlet is non-dumpable, which keeps its memory and environment
-# from processes of its own user, but not its files). Of root's powers MIGlet uses only four: SETUID and SETGID
-# (to start the runner as `runner`), KILL (to stop it and kill what it leaves behind) and DAC_OVERRIDE (to delete
-# the runner's configuration in its directory); drop the others (`docker run --cap-drop ALL --cap-add SETUID
-# --cap-add SETGID --cap-add KILL --cap-add DAC_OVERRIDE`), unless jobs need them for `sudo`.
+# from processes of its own user, but not its files). Of root's powers MIGlet uses only five: SETUID and SETGID
+# (to start the runner as `runner`), KILL (to stop it and kill what it leaves behind), DAC_OVERRIDE (to delete
+# the runner's configuration in its directory) and CHOWN (to give its job hooks' spool to `runner`); drop the
+# others (`docker run --cap-drop ALL --cap-add SETUID --cap-add SETGID --cap-add KILL --cap-add DAC_OVERRIDE
+# --cap-add CHOWN`), unless jobs need them for `sudo`.
 #
 # A platform that insists on a non-root user (Kubernetes' runAsNonRoot) cannot run this image as built. Either
 # exempt this container (it is root only to become `runner`), or run both as `runner` (`USER 1001:1001`, or

@@ -54,7 +54,7 @@ from miglet.supervision import TaskSupervisor
 from miglet.tasks.handshake import handshake_task
 from miglet.tasks.heartbeat import heartbeat_task, state_refresh_task
 from miglet.tasks.poller import poller_task
-from miglet.tasks.runner_extras import Warmup, deliver_identities, spool_task
+from miglet.tasks.runner_extras import Identities, Warmup
 from miglet.tasks.supervisor import supervisor_task
 from miglet.timings import PhaseTimings
 from miglet.tokenfile import TokenFileError, read_token_file
@@ -325,7 +325,7 @@ class Agent:
                 supervise, "handshake", partial(handshake_task, client, driver, vm_started, self.policy, self._rng)
             )
             work.start_soon(supervise, "poller", partial(poller_task, config, client, driver, self.policy, self._rng))
-            spool = self.job_hooks.spool
+            identities = Identities(self.job_hooks, driver) if config.job_identity else None
             run_runner = partial(
                 supervisor_task,
                 config,
@@ -334,11 +334,11 @@ class Agent:
                 self._registrations_out,
                 self.timings,
                 on_bug=on_bug,
-                identify=partial(deliver_identities, spool, driver) if config.job_identity else lambda: None,
+                identities=identities,
             )
             work.start_soon(supervise, "runner_supervisor", run_runner)
-            if config.job_identity:
-                work.start_soon(supervise, "job_identity", partial(spool_task, spool, driver))
+            if identities is not None:
+                work.start_soon(supervise, "job_identity", identities.watch)
             if self._warmup is not None:
                 work.start_soon(supervise, "warmup", partial(self._warmup.run, driver))
             heartbeats = partial(heartbeat_task, driver, self.outbox, config.heartbeat_interval, self._started_at)
@@ -428,6 +428,10 @@ class Agent:
         """After the runner has stopped: deregister if asked, flush owed events, and record Stopped."""
         controls = self.stop_controls
         plan = self.driver.state.stop
+        if self._backend is None:
+            # The runner's .env as the operator left it, should the runner be started without MIGlet after this:
+            # first, before anything slow (a removal, the last delivery) that the end of a stop could cut short.
+            self.job_hooks.restore()
         with controls.removing:
             if plan is not None and plan.remove_token is not None and not plan.cut_short:
                 with trio.move_on_after(REMOVE_TIMEOUT) as scope:
@@ -441,9 +445,6 @@ class Agent:
         if controls.removing.cancelled_caught or (plan is not None and plan.remove_token and plan.cut_short):
             log.warning("Second signal: the runner is not removed")
         await controls.flush(self.outbox)
-        if self._backend is None:
-            # The runner's .env as the operator left it, should the runner be started without MIGlet after this.
-            self.job_hooks.restore()
         # Whatever escaped the sweeps after each runner process (it started while the runner was being removed,
         # say) goes now: nothing the runner started outlives MIGlet.
         await sweep_descendants()

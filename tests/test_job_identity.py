@@ -11,6 +11,7 @@ import pwd
 import shutil
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -343,6 +344,15 @@ def test_hooks_are_installed_for_a_runners_user_who_can_reach_them(shared_dir: P
     assert installed.spool.path.stat().st_uid == pwd.getpwnam("nobody").pw_uid
 
 
+def test_a_link_on_the_way_to_the_state_directory_is_fine(shared_dir: Path) -> None:
+    # /var/run -> /run on every current Debian and Ubuntu: a link's own mode (0777) says nothing.
+    (shared_dir / "run").mkdir(mode=0o755)
+    (shared_dir / "var-run").symlink_to(shared_dir / "run")
+    installed = JobHooks(shared_dir / "var-run" / "miglet" / "job-hooks", shared_dir, None)
+    assert installed.prepare({}) != {}
+    assert (shared_dir / "run" / "miglet" / "job-hooks" / "spool").is_dir()
+
+
 def test_a_symlinked_dotenv_is_left_alone(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     installed = hooks(tmp_path)
     target = tmp_path / "elsewhere"
@@ -404,6 +414,24 @@ def test_each_runner_gets_an_empty_spool(tmp_path: Path) -> None:
     (installed.spool.path / "tree" / "file").write_text("")
     installed.prepare({})
     assert os.listdir(installed.spool.path) == []
+
+
+def test_a_spool_set_aside_is_read_for_recent_handovers_then_deleted(tmp_path: Path) -> None:
+    installed = hooks(tmp_path)
+    installed.prepare({})
+    now = time.time()
+    (installed.spool.path / "started.1").write_bytes(handover(GITHUB_REPOSITORY="recent/one"))
+    old = installed.spool.path / "started.2"
+    old.write_bytes(handover(GITHUB_REPOSITORY="old/one"))
+    os.utime(old, (now - 60, now - 60))
+    installed.fresh_spool()
+    assert os.listdir(installed.spool.path) == []
+    assert [h.github.repository for h in installed.recent(since=now - 2)] == ["recent/one"]
+    set_aside = installed.set_aside()
+    assert len(set_aside) == 1
+    assert installed.set_aside() == []
+    JobHooks.discard(set_aside)
+    assert not set_aside[0].exists()
 
 
 def test_the_real_shell_runs_the_installed_hook_end_to_end(tmp_path: Path) -> None:
@@ -499,3 +527,47 @@ async def test_job_identity_off_reads_no_spool_and_says_so(
         runner.submit_job(Job("build", duration_s=5))
     assert "job_identified" not in running.event_types()
     assert "job_identity" not in running.events("vm_started")[0]["agent"]["capabilities"]
+
+
+async def test_a_handover_left_between_jobs_is_not_the_next_jobs(
+    make_config: ConfigFactory,
+    controller: FakeController,
+    runner: SimulatedRunner,
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with running_agent(make_config(), controller, runner) as running:
+        hooks = running.agent.job_hooks
+        hooks.prepare({})
+        await running.reach(Phase.IDLE)
+        # Written while no job ran (by a process an earlier job left behind, say), and a flood of directories.
+        forged = hooks.spool.path / "started.1"
+        forged.write_bytes(handover(GITHUB_REPOSITORY="forged/by-a-leftover"))
+        os.utime(forged, (time.time() - 60, time.time() - 60))
+        for index in range(300):
+            (hooks.spool.path / f"junk{index}").mkdir()
+            (hooks.spool.path / f"junk{index}" / "file").write_text("")
+        runner.submit_job(Job("build", duration_s=5))
+        await running.reach(Phase.BUSY)
+        (hooks.spool.path / "started.2").write_bytes(handover(**CONTEXT))
+    [identified] = running.events("job_identified")
+    assert identified["github"]["repository"] == "octo-org/app"
+
+
+async def test_a_hook_that_runs_before_miglet_sees_its_job_start_still_identifies_it(
+    make_config: ConfigFactory,
+    controller: FakeController,
+    runner: SimulatedRunner,
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with running_agent(make_config(), controller, runner) as running:
+        hooks = running.agent.job_hooks
+        hooks.prepare({})
+        await running.reach(Phase.IDLE)
+        (hooks.spool.path / "started.3").write_bytes(handover(**CONTEXT))  # a moment before `Running job` is read
+        runner.submit_job(Job("build", duration_s=600))
+        state = await running.reach(Phase.BUSY)
+        # Taken as the job started, not only once it is over.
+        assert state.github is not None
+        assert state.github.repository == "octo-org/app"
+        running.agent.request_stop("test over")
+    assert running.event_types()[2:4] == ["job_started", "job_identified"]

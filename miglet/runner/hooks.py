@@ -19,6 +19,7 @@ few times, then no more) and removed.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
 import pwd
@@ -71,6 +72,7 @@ END: Final = "end"
 MAX_ENTRIES_PER_LOOK: Final = 256
 # Malformed hand-overs logged in the agent's life; the rest are counted in silence (a job can make any number).
 MAX_PROBLEMS_LOGGED: Final = 10
+_old_spools: Final = itertools.count()
 _HANDOVER_NAME: Final = re.compile(r"(started|completed)\.[0-9]{1,10}")
 _PART_NAME: Final = re.compile(r"\.(started|completed)\.[0-9]{1,10}")
 # A part-written hand-over older than this was abandoned (its hook was killed): it goes.
@@ -123,13 +125,14 @@ def clean_value(text: str) -> str:
 class Spool:
     """The directory the hooks hand over to; only MIGlet reads it."""
 
-    def __init__(self, path: Path, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, path: Path, clock: Callable[[], float] = time.time, *, quiet: bool = False) -> None:
         self.path = path
-        self._problems = 0
+        self._problems = MAX_PROBLEMS_LOGGED if quiet else 0
         self._clock = clock  # wall-clock time, as files' modification times are
 
-    def take(self) -> list[Handover]:
-        """What the hooks have handed over since the last look (started ones first), each removed once read."""
+    def take(self, since: float | None = None) -> list[Handover]:
+        """What the hooks have handed over since the last look (started ones first), each removed once read;
+        with `since`, only what was written from then on (wall-clock time)."""
         try:
             with os.scandir(self.path) as entries:
                 names = [entry.name for _, entry in zip(range(MAX_ENTRIES_PER_LOOK), entries, strict=False)]
@@ -145,6 +148,8 @@ class Spool:
                 self._problem("a file no hook writes", name)
                 continue
             try:
+                if since is not None and os.lstat(self.path / name).st_mtime < since:
+                    continue  # older than what it is looked at for
                 found.append(parse_handover(read_small_file(self.path / name, MAX_HANDOVER, follow_symlinks=False)))
             except (OSError, UnsuitableFile, MalformedHandover) as exc:
                 self._problem(f"a malformed hand-over: {exc}", name)
@@ -185,7 +190,9 @@ def _remove(path: Path) -> None:
 # --- The hook scripts ------------------------------------------------------------------------------------------
 
 
-def hook_script(stage: Stage, spool: Path, chained: str | None, runner_dir: Path) -> str:
+def hook_script(
+    stage: Stage, spool: Path, chained: str | None, runner_dir: Path, forced_node: str | None = None
+) -> str:
     """MIGlet's hook for `stage`: hand the job's identity over, then run `chained` (the operator's hook) as the
     runner would have run it."""
     part, done = f'"$spool/.{stage}.$$"', f'"$spool/{stage}.$$"'
@@ -206,10 +213,10 @@ def hook_script(stage: Stage, spool: Path, chained: str | None, runner_dir: Path
     }} >{part} &&
     mv -f {part} {done}
 ) </dev/null >/dev/null 2>&1 || :
-{_chain(chained, runner_dir)}"""
+{_chain(chained, runner_dir, forced_node)}"""
 
 
-def _chain(hook: str | None, runner_dir: Path) -> str:
+def _chain(hook: str | None, runner_dir: Path, forced_node: str | None) -> str:
     """Run the operator's hook the way the runner's worker would (JobHookProvider: by its extension)."""
     if not hook:
         return "exit 0\n"
@@ -238,7 +245,7 @@ def _chain(hook: str | None, runner_dir: Path) -> str:
             f"exec powershell -command {command}",
         ]
     elif extension == ".js":
-        node = _runner_node(runner_dir)
+        node = _runner_node(runner_dir, forced_node)
         lines += [f'exec {shlex.quote(node) if node else "node"} "$hook"']
     else:
         lines += [
@@ -248,8 +255,17 @@ def _chain(hook: str | None, runner_dir: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _runner_node(runner_dir: Path) -> str | None:
-    """The newest Node.js the runner ships (`externals/nodeNN/bin/node`), which it runs `.js` hooks with."""
+# The Node.js the runner runs `.js` hooks with (NodeUtil.GetInternalNodeVersion), unless this variable names another.
+RUNNER_NODE: Final = "node20"
+FORCED_NODE_VARIABLE: Final = "ACTIONS_RUNNER_FORCED_INTERNAL_NODE_VERSION"
+
+
+def _runner_node(runner_dir: Path, forced: str | None) -> str | None:
+    """The runner's own Node.js (`externals/<version>/bin/node`): the one it runs `.js` hooks with, else the newest
+    it ships."""
+    wanted = runner_dir / "externals" / (forced or RUNNER_NODE) / "bin" / "node"
+    if "/" not in (forced or "") and wanted.is_file():
+        return str(wanted)
     found: list[tuple[int, Path]] = []
     with contextlib.suppress(OSError):
         for entry in (runner_dir / "externals").iterdir():
@@ -331,6 +347,8 @@ class JobHooks:
         self.directory = directory
         self.runner_dir = runner_dir
         self.spool = Spool(directory / "spool")
+        self._old: list[Path] = []  # spools set aside, to be deleted
+        self.installed = False  # the runner was pointed at MIGlet's hooks
         self._user = runner_user if os.geteuid() == 0 else None
 
     def script(self, stage: Stage) -> Path:
@@ -345,7 +363,9 @@ class JobHooks:
             chained = {stage: self._operator_hook(stage, dotenv, environ) for stage in STAGES}
             self._make_directories()
             for stage in STAGES:
-                _write_file(self.script(stage), hook_script(stage, self.spool.path, chained[stage], self.runner_dir))
+                forced_node = dotenv.get(FORCED_NODE_VARIABLE) or environ.get(FORCED_NODE_VARIABLE)
+                script = hook_script(stage, self.spool.path, chained[stage], self.runner_dir, forced_node)
+                _write_file(self.script(stage), script)
             if dotenv.lines is not None:
                 for stage in STAGES:
                     variable = HOOK_VARIABLES[stage]
@@ -356,6 +376,7 @@ class JobHooks:
                 if dotenv.changed:
                     dotenv.write()
         except Exception as exc:
+            self.installed = False
             # Whatever went wrong (a bug included), the runner must start: without MIGlet's hooks, and with the
             # operator's where they were.
             log.warning(
@@ -364,10 +385,12 @@ class JobHooks:
             )
             self.restore()
             return {}
+        self.installed = True
         return {HOOK_VARIABLES[stage]: str(self.script(stage)) for stage in STAGES}
 
     def restore(self) -> None:
         """Put the operator's hooks back in `.env` where MIGlet's replaced them (job identity is off)."""
+        self.installed = False
         try:
             dotenv = DotEnv.read(self.runner_dir / ".env")
             if dotenv.lines is None:
@@ -420,28 +443,59 @@ class JobHooks:
             raise HooksUnavailable(f"{unsafe} may be changed by users other than MIGlet's: keep MIGLET_STATE_FILE in "
                                    "a directory only root can write (such as /run/miglet)")  # fmt: skip
         os.chmod(self.directory, 0o755)  # noqa: S103 - the runner's user runs the scripts in it
-        owner = pwd.getpwnam(self._user) if self._user is not None else None
+        owner = self._owner()
         if owner is not None and (blocked := _unreachable(self.directory, owner)) is not None:
             raise HooksUnavailable(
                 f"the runner's user {self._user!r} cannot reach {blocked}: let others search it (chmod o+x; "
                 "for the systemd unit, RuntimeDirectoryMode=0711)"
             )
-        # Afresh for each runner: nothing an earlier runner's jobs left there is read. Its parent is MIGlet's, so
-        # the name cannot be swapped for a link; rmtree does not follow links inside it.
+        self.fresh_spool()
+
+    def fresh_spool(self) -> None:
+        """An empty spool for what comes next (a runner, or a job): nothing written before is read as its.
+
+        The old one is renamed aside, to be read once more for what the job starting may have written already
+        (`recent`), and deleted later, in a thread (`discard_old`): a job may have filled it with millions of
+        files. The spool's parent is MIGlet's, so no one else can swap a name in it for a link.
+        """
         spool = self.spool.path
-        with contextlib.suppress(FileNotFoundError):
-            if stat.S_ISDIR(os.lstat(spool).st_mode):
-                shutil.rmtree(spool)
-            else:
-                os.unlink(spool)
+        old = self.directory / f".old-spool.{next(_old_spools)}"
+        try:
+            os.rename(spool, old)
+        except FileNotFoundError:
+            pass
+        else:
+            self._old.append(old)
         os.mkdir(spool, 0o700)
         fd = os.open(spool, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
-            if owner is not None:
+            os.fchmod(fd, 0o700)  # before it is the runner user's: changing its mode then would take CAP_FOWNER
+            if (owner := self._owner()) is not None:
                 os.fchown(fd, owner.pw_uid, owner.pw_gid)
-            os.fchmod(fd, 0o700)
         finally:
             os.close(fd)
+
+    def recent(self, since: float) -> list[Handover]:
+        """What the spools set aside hold that was written at `since` or later (the job starting now may have
+        run its hook before MIGlet saw it start)."""
+        found: list[Handover] = []
+        for old in self._old:
+            found += Spool(old, quiet=True).take(since=since)
+        return found
+
+    def set_aside(self) -> list[Path]:
+        """The spools set aside, which nothing reads any more: the caller deletes them (`discard`)."""
+        old, self._old = self._old, []
+        return old
+
+    @staticmethod
+    def discard(spools: list[Path]) -> None:
+        """Delete spools set aside: slow when a job filled one with files, so it is run in a thread."""
+        for spool in spools:
+            shutil.rmtree(spool, ignore_errors=True)
+
+    def _owner(self) -> pwd.struct_passwd | None:
+        return pwd.getpwnam(self._user) if self._user is not None else None
 
 
 def install_problem(directory: Path, runner_user: str | None) -> str | None:
@@ -480,18 +534,24 @@ def _write_file(path: Path, text: str) -> None:
 
 
 def _writable_by_others(directory: Path) -> Path | None:
-    """The first directory from `/` to `directory` that someone besides root and MIGlet could rename things in
-    (a sticky one, such as /tmp, protects what others own in it)."""
-    trusted = {0, os.geteuid()}
-    parts = [*reversed(directory.parents), directory]
-    for index, path in enumerate(parts):
-        info = os.lstat(path)
-        if info.st_uid not in trusted:
-            return path
-        shared = info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
-        # In a sticky directory, others may rename only what they own: what comes next must be trusted's.
-        if shared and not (info.st_mode & stat.S_ISVTX and index + 1 < len(parts)):
-            return path
+    """The first directory from `/` to `directory` (as named, and as its links resolve) in which someone besides
+    root could rename things: a way to swap MIGlet's directory for a link while root works in it. A sticky
+    directory, such as /tmp, protects what others do not own. Only root has anything to fear: a MIGlet that is not
+    root runs the runner, and so its jobs, as its own user."""
+    if os.geteuid() != 0:
+        return None
+    for chain in (directory, directory.resolve()):
+        parts = [*reversed(chain.parents), chain]
+        for index, path in enumerate(parts):
+            info = os.lstat(path)
+            if info.st_uid != 0:
+                return path
+            if stat.S_ISLNK(info.st_mode):
+                continue  # a link's own mode means nothing; what it points at is checked as resolved
+            shared = info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+            # In a sticky directory, others may rename only what they own: what comes next must be root's.
+            if shared and not (info.st_mode & stat.S_ISVTX and index + 1 < len(parts)):
+                return path
     return None
 
 

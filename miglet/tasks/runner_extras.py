@@ -14,6 +14,8 @@ feeds it to the machine, which sends `job_identified`.
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
 from typing import Final
 
 import trio
@@ -22,7 +24,7 @@ from miglet import machine
 from miglet.driver import Driver
 from miglet.machine import BEFORE_ACKNOWLEDGMENT, Phase
 from miglet.runner.backend import ConfigureFailed, RunnerBackend
-from miglet.runner.hooks import Spool
+from miglet.runner.hooks import JobHooks
 from miglet.timings import PhaseTimings
 
 log = logging.getLogger(__name__)
@@ -30,6 +32,9 @@ log = logging.getLogger(__name__)
 # The warmup starts once the agent has waited this long in Ready, so that it never competes with a registration
 # that was waiting for the VM.
 WARMUP_AFTER_S: Final = 1.0
+# A hand-over written this long before MIGlet saw its job start is still taken as the job's: the runner may run
+# the started hook before MIGlet has read its `Running job` line (the real one takes a second or more to).
+JOB_START_SLACK_S: Final = 2.0
 # How often the spool is looked at while a job runs: a hand-over reaches the controller this soon.
 SPOOL_LOOK_S: Final = 0.25
 
@@ -74,19 +79,44 @@ class Warmup:
         scope.cancel()
 
 
-async def spool_task(spool: Spool, driver: Driver, interval: float = SPOOL_LOOK_S) -> None:
-    """While the runner runs a job, hand what its job hooks wrote to the machine, every `interval` seconds.
+class Identities:
+    """What the runner's job hooks tell (`miglet.runner.hooks`), handed to the machine when it belongs to a job.
 
-    Between jobs the spool is left alone: the real runner prints `Running job` long before its worker runs the
-    started hook (it starts a process and fetches the job's actions first), so nothing written then is the
-    next job's. What the supervisor reads as a job ends (`deliver_identities`) is that job's or nobody's.
+    The runner supervisor calls `job_starting` and `job_started` around a job's `Running job` line, and
+    `collect` before its end; `watch` reads the spool while the job runs.
     """
-    while True:
-        await driver.wait_for(lambda state: state.job is not None)
-        deliver_identities(spool, driver)
-        await trio.sleep(interval)
 
+    def __init__(self, hooks: JobHooks, driver: Driver, clock: Callable[[], float] = time.time) -> None:
+        self._hooks = hooks
+        self._driver = driver
+        self._clock = clock
+        self._since = 0.0
 
-def deliver_identities(spool: Spool, driver: Driver) -> None:
-    for handover in spool.take():
-        driver.apply(machine.JobIdentified(handover.stage, handover.github))
+    def job_starting(self) -> None:
+        """A job starts: an empty spool for it, so that nothing written before (a process an earlier job left
+        running, a hook a killed worker left behind) is taken for its."""
+        self._since = self._clock() - JOB_START_SLACK_S
+        if self._hooks.installed:
+            try:
+                self._hooks.fresh_spool()
+            except OSError as exc:
+                # The job goes on; its hooks' hand-over fails silently, and it is reported without its identity.
+                log.warning("Cannot make the job hooks' spool afresh", extra={"error": str(exc)})
+
+    def job_started(self) -> None:
+        """What the job's started hook wrote before MIGlet saw the job start, if it was that quick."""
+        for handover in self._hooks.recent(self._since):
+            self._driver.apply(machine.JobIdentified(handover.stage, handover.github))
+
+    def collect(self) -> None:
+        for handover in self._hooks.spool.take():
+            self._driver.apply(machine.JobIdentified(handover.stage, handover.github))
+
+    async def watch(self, interval: float = SPOOL_LOOK_S) -> None:
+        """While a job runs, collect every `interval` seconds; delete the spools set aside, in a thread."""
+        while True:
+            if set_aside := self._hooks.set_aside():
+                await trio.to_thread.run_sync(self._hooks.discard, set_aside, abandon_on_cancel=True)
+            await self._driver.wait_for(lambda state: state.job is not None)
+            self.collect()
+            await trio.sleep(interval)

@@ -13,7 +13,7 @@ import logging
 import re
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from typing import Final, NamedTuple
+from typing import Final, Literal, NamedTuple
 from urllib.parse import urlsplit
 
 import trio
@@ -28,6 +28,7 @@ from miglet.runner.backend import ConfigureFailed, Exited, Line, Registration, R
 from miglet.runner.output import relay_line
 from miglet.secret import Secret, redact
 from miglet.supervision import BugReport, error_text, log_bug
+from miglet.tasks.runner_extras import Identities
 from miglet.timings import PhaseTimings
 
 log = logging.getLogger(__name__)
@@ -151,11 +152,11 @@ async def supervisor_task(
     now: Callable[[], datetime] = lambda: datetime.now(UTC),
     *,
     on_bug: BugReport = log_bug,
-    identify: Callable[[], None] = lambda: None,
+    identities: Identities | None = None,
 ) -> None:
     """Carry out each registration the machine hands over (`machine.Register`), in turn; the channel belongs to
-    the caller, so that a restart can go on reading. `identify` hands the machine what the job hooks told, and
-    is called before a job's end is: its hooks ran before the runner said the job was over."""
+    the caller, so that a restart can go on reading. `identities` hands the machine what the job hooks told,
+    around a job's start and before its end: its hooks ran before the runner said the job was over."""
     async for handed_over in registrations:
         command, attempt = handed_over.command, handed_over.attempt
         state = driver.state
@@ -164,7 +165,7 @@ async def supervisor_task(
             log.info("Skipping a registration no longer in progress", extra={"command_id": command.id})
             continue
         try:
-            await _serve_registration(config, driver, backend, handed_over, timings, now(), on_bug, identify)
+            await _serve_registration(config, driver, backend, handed_over, timings, now(), on_bug, identities)
         except Exception as exc:
             # A bug: the agent must not stay in RegisteringRunner for a registration nobody carries out.
             on_bug("runner_supervisor", exc)
@@ -180,7 +181,7 @@ async def _serve_registration(
     timings: PhaseTimings,
     now: datetime,
     on_bug: BugReport,
-    identify: Callable[[], None],
+    identities: Identities | None,
 ) -> None:
     command, attempt = handed_over.command, handed_over.attempt
 
@@ -195,7 +196,7 @@ async def _serve_registration(
     with trio.CancelScope() as registering:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_stop_when_abandoned, driver, attempt, registering)
-            run = _Run(driver, backend, registration, attempt, timings, fail, on_bug, identify)
+            run = _Run(driver, backend, registration, attempt, timings, fail, on_bug, identities)
             await _configure_and_run(config, run)
             nursery.cancel_scope.cancel()
     if registering.cancelled_caught:
@@ -217,7 +218,7 @@ class _Run(NamedTuple):
     timings: PhaseTimings
     fail: Callable[[RegistrationFailure, str], None]
     on_bug: BugReport
-    identify: Callable[[], None]
+    identities: Identities | None
 
 
 async def _configure_and_run(config: Config, run: _Run) -> None:
@@ -294,11 +295,15 @@ def _follow(run: _Run, event: RunEvent) -> None:
                     timings.mark("listening_s")
                     log.info("Runner is listening for jobs", extra={"timings": timings.snapshot()})
                     signal = machine.RunnerListening(timings=timings.snapshot())
+                if isinstance(signal, machine.JobRunning):
+                    _identify(run, "job_starting")
                 if isinstance(signal, machine.JobDone):
-                    _identify(run)  # what the job's hooks told goes before its end
+                    _identify(run, "collect")  # what the job's hooks told goes before its end
                 driver.apply(signal)
+                if isinstance(signal, machine.JobRunning):
+                    _identify(run, "job_started")
             case Exited(exit_code=code, killed_processes=killed):
-                _identify(run)
+                _identify(run, "collect")
                 driver.apply(machine.RunnerGone(code, killed))
             case Started():
                 pass  # its pid reaches the state file through the backend's own report
@@ -306,10 +311,12 @@ def _follow(run: _Run, event: RunEvent) -> None:
         run.on_bug("runner_output", exc)
 
 
-def _identify(run: _Run) -> None:
-    """Whatever goes wrong reading the hooks' hand-overs must not cost the event that follows."""
+def _identify(run: _Run, step: Literal["job_starting", "job_started", "collect"]) -> None:
+    """Whatever goes wrong with the hooks' hand-overs must not cost the event that follows."""
+    if run.identities is None:
+        return
     try:
-        run.identify()
+        getattr(run.identities, step)()
     except Exception as exc:
         run.on_bug("job_identity", exc)
 
