@@ -455,7 +455,7 @@ class JobHooks:
         """An empty spool for what comes next (a runner, or a job): nothing written before is read as its.
 
         The old one is renamed aside, to be read once more for what the job starting may have written already
-        (`recent`), and deleted later, in a thread (`discard_old`): a job may have filled it with millions of
+        (`recent`), and deleted later, in a thread (`discard`): a job may have filled it with millions of
         files. The spool's parent is MIGlet's, so no one else can swap a name in it for a link.
         """
         spool = self.spool.path
