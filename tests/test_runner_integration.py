@@ -51,12 +51,21 @@ async def test_the_jobs_workflow_run_arrives_before_its_completion_and_the_opera
     operator = tmp_path / "operator-hook.sh"
     operator.write_text(f'echo "$GITHUB_RUN_ID $PWD" > {marker}\n')
     controller = FakeController()
-    env = {"ACTIONS_RUNNER_HOOK_JOB_STARTED": str(operator)}
+    controller_token = "ctl-secret-token-0123456789"
+    env = {"ACTIONS_RUNNER_HOOK_JOB_STARTED": str(operator), "MIGLET_CONTROLLER_TOKEN": controller_token}
     with trio.fail_after(TIMEOUT):
         async with miglet_against(tmp_path, controller, env=env) as (miglet, runner_dir):
             await miglet.wait_state("Idle")
+            hooks_dir = tmp_path / "state" / "job-hooks"
+            written = b"".join(path.read_bytes() for path in hooks_dir.rglob("*") if path.is_file())
             queue_job(runner_dir, "build", GITHUB)
         assert miglet.process.returncode == 0
+    # What MIGlet wrote for the runner's user to run holds no secret.
+    registration_token = controller.vm("vm-123").registration_token
+    assert registration_token is not None
+    assert b"miglet-job-hook 1" in written  # the scripts themselves were read
+    for secret in (registration_token, controller_token):
+        assert secret.encode() not in written
     assert types(controller)[2:5] == ["job_started", "job_identified", "job_completed"]
     expected = {
         "repository": "octo-org/app",
