@@ -60,11 +60,12 @@ RUN --mount=type=bind,target=/tmp/miglet-src,rw \
     pip install --no-cache-dir --no-deps /tmp/miglet-src
 
 # The runner runs as this user, never as MIGlet's (config.sh refuses root unless told otherwise); its directory
-# is its own. The state file's directory is MIGlet's (root's) alone: `miglet status` runs as root too.
+# is its own. The state file's directory is MIGlet's (root's): others may pass through it (to run MIGlet's job
+# hooks in /run/miglet/job-hooks) but not list it, and the state file is root's alone (`miglet status` runs as root).
 RUN groupadd --gid 1001 runner \
     && useradd --uid 1001 --gid runner --create-home --shell /bin/bash runner \
     && install -d -o runner -g runner -m 0755 /opt/actions-runner \
-    && install -d -o root -g root -m 0700 /run/miglet
+    && install -d -o root -g root -m 0711 /run/miglet
 
 ENV MIGLET_RUNNER_DIR=/opt/actions-runner \
     MIGLET_RUNNER_USER=runner \
