@@ -434,6 +434,22 @@ def test_a_spool_set_aside_is_read_for_recent_handovers_then_deleted(tmp_path: P
     assert not set_aside[0].exists()
 
 
+def test_spools_an_earlier_miglet_set_aside_are_deleted_with_this_ones(tmp_path: Path) -> None:
+    earlier = hooks(tmp_path)
+    earlier.prepare({})
+    earlier.fresh_spool()
+    [left] = earlier.set_aside()
+    (left / "started.1").write_bytes(b"")  # never deleted: that MIGlet was killed
+    later = hooks(tmp_path)
+    later.prepare({})
+    later.fresh_spool()
+    set_aside = later.set_aside()
+    assert left in set_aside
+    assert len(set_aside) == 3  # the earlier one's, and this one's two
+    JobHooks.discard(set_aside)
+    assert sorted(path.name for path in later.directory.iterdir()) == ["job-completed.sh", "job-started.sh", "spool"]
+
+
 def test_the_real_shell_runs_the_installed_hook_end_to_end(tmp_path: Path) -> None:
     installed = hooks(tmp_path)
     env = installed.prepare({})

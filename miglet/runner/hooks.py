@@ -19,7 +19,6 @@ few times, then no more) and removed.
 from __future__ import annotations
 
 import contextlib
-import itertools
 import logging
 import os
 import pwd
@@ -72,7 +71,7 @@ END: Final = "end"
 MAX_ENTRIES_PER_LOOK: Final = 256
 # Malformed hand-overs logged in the agent's life; the rest are counted in silence (a job can make any number).
 MAX_PROBLEMS_LOGGED: Final = 10
-_old_spools: Final = itertools.count()
+OLD_SPOOL_PREFIX: Final = ".old-spool."
 _HANDOVER_NAME: Final = re.compile(r"(started|completed)\.[0-9]{1,10}")
 _PART_NAME: Final = re.compile(r"\.(started|completed)\.[0-9]{1,10}")
 # A part-written hand-over older than this was abandoned (its hook was killed): it goes.
@@ -443,6 +442,9 @@ class JobHooks:
             raise HooksUnavailable(f"{unsafe} may be changed by users other than MIGlet's: keep MIGLET_STATE_FILE in "
                                    "a directory only root can write (such as /run/miglet)")  # fmt: skip
         os.chmod(self.directory, 0o755)  # noqa: S103 - the runner's user runs the scripts in it
+        # Spools an earlier MIGlet set aside and did not get to delete go with this one's.
+        known = set(self._old)
+        self._old += [path for path in self.directory.glob(OLD_SPOOL_PREFIX + "*") if path not in known]
         owner = self._owner()
         if owner is not None and (blocked := _unreachable(self.directory, owner)) is not None:
             raise HooksUnavailable(
@@ -459,11 +461,12 @@ class JobHooks:
         files. The spool's parent is MIGlet's, so no one else can swap a name in it for a link.
         """
         spool = self.spool.path
-        old = self.directory / f".old-spool.{next(_old_spools)}"
+        # A fresh name (an empty directory, which the rename replaces): one an earlier MIGlet set aside may remain.
+        old = Path(tempfile.mkdtemp(prefix=OLD_SPOOL_PREFIX, dir=self.directory))
         try:
             os.rename(spool, old)
         except FileNotFoundError:
-            pass
+            os.rmdir(old)
         else:
             self._old.append(old)
         os.mkdir(spool, 0o700)
