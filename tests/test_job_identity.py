@@ -14,7 +14,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import trio
@@ -24,6 +24,7 @@ from fake_controller import FakeController
 from fake_controller.fake_runner.behaviour import Job
 from fake_controller.simulated_runner import SimulatedRunner
 from miglet import machine, protocol
+from miglet.driver import Driver
 from miglet.machine import AgentState, Phase
 from miglet.runner.hooks import (
     CHAINED_PREFIX,
@@ -36,6 +37,7 @@ from miglet.runner.hooks import (
     parse_handover,
 )
 from miglet.secret import Secret
+from miglet.tasks.runner_extras import Identities
 from tests.agents import ConfigFactory, running_agent
 
 SHELLS = [
@@ -587,3 +589,66 @@ async def test_a_hook_that_runs_before_miglet_sees_its_job_start_still_identifie
         assert state.github.repository == "octo-org/app"
         running.agent.request_stop("test over")
     assert running.event_types()[2:4] == ["job_started", "job_identified"]
+
+
+class RecordingDriver:
+    """Just enough of a driver for `Identities`: what it is told, and a job running."""
+
+    def __init__(self) -> None:
+        self.applied: list[machine.Input] = []
+        self.state = AgentState(phase=Phase.BUSY, job="A", listening=True)
+
+    def apply(self, event: machine.Input) -> None:
+        self.applied.append(event)
+
+
+def identities(tmp_path: Path) -> tuple[JobHooks, Identities, RecordingDriver]:
+    installed = hooks(tmp_path)
+    installed.prepare({})
+    driver = RecordingDriver()
+    return installed, Identities(installed, cast(Driver, driver)), driver
+
+
+def told(driver: RecordingDriver) -> list[tuple[str, str | None]]:
+    return [
+        (event.stage, event.github.repository) for event in driver.applied if isinstance(event, machine.JobIdentified)
+    ]
+
+
+def test_the_completed_handover_of_a_lost_job_goes_before_the_next_job_starts(tmp_path: Path) -> None:
+    # The runner can drop a job it could not renew and start the next at once: the first one's completed hook has
+    # just written, in the spool that the next job's start sets aside.
+    installed, watcher, driver = identities(tmp_path)
+    (installed.spool.path / "completed.1").write_bytes(handover("completed", GITHUB_REPOSITORY="org/job-a"))
+    watcher.job_starting()
+    assert told(driver) == [("completed", "org/job-a")]  # before the machine hears of job B
+    watcher.job_started()
+    watcher.collect()
+    assert told(driver) == [("completed", "org/job-a")]
+    (installed.spool.path / "started.2").write_bytes(handover(GITHUB_REPOSITORY="org/job-b"))
+    watcher.collect()
+    assert told(driver) == [("completed", "org/job-a"), ("started", "org/job-b")]
+
+
+@pytest.mark.parametrize("shell", SHELLS)
+def test_a_started_hook_writing_as_its_job_starts_is_still_read(tmp_path: Path, shell: list[str]) -> None:
+    installed, watcher, driver = identities(tmp_path)
+    # The hook is stopped half-way through its write (a slow disk, a busy machine) while the job's start sets
+    # its spool aside; it finishes there, and the next look finds it.
+    script = installed.script("started")
+    ready, go = tmp_path / "ready", tmp_path / "go"
+    os.mkfifo(ready)
+    os.mkfifo(go)
+    slow = tmp_path / "slow-hook.sh"
+    slow.write_text(script.read_text().replace("printf 'end", f"echo >{ready}; read _ <{go}; printf 'end"))
+    writing = subprocess.Popen([*shell, str(slow)], env={"PATH": os.environ["PATH"], **CONTEXT})
+    with open(ready) as halfway:  # opens once the hook has written half its hand-over
+        halfway.read()
+    watcher.job_starting()
+    watcher.job_started()
+    assert told(driver) == []
+    with open(go, "w") as resume:
+        resume.write("\n")
+    assert writing.wait(timeout=10) == 0
+    watcher.collect()
+    assert told(driver) == [("started", "octo-org/app")]

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import pwd
 import re
@@ -131,7 +132,7 @@ class Spool:
 
     def take(self, since: float | None = None) -> list[Handover]:
         """What the hooks have handed over since the last look (started ones first), each removed once read;
-        with `since`, only what was written from then on (wall-clock time)."""
+        with `since`, only what was written from then on and not later than now (wall-clock time)."""
         try:
             with os.scandir(self.path) as entries:
                 names = [entry.name for _, entry in zip(range(MAX_ENTRIES_PER_LOOK), entries, strict=False)]
@@ -147,8 +148,8 @@ class Spool:
                 self._problem("a file no hook writes", name)
                 continue
             try:
-                if since is not None and os.lstat(self.path / name).st_mtime < since:
-                    continue  # older than what it is looked at for
+                if since is not None and not since <= os.lstat(self.path / name).st_mtime <= self._clock() + 1:
+                    continue  # not what it is looked at for (a job can date its files as it likes)
                 found.append(parse_handover(read_small_file(self.path / name, MAX_HANDOVER, follow_symlinks=False)))
             except (OSError, UnsuitableFile, MalformedHandover) as exc:
                 self._problem(f"a malformed hand-over: {exc}", name)
@@ -194,7 +195,7 @@ def hook_script(
 ) -> str:
     """MIGlet's hook for `stage`: hand the job's identity over, then run `chained` (the operator's hook) as the
     runner would have run it."""
-    part, done = f'"$spool/.{stage}.$$"', f'"$spool/{stage}.$$"'
+    part, done = f'".{stage}.$$"', f'"{stage}.$$"'
     values = "\n".join(f"        printf '{name}=%.{MAX_VALUE}s\\000' \"${{{name}-}}\"" for name in IDENTITY_VARIABLES)
     return f"""#!/bin/sh
 # MIGlet's job-{stage} hook, written by MIGlet each time it starts the runner (changes here are lost).
@@ -202,8 +203,8 @@ def hook_script(
 # then runs the hook configured before MIGlet's, if there was one, as the runner would: its exit status is
 # this hook's.
 (
-    spool={shlex.quote(str(spool))}
-    umask 077
+    cd {shlex.quote(str(spool))} &&
+    umask 077 &&
     rm -f {part} &&
     {{
         printf '{MAGIC}\\000stage={stage}\\000'
@@ -346,7 +347,9 @@ class JobHooks:
         self.directory = directory
         self.runner_dir = runner_dir
         self.spool = Spool(directory / "spool")
-        self._old: list[Path] = []  # spools set aside, to be deleted
+        # Spools set aside (each in a holder directory), and when: read for a few seconds more, then deleted.
+        self._old: list[tuple[Path, float]] = []
+        self._monotonic = time.monotonic
         self.installed = False  # the runner was pointed at MIGlet's hooks
         self._user = runner_user if os.geteuid() == 0 else None
 
@@ -443,8 +446,9 @@ class JobHooks:
                                    "a directory only root can write (such as /run/miglet)")  # fmt: skip
         os.chmod(self.directory, 0o755)  # noqa: S103 - the runner's user runs the scripts in it
         # Spools an earlier MIGlet set aside and did not get to delete go with this one's.
-        known = set(self._old)
-        self._old += [path for path in self.directory.glob(OLD_SPOOL_PREFIX + "*") if path not in known]
+        known = {holder for holder, _ in self._old}
+        left = [path for path in self.directory.glob(OLD_SPOOL_PREFIX + "*") if path not in known]
+        self._old += [(path, -math.inf) for path in left]
         owner = self._owner()
         if owner is not None and (blocked := _unreachable(self.directory, owner)) is not None:
             raise HooksUnavailable(
@@ -456,19 +460,16 @@ class JobHooks:
     def fresh_spool(self) -> None:
         """An empty spool for what comes next (a runner, or a job): nothing written before is read as its.
 
-        The old one is renamed aside, to be read once more for what the job starting may have written already
-        (`recent`), and deleted later, in a thread (`discard`): a job may have filled it with millions of
-        files. The spool's parent is MIGlet's, so no one else can swap a name in it for a link.
+        The old one is moved aside (into a holder directory of a name no one used), where it is read a few seconds
+        more for what the job starting may be writing already (`recent`; the hooks work inside the spool, so a
+        hand-over begun there is finished there), then deleted in a thread (`discard`): a job may have filled it
+        with millions of files. The spool's parent is MIGlet's, so no one else can swap a name in it for a link.
         """
         spool = self.spool.path
-        # A fresh name (an empty directory, which the rename replaces): one an earlier MIGlet set aside may remain.
-        old = Path(tempfile.mkdtemp(prefix=OLD_SPOOL_PREFIX, dir=self.directory))
-        try:
-            os.rename(spool, old)
-        except FileNotFoundError:
-            os.rmdir(old)
-        else:
-            self._old.append(old)
+        if os.path.lexists(spool):  # only MIGlet changes names in its directory
+            holder = Path(tempfile.mkdtemp(prefix=OLD_SPOOL_PREFIX, dir=self.directory))
+            self._old.append((holder, self._monotonic()))
+            os.rename(spool, holder / "spool")  # a directory or not, whatever is at the name goes
         os.mkdir(spool, 0o700)
         fd = os.open(spool, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
@@ -480,22 +481,25 @@ class JobHooks:
 
     def recent(self, since: float) -> list[Handover]:
         """What the spools set aside hold that was written at `since` or later (the job starting now may have
-        run its hook before MIGlet saw it start)."""
+        run its hook before MIGlet saw it start, or be running it)."""
         found: list[Handover] = []
-        for old in self._old:
-            found += Spool(old, quiet=True).take(since=since)
+        for holder, _ in self._old:
+            found += Spool(holder / "spool", quiet=True).take(since=since)
         return found
 
-    def set_aside(self) -> list[Path]:
-        """The spools set aside, which nothing reads any more: the caller deletes them (`discard`)."""
-        old, self._old = self._old, []
-        return old
+    def set_aside(self, older_than: float = 0.0) -> list[Path]:
+        """The spools set aside at least `older_than` seconds ago, which nothing reads any more: the caller deletes
+        them (`discard`)."""
+        limit = self._monotonic() - older_than
+        due = [holder for holder, when in self._old if when <= limit]
+        self._old = [(holder, when) for holder, when in self._old if when > limit]
+        return due
 
     @staticmethod
-    def discard(spools: list[Path]) -> None:
+    def discard(holders: list[Path]) -> None:
         """Delete spools set aside: slow when a job filled one with files, so it is run in a thread."""
-        for spool in spools:
-            shutil.rmtree(spool, ignore_errors=True)
+        for holder in holders:
+            shutil.rmtree(holder, ignore_errors=True)
 
     def _owner(self) -> pwd.struct_passwd | None:
         return pwd.getpwnam(self._user) if self._user is not None else None

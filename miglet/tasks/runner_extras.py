@@ -24,7 +24,7 @@ from miglet import machine
 from miglet.driver import Driver
 from miglet.machine import BEFORE_ACKNOWLEDGMENT, Phase
 from miglet.runner.backend import ConfigureFailed, RunnerBackend
-from miglet.runner.hooks import JobHooks
+from miglet.runner.hooks import Handover, JobHooks
 from miglet.timings import PhaseTimings
 
 log = logging.getLogger(__name__)
@@ -35,6 +35,8 @@ WARMUP_AFTER_S: Final = 1.0
 # A hand-over written this long before MIGlet saw its job start is still taken as the job's: the runner may run
 # the started hook before MIGlet has read its `Running job` line (the real one takes a second or more to).
 JOB_START_SLACK_S: Final = 2.0
+# How long a spool set aside as a job starts is still read (a started hook may be writing in it), before it goes.
+OLD_SPOOL_KEPT_S: Final = 5.0
 # How often the spool is looked at while a job runs: a hand-over reaches the controller this soon.
 SPOOL_LOOK_S: Final = 0.25
 
@@ -83,7 +85,7 @@ class Identities:
     """What the runner's job hooks tell (`miglet.runner.hooks`), handed to the machine when it belongs to a job.
 
     The runner supervisor calls `job_starting` and `job_started` around a job's `Running job` line, and
-    `collect` before its end; `watch` reads the spool while the job runs.
+    `collect` before its end; `watch` collects while the job runs, and deletes the spools set aside.
     """
 
     def __init__(self, hooks: JobHooks, driver: Driver, clock: Callable[[], float] = time.time) -> None:
@@ -91,32 +93,55 @@ class Identities:
         self._driver = driver
         self._clock = clock
         self._since = 0.0
+        self._early: list[Handover] = []
 
     def job_starting(self) -> None:
         """A job starts: an empty spool for it, so that nothing written before (a process an earlier job left
-        running, a hook a killed worker left behind) is taken for its."""
+        running, a hook a killed worker left behind) is taken for its. What the job ending wrote as its completed
+        hook ran is that job's, and goes to the machine now, before the new one starts."""
         self._since = self._clock() - JOB_START_SLACK_S
-        if self._hooks.installed:
-            try:
-                self._hooks.fresh_spool()
-            except OSError as exc:
-                # The job goes on; its hooks' hand-over fails silently, and it is reported without its identity.
-                log.warning("Cannot make the job hooks' spool afresh", extra={"error": str(exc)})
+        if not self._hooks.installed:
+            return
+        try:
+            self._hooks.fresh_spool()
+        except OSError as exc:
+            # The job goes on; its hooks' hand-over fails silently, and it is reported without its identity.
+            log.warning("Cannot make the job hooks' spool afresh", extra={"error": str(exc)})
+        for handover in self._hooks.recent(self._since):
+            if handover.stage == "completed":
+                self._apply(handover)
+            else:
+                self._early.append(handover)
 
     def job_started(self) -> None:
         """What the job's started hook wrote before MIGlet saw the job start, if it was that quick."""
-        for handover in self._hooks.recent(self._since):
-            self._driver.apply(machine.JobIdentified(handover.stage, handover.github))
+        early, self._early = self._early, []
+        for handover in early:
+            self._apply(handover)
 
     def collect(self) -> None:
+        """What the hooks handed over since the last look: in the spool, and, from a started hook that was
+        writing as its job began, in the spools set aside."""
         for handover in self._hooks.spool.take():
-            self._driver.apply(machine.JobIdentified(handover.stage, handover.github))
+            self._apply(handover)
+        for handover in self._hooks.recent(self._since):
+            if handover.stage == "started":  # a completed one there is an earlier job's
+                self._apply(handover)
 
     async def watch(self, interval: float = SPOOL_LOOK_S) -> None:
-        """While a job runs, collect every `interval` seconds; delete the spools set aside, in a thread."""
+        """While a job runs, collect every `interval` seconds; meanwhile delete the spools set aside."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._discard_old)
+            while True:
+                await self._driver.wait_for(lambda state: state.job is not None)
+                self.collect()
+                await trio.sleep(interval)
+
+    async def _discard_old(self) -> None:
         while True:
-            if set_aside := self._hooks.set_aside():
-                await trio.to_thread.run_sync(self._hooks.discard, set_aside, abandon_on_cancel=True)
-            await self._driver.wait_for(lambda state: state.job is not None)
-            self.collect()
-            await trio.sleep(interval)
+            await trio.sleep(OLD_SPOOL_KEPT_S)
+            if due := self._hooks.set_aside(older_than=OLD_SPOOL_KEPT_S):
+                await trio.to_thread.run_sync(JobHooks.discard, due, abandon_on_cancel=True)
+
+    def _apply(self, handover: Handover) -> None:
+        self._driver.apply(machine.JobIdentified(handover.stage, handover.github))
