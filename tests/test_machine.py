@@ -29,6 +29,7 @@ from miglet.machine import (
     Finished,
     Input,
     JobDone,
+    JobIdentified,
     JobRunning,
     ListenTimedOut,
     Phase,
@@ -253,6 +254,11 @@ inputs = st.one_of(
     st.builds(RunnerGone, st.integers(0, 3)),
     st.builds(StopRequested, reason=st.just("signal")),
     st.just(Finished()),
+    st.builds(
+        JobIdentified,
+        st.sampled_from(["started", "completed"]),
+        st.builds(protocol.GithubContext, repository=st.sampled_from(["o/a", "o/b"])),
+    ),
 )
 
 
@@ -295,6 +301,19 @@ def test_every_job_start_is_reported_and_completion_matches(sequence: list[Input
     completed = sum(isinstance(event, protocol.JobCompleted) for event in events)
     # Every job the controller heard start, it hears end, unless it is still running.
     assert started == completed + (state.job is not None)
+    # A job's workflow run is told at most once, between its start and its end, and rides on its end.
+    known: protocol.GithubContext | None = None
+    running = False
+    for event in events:
+        if isinstance(event, protocol.JobStarted):
+            running, known = True, None
+        elif isinstance(event, protocol.JobIdentified):
+            assert running
+            assert known is None
+            known = event.github
+        elif isinstance(event, protocol.JobCompleted):
+            assert event.github == known
+            running, known = False, None
     if state.phase is Phase.BUSY:
         assert state.job is not None
     if state.job is not None:
