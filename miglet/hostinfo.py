@@ -44,7 +44,7 @@ def host_info(os_release: Path = OS_RELEASE) -> protocol.HostInfo:
 def _fact(text: str | None) -> str | None:
     if not text:
         return None
-    cleaned = "".join(character for character in text if character.isprintable())[:MAX_FACT]
+    cleaned = protocol.printable(text)[:MAX_FACT]
     return cleaned or None
 
 

@@ -338,6 +338,14 @@ def unprintable_character(text: str) -> str | None:
     return None
 
 
+def printable(text: str) -> str:
+    """`text` without the characters `str.isprintable` refuses: controls, format and separator characters but the
+    space, unassigned ones."""
+    if text.isprintable():  # the usual case, checked at C speed
+        return text
+    return "".join(character for character in text if character.isprintable())
+
+
 def token_problem(token: Secret) -> str | None:
     """Why `token` (a registration token, JIT config or remove token) cannot be used, without quoting it; None
     when it can. White space around it is allowed: it is masked both with and without."""

@@ -81,7 +81,9 @@ class StateFileWriter:
             self._last_error = None
 
 
-def write_atomic(path: Path, data: bytes) -> None:
+def write_atomic(path: Path, data: bytes, *, mode: int = 0o600, owner: tuple[int, int] | None = None) -> None:
+    """Replace `path` at once with `data`, with `mode` (and `owner`: uid and gid); readers see the old file or the
+    new one, never part of it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     # Unique to this writer; O_EXCL refuses a file (or a link) someone put in its place.
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{next(_sequence)}.tmp")
@@ -89,6 +91,10 @@ def write_atomic(path: Path, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
+            if mode != 0o600:
+                os.fchmod(handle.fileno(), mode)
+            if owner is not None:
+                os.fchown(handle.fileno(), *owner)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):

@@ -38,6 +38,7 @@ import msgspec
 from miglet import protocol
 from miglet.secret import redact
 from miglet.smallfile import UnsuitableFile, read_small_file
+from miglet.statefile import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -117,9 +118,7 @@ def parse_handover(data: bytes) -> Handover:
 
 def clean_value(text: str) -> str:
     """A value from a job: control and format characters removed, secrets masked, at most MAX_VALUE characters."""
-    if not text.isprintable():
-        text = "".join(character for character in text if character.isprintable() or character == " ")
-    return redact(text.strip())[:MAX_VALUE]
+    return redact(protocol.printable(text).strip())[:MAX_VALUE]
 
 
 class Spool:
@@ -318,18 +317,9 @@ class DotEnv:
         """Replace the file at once, with its owner and mode kept."""
         assert self.lines is not None
         info = os.lstat(self.path)
-        fd, temporary = tempfile.mkstemp(prefix=".env.", dir=self.path.parent)
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write("\n".join(self.lines).encode("utf-8", "surrogateescape"))
-                os.fchmod(handle.fileno(), stat.S_IMODE(info.st_mode))
-                if os.geteuid() == 0:
-                    os.fchown(handle.fileno(), info.st_uid, info.st_gid)
-            os.replace(temporary, self.path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(temporary)
-            raise
+        owner = (info.st_uid, info.st_gid) if os.geteuid() == 0 else None
+        data = "\n".join(self.lines).encode("utf-8", "surrogateescape")
+        write_atomic(self.path, data, mode=stat.S_IMODE(info.st_mode), owner=owner)
         self.changed = False
 
 
@@ -364,10 +354,12 @@ class JobHooks:
             dotenv = DotEnv.read(self.runner_dir / ".env")
             chained = {stage: self._operator_hook(stage, dotenv, environ) for stage in STAGES}
             self._make_directories()
+            forced_node = dotenv.get(FORCED_NODE_VARIABLE) or environ.get(FORCED_NODE_VARIABLE)
             for stage in STAGES:
-                forced_node = dotenv.get(FORCED_NODE_VARIABLE) or environ.get(FORCED_NODE_VARIABLE)
                 script = hook_script(stage, self.spool.path, chained[stage], self.runner_dir, forced_node)
-                _write_file(self.script(stage), script)
+                # Readable and runnable by all: the runner's user runs it. A path from .env that is not UTF-8 is
+                # kept as the bytes it was.
+                write_atomic(self.script(stage), script.encode("utf-8", "surrogateescape"), mode=0o755)
             if dotenv.lines is not None:
                 for stage in STAGES:
                     variable = HOOK_VARIABLES[stage]
@@ -441,20 +433,13 @@ class JobHooks:
         info = os.lstat(self.directory)
         if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid():
             raise HooksUnavailable(f"{self.directory} is not a directory of MIGlet's own")
-        if (unsafe := _writable_by_others(self.directory)) is not None:
-            raise HooksUnavailable(f"{unsafe} may be changed by users other than MIGlet's: keep MIGLET_STATE_FILE in "
-                                   "a directory only root can write (such as /run/miglet)")  # fmt: skip
+        if (problem := _placement_problem(self.directory, self._owner())) is not None:
+            raise HooksUnavailable(problem)
         os.chmod(self.directory, 0o755)  # noqa: S103 - the runner's user runs the scripts in it
         # Spools an earlier MIGlet set aside and did not get to delete go with this one's.
         known = {holder for holder, _ in self._old}
         left = [path for path in self.directory.glob(OLD_SPOOL_PREFIX + "*") if path not in known]
         self._old += [(path, -math.inf) for path in left]
-        owner = self._owner()
-        if owner is not None and (blocked := _unreachable(self.directory, owner)) is not None:
-            raise HooksUnavailable(
-                f"the runner's user {self._user!r} cannot reach {blocked}: let others search it (chmod o+x; "
-                "for the systemd unit, RuntimeDirectoryMode=0711)"
-            )
         self.fresh_spool()
 
     def fresh_spool(self) -> None:
@@ -512,32 +497,28 @@ def install_problem(directory: Path, runner_user: str | None) -> str | None:
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
     try:
-        if (unsafe := _writable_by_others(existing)) is not None:
-            return f"{unsafe} may be changed by users other than MIGlet's"
-        if runner_user is not None and os.geteuid() == 0:
-            blocked = _unreachable(existing, pwd.getpwnam(runner_user))
-            if blocked is not None:
-                return (
-                    f"the runner's user {runner_user!r} cannot reach {blocked} (chmod o+x; RuntimeDirectoryMode=0711)"
-                )
-    except (OSError, KeyError) as exc:
-        return _reason(exc) if isinstance(exc, OSError) else f"no user {runner_user!r}"
+        owner = pwd.getpwnam(runner_user) if runner_user is not None and os.geteuid() == 0 else None
+        return _placement_problem(existing, owner)
+    except KeyError:
+        return f"no user {runner_user!r}"
+    except OSError as exc:
+        return _reason(exc)
+
+
+def _placement_problem(directory: Path, owner: pwd.struct_passwd | None) -> str | None:
+    """Why MIGlet's hooks must not be in `directory`: others could swap it for a link, or the runner's user (`owner`,
+    when it is another user) could not reach them."""
+    if (unsafe := _writable_by_others(directory)) is not None:
+        return (
+            f"{unsafe} may be changed by users other than MIGlet's: keep MIGLET_STATE_FILE in a directory only root "
+            "can write (such as /run/miglet)"
+        )
+    if owner is not None and (blocked := _unreachable(directory, owner)) is not None:
+        return (
+            f"the runner's user {owner.pw_name!r} cannot reach {blocked}: let others search it (chmod o+x; for the "
+            "systemd unit, RuntimeDirectoryMode=0711)"
+        )
     return None
-
-
-def _write_file(path: Path, text: str) -> None:
-    """Replace `path` at once with `text`, readable and runnable by all (the runner's user runs it)."""
-    fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            # A path from .env that is not UTF-8 is kept as the bytes it was.
-            handle.write(text.encode("utf-8", "surrogateescape"))
-            os.fchmod(handle.fileno(), 0o755)
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
-        raise
 
 
 def _writable_by_others(directory: Path) -> Path | None:

@@ -13,7 +13,7 @@ import logging
 import re
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from typing import Final, Literal, NamedTuple
+from typing import Final, NamedTuple
 from urllib.parse import urlsplit
 
 import trio
@@ -296,14 +296,14 @@ def _follow(run: _Run, event: RunEvent) -> None:
                     log.info("Runner is listening for jobs", extra={"timings": timings.snapshot()})
                     signal = machine.RunnerListening(timings=timings.snapshot())
                 if isinstance(signal, machine.JobRunning):
-                    _identify(run, "job_starting")
+                    _identify(run, Identities.job_starting)
                 if isinstance(signal, machine.JobDone):
-                    _identify(run, "collect")  # what the job's hooks told goes before its end
+                    _identify(run, Identities.collect)  # what the job's hooks told goes before its end
                 driver.apply(signal)
                 if isinstance(signal, machine.JobRunning):
-                    _identify(run, "job_started")
+                    _identify(run, Identities.job_started)
             case Exited(exit_code=code, killed_processes=killed):
-                _identify(run, "collect")
+                _identify(run, Identities.collect)
                 driver.apply(machine.RunnerGone(code, killed))
             case Started():
                 pass  # its pid reaches the state file through the backend's own report
@@ -311,12 +311,12 @@ def _follow(run: _Run, event: RunEvent) -> None:
         run.on_bug("runner_output", exc)
 
 
-def _identify(run: _Run, step: Literal["job_starting", "job_started", "collect"]) -> None:
+def _identify(run: _Run, step: Callable[[Identities], None]) -> None:
     """Whatever goes wrong with the hooks' hand-overs must not cost the event that follows."""
     if run.identities is None:
         return
     try:
-        getattr(run.identities, step)()
+        step(run.identities)
     except Exception as exc:
         run.on_bug("job_identity", exc)
 
