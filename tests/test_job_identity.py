@@ -346,6 +346,25 @@ def test_hooks_are_installed_for_a_runners_user_who_can_reach_them(shared_dir: P
     assert installed.spool.path.stat().st_uid == pwd.getpwnam("nobody").pw_uid
 
 
+def test_a_huge_dotenv_turns_job_identity_off_and_is_left_as_it_is(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    installed = hooks(tmp_path)
+    dotenv = installed.runner_dir / ".env"
+    huge = b"ACTIONS_RUNNER_HOOK_JOB_STARTED=/opt/x.sh\n" + b"PADDING=" + b"x" * 1_000_000 + b"\n"
+    dotenv.write_bytes(huge)
+    assert installed.prepare({}) == {}
+    assert dotenv.read_bytes() == huge
+    assert "larger than" in errors_logged(caplog)
+
+
+def test_an_operators_hook_path_with_quotes_and_a_newline_is_run_as_named(tmp_path: Path) -> None:
+    operator = tmp_path / 'it\'s a "hook"\nwith $(echo no) `echo no`.sh'
+    operator.write_text("exit 5\n")
+    script, _ = install_script(tmp_path, chained=str(operator))
+    assert run_hook(["sh", "-e"], script, {}).returncode == 5
+
+
 def test_a_link_on_the_way_to_the_state_directory_is_fine(shared_dir: Path) -> None:
     # /var/run -> /run on every current Debian and Ubuntu: a link's own mode (0777) says nothing.
     (shared_dir / "run").mkdir(mode=0o755)
